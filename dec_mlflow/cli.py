@@ -1,0 +1,276 @@
+"""Entry points: ``pretrain``, ``cluster``, ``evaluate``, ``export`` and ``promote``.
+
+Each command is one MLflow run (``MLproject`` maps its parameters one to one onto these options).
+Parameters are checked before any work starts; a failure ends the run as FAILED with a one-line
+``Error: ...`` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+import mlflow
+import numpy as np
+
+from dec_mlflow.callbacks import CallbackList, ProgressBar
+from dec_mlflow.data import DataError, Dataset, load_dataset
+from dec_mlflow.estimator import DEC, LR_SCHEDULES, PRECISIONS, PRETRAIN_MODES, SCALINGS
+from dec_mlflow.metrics import clustering_scores
+from dec_mlflow import tracking
+
+DEFAULTS = DEC().get_params()
+
+# name -> (click type, help). Defaults come from the estimator: one source of hyperparameters.
+ESTIMATOR_OPTIONS = {
+    "n_clusters": (click.INT, "Number of clusters k."),
+    "hidden_dims": (str, "Encoder widths after the input, comma-separated; the last is the embedding size."),
+    "scaling": (click.Choice(("auto", *SCALINGS)), "Input scaling; 'auto' = 'max' for images (pixels/max), else 'standard'."),
+    "pretrain_mode": (click.Choice(PRETRAIN_MODES), "'end_to_end', or the paper's greedy 'layerwise' denoising then fine-tuning."),
+    "pretrain_epochs": (click.INT, "End-to-end pretraining epochs (fine-tuning epochs in layerwise mode)."),
+    "layerwise_epochs": (click.INT, "Epochs per layer in layerwise mode."),
+    "pretrain_batch_size": (click.INT, "Pretraining batch size."),
+    "pretrain_lr": (click.FLOAT, "Pretraining SGD learning rate."),
+    "pretrain_momentum": (click.FLOAT, "Pretraining SGD momentum."),
+    "pretrain_lr_schedule": (click.Choice(LR_SCHEDULES), "Pretraining learning-rate schedule."),
+    "dropout": (click.FLOAT, "Corruption (dropout) rate of the layerwise denoising stage."),
+    "precision": (click.Choice(PRECISIONS), "Pretraining matmul precision; 'auto' = bf16 where the CPU has it natively."),
+    "n_init": (click.INT, "k-means restarts for the initial centroids."),
+    "alpha": (click.FLOAT, "Student's t degrees of freedom."),
+    "batch_size": (click.INT, "Self-training batch size."),
+    "lr": (click.FLOAT, "Self-training SGD learning rate."),
+    "momentum": (click.FLOAT, "Self-training SGD momentum."),
+    "update_interval": (click.INT, "Iterations between target-distribution updates over the whole data."),
+    "tol": (click.FLOAT, "Stop when fewer than this fraction of labels change between updates."),
+    "max_iter": (click.INT, "Maximum self-training iterations."),
+    "random_state": (click.INT, "Seed of all randomness (weights, batches, k-means)."),
+    "device": (str, "'auto' (CUDA if available), 'cpu', or a torch device such as 'cuda:0'."),
+}
+PRETRAIN_PARAMS = (
+    "hidden_dims", "scaling", "pretrain_mode", "pretrain_epochs", "layerwise_epochs", "pretrain_batch_size",
+    "pretrain_lr", "pretrain_momentum", "pretrain_lr_schedule", "dropout", "precision", "random_state",
+)
+
+
+def _estimator_options(names):
+    def decorate(fn):
+        for name in reversed(names):
+            ctype, help_ = ESTIMATOR_OPTIONS[name]
+            default = DEFAULTS[name]
+            if name == "hidden_dims":
+                default = ",".join(map(str, default))
+            elif name == "scaling":
+                default = "auto"
+            fn = click.option(f"--{name}", type=ctype, default=default, show_default=True, help=help_)(fn)
+        return fn
+    return decorate
+
+
+def _data_options(fn):
+    fn = click.option("--label_column", default="", help="Label column of a .csv/.parquet file (or key of a .npz); labels are only used for metrics.")(fn)
+    return click.option("--dataset", required=True, help="'mnist', or a path to a .npy/.npz/.csv/.parquet file.")(fn)
+
+
+def _user_errors(fn):
+    """Turn user-facing errors into ``Error: ...`` and exit status 1 (the MLflow run is then FAILED)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, DataError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from e
+    return wrapper
+
+
+def _parse_dims(value: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated integers such as 500,500,2000,10; got {value!r}", param_hint="hidden_dims")
+    return dims
+
+
+def _build(dataset: Dataset, params: dict) -> DEC:
+    """The estimator for these CLI params, with 'auto' scaling resolved and params validated."""
+    params = {**params, "hidden_dims": _parse_dims(params["hidden_dims"])}
+    if params.get("scaling") == "auto":
+        params["scaling"] = dataset.default_scaling
+    est = DEC().set_params(**params)
+    est.validate_params()
+    return est
+
+
+def _load(dataset: str, label_column: str, n_clusters: int | None = None) -> Dataset:
+    try:
+        return load_dataset(dataset, label_column=label_column or None, n_clusters=n_clusters)
+    except DataError as e:
+        raise click.BadParameter(str(e), param_hint="dataset") from e
+
+
+def _loggable(params: dict) -> dict[str, str]:
+    return {k: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v) for k, v in params.items()}
+
+
+def _pretrain_identity(est: DEC, data: Dataset) -> dict[str, str]:
+    """The params that decide a pretrained autoencoder: data content plus pretraining settings."""
+    params = est.get_params()
+    return _loggable({"data_digest": tracking.data_digest(data.x), **{k: params[k] for k in PRETRAIN_PARAMS}})
+
+
+def _run_pretraining(est: DEC, data: Dataset):
+    """Pretrain inside the active run and log params, loss curve and the autoencoder artifact."""
+    identity = _pretrain_identity(est, data)
+    mlflow.set_tags({tracking.STAGE_TAG: "pretrain", "dataset": data.name, "method": f"pretrain-{est.pretrain_mode}",
+                     "seed": est.random_state})
+    mlflow.log_params({**identity, "dataset": data.name, "n_samples": len(data.x), "n_features": data.x.shape[1]})
+    ae = est.pretrain(data.x, callback=CallbackList([ProgressBar(), tracking.MlflowCallback(est.n_clusters)]))
+    mlflow.log_metric("final_pretrain_loss", ae.loss)
+    tracking.log_autoencoder(ae)
+    return ae
+
+
+@click.group()
+def main():
+    """Deep Embedded Clustering with MLflow tracking and ONNX serving."""
+
+
+@main.command()
+@_data_options
+@_estimator_options(PRETRAIN_PARAMS + ("device",))
+@_user_errors
+def pretrain(dataset, label_column, **params):
+    """Pretrain the autoencoder. Reads DATASET; writes the run artifact autoencoder/autoencoder.pt."""
+    data = _load(dataset, label_column)
+    est = _build(data, params)
+    with mlflow.start_run(run_name=f"pretrain-{data.name}-s{est.random_state}"):
+        _run_pretraining(est, data)
+        mlflow.set_tag("mlflow.runName", f"pretrain-{data.name}-s{est.random_state}")
+
+
+@main.command()
+@_data_options
+@click.option("--autoencoder", default="", help="Pretrained autoencoder: a run id, runs:/ or models:/ URI, or a .pt file. Default: reuse a matching FINISHED pretrain run, else pretrain now.")
+@click.option("--registered_model_name", default="", help="Registry name; default dec-<dataset>. 'none' skips registration.")
+@_estimator_options(tuple(ESTIMATOR_OPTIONS))
+@_user_errors
+def cluster(dataset, label_column, autoencoder, registered_model_name, **params):
+    """The main job: pretrain or reuse an autoencoder, k-means init, DEC self-training, log and register.
+
+    Reads DATASET; writes run artifacts autoencoder (if pretrained here), model (ONNX pyfunc),
+    cluster_sizes.json, and registers the model as dec-<dataset>.
+    """
+    data = _load(dataset, label_column, params["n_clusters"])
+    est = _build(data, params)
+    name = registered_model_name or f"dec-{data.name}"
+    run_name = f"cluster-{data.name}-k{est.n_clusters}-s{est.random_state}"
+    with mlflow.start_run(run_name=run_name):
+        mlflow.set_tags({"mlflow.runName": run_name, tracking.STAGE_TAG: "cluster", "dataset": data.name,
+                         "method": "dec", "seed": est.random_state})
+        mlflow.log_params({**_loggable(est.get_params()), "dataset": data.name,
+                           "data_digest": tracking.data_digest(data.x), "n_samples": len(data.x)})
+        ae = _resolve_autoencoder(autoencoder, est, data)
+        callback = CallbackList([ProgressBar(), tracking.MlflowCallback(est.n_clusters, data.y)])
+        est.fit(data.x, autoencoder=ae, callback=callback)
+        _log_cluster_results(est, data)
+        from serving.model_io import log_dec_model  # onnx / onnxruntime are heavy: import on use
+
+        info, _ = log_dec_model(est.network_, data.x[:2000], name="model",
+                                registered_model_name=None if name.lower() == "none" else name,
+                                tags={"dataset": data.name, "source_run": mlflow.active_run().info.run_id})
+        click.echo(f"Logged model {info.model_uri}" + (f", registered as {name}" if name.lower() != "none" else ""))
+
+
+def _resolve_autoencoder(ref: str, est: DEC, data: Dataset):
+    """The autoencoder named by ``ref``, else a matching finished pretrain run's, else a new child run's."""
+    if ref:
+        ae = tracking.load_autoencoder(ref)
+        mlflow.set_tag("dec.autoencoder_source", ref)
+        return ae
+    previous = tracking.find_finished_run("pretrain", _pretrain_identity(est, data))
+    if previous is not None:
+        click.echo(f"Reusing autoencoder of FINISHED pretrain run {previous.info.run_id}", err=True)
+        mlflow.set_tag("dec.autoencoder_source", f"runs:/{previous.info.run_id}")
+        return tracking.load_autoencoder(previous.info.run_id)
+    with mlflow.start_run(run_name=f"pretrain-{data.name}-s{est.random_state}", nested=True) as child:
+        ae = _run_pretraining(est, data)
+    mlflow.set_tag("dec.autoencoder_source", f"runs:/{child.info.run_id}")
+    return ae
+
+
+def _log_cluster_results(est: DEC, data: Dataset) -> None:
+    sizes = np.bincount(est.labels_, minlength=est.n_clusters)
+    mlflow.log_dict({"cluster_sizes": sizes.tolist()}, "cluster_sizes.json")
+    mlflow.log_metrics({"n_iter": est.n_iter_, "converged": float(est.converged_), "pretrain_loss": est.pretrain_loss_})
+    if data.y is not None:
+        final = clustering_scores(data.y, est.labels_)
+        init = clustering_scores(data.y, est.init_labels_)
+        mlflow.log_metrics({**{f"final_{k}": v for k, v in final.items()}, **{f"ae_kmeans_{k}": v for k, v in init.items()}})
+        click.echo("AE+k-means " + _fmt(init) + "\nDEC        " + _fmt(final))
+
+
+def _fmt(scores: dict) -> str:
+    return "  ".join(f"{k.upper()} {v:.4f}" for k, v in scores.items())
+
+
+@main.command()
+@click.option("--model", "model_uri", required=True, help="A models:/ URI, runs:/<id>/model, or a cluster run id.")
+@_data_options
+@click.option("--sample_size", type=click.IntRange(min=10), default=2000, show_default=True, help="Points in the t-SNE embedding plot.")
+@click.option("--random_state", type=click.INT, default=0, show_default=True, help="Seed of the plot subsample and t-SNE.")
+@_user_errors
+def evaluate(model_uri, dataset, label_column, sample_size, random_state):
+    """Score a model on a labelled dataset: ACC/NMI/ARI, confusion matrix, sizes, embedding, top images."""
+    from dec_mlflow import plots
+
+    data = _load(dataset, label_column)
+    if data.y is None:
+        raise click.BadParameter(f"dataset {dataset!r} has no labels; give --label_column or an .npz with y", param_hint="dataset")
+    uri = model_uri if ":/" in model_uri else f"runs:/{model_uri}/model"
+    model = _load_pyfunc(uri)
+    with mlflow.start_run(run_name=f"evaluate-{data.name}"):
+        mlflow.set_tags({"mlflow.runName": f"evaluate-{data.name}", tracking.STAGE_TAG: "evaluate",
+                         "dataset": data.name, "model_uri": uri})
+        mlflow.log_params({"model": uri, "dataset": data.name, "sample_size": sample_size, "random_state": random_state})
+        out = model.predict(data.x, params={"include_embedding": True})
+        labels = out["label"].to_numpy()
+        q = out.filter(regex=r"^q_\d+$").to_numpy()
+        z = out.filter(regex=r"^z_\d+$").to_numpy()
+        scores = clustering_scores(data.y, labels)
+        mlflow.log_metrics(scores)
+        mlflow.log_dict({"cluster_sizes": np.bincount(labels, minlength=q.shape[1]).tolist()}, "cluster_sizes.json")
+        mlflow.log_figure(plots.confusion_figure(data.y, labels), "confusion_matrix.png")
+        mlflow.log_figure(plots.cluster_sizes_figure(labels, q.shape[1]), "cluster_sizes.png")
+        rng = np.random.default_rng(random_state)
+        sub = rng.choice(len(labels), size=min(sample_size, len(labels)), replace=False)
+        mlflow.log_figure(plots.embedding_figure(z[sub], labels[sub], random_state=random_state), "embedding_tsne.png")
+        if data.image_shape is not None:
+            mlflow.log_figure(plots.top_images_figure(data.x, q, data.image_shape), "top_images_per_cluster.png")
+        click.echo(_fmt(scores))
+
+
+def _load_pyfunc(uri: str):
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except mlflow.exceptions.MlflowException as e:
+        raise click.BadParameter(f"model {uri!r} could not be loaded: {e.message.splitlines()[0]}", param_hint="model") from e
+
+
+@main.command()
+@click.option("--model_name", required=True, help="Registered model name, e.g. dec-mnist.")
+@click.option("--metric", default="final_acc", show_default=True, help="Metric of each version's source run to rank by.")
+@click.option("--mode", type=click.Choice(["max", "min"]), default="max", show_default=True, help="Whether larger metric values are better.")
+@click.option("--alias", default="champion", show_default=True, help="Alias to point at the best version.")
+@_user_errors
+def promote(model_name, metric, mode, alias):
+    """Point ALIAS (default champion) at the registered version with the best METRIC."""
+    result = tracking.promote(model_name, metric, greater_is_better=mode == "max", alias=alias)
+    before = f"(was version {result['previous']})" if result["previous"] else "(no previous holder)"
+    click.echo(f"{model_name}@{alias} -> version {result['version']}, {metric}={result['value']:.4f} {before}")
+
+
+if __name__ == "__main__":
+    main()

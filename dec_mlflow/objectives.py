@@ -1,0 +1,69 @@
+"""The DEC objective as pure functions (Xie, Girshick, Farhadi, ICML 2016, section 3.1).
+
+Tensors in, tensors out: no device choice, seeding, I/O or logging here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def soft_assignment(z: torch.Tensor, centroids: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Student's t similarity between embedded points and centroids (paper eq. 1).
+
+    q_ij = (1 + |z_i - mu_j|^2 / alpha)^(-(alpha + 1) / 2), normalised over j.
+
+    Parameters
+    ----------
+    z : Tensor of shape (n_samples, n_features)
+    centroids : Tensor of shape (n_clusters, n_features)
+    alpha : float
+        Degrees of freedom of the Student's t kernel; the paper uses 1.
+
+    Returns
+    -------
+    q : Tensor of shape (n_samples, n_clusters), rows sum to 1.
+    """
+    # |z - mu|^2 expanded as |z|^2 - 2 z.mu + |mu|^2 keeps the work in one matmul instead of
+    # materialising an (n, k, d) difference tensor; clamp guards the rounding below zero.
+    sq_dist = (
+        z.pow(2).sum(1, keepdim=True) - 2.0 * z @ centroids.T + centroids.pow(2).sum(1)
+    ).clamp_min(0.0)  # (n_samples, n_clusters)
+    kernel = (1.0 + sq_dist / alpha).pow(-(alpha + 1.0) / 2.0)
+    return kernel / kernel.sum(1, keepdim=True)
+
+
+def target_distribution(q: torch.Tensor) -> torch.Tensor:
+    """Auxiliary target distribution P (paper eq. 3).
+
+    p_ij = (q_ij^2 / f_j) / sum_j' (q_ij'^2 / f_j'), with soft cluster frequencies f_j = sum_i q_ij.
+    Squaring sharpens confident assignments; dividing by f_j keeps large clusters from taking over.
+    The frequencies must be taken over the whole data set, so pass the full q, not a batch.
+
+    Parameters
+    ----------
+    q : Tensor of shape (n_samples, n_clusters)
+
+    Returns
+    -------
+    p : Tensor of shape (n_samples, n_clusters), rows sum to 1.
+    """
+    weight = q.pow(2) / q.sum(0)  # (n_samples, n_clusters)
+    return weight / weight.sum(1, keepdim=True)
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """KL(P || Q) = sum_i sum_j p_ij log(p_ij / q_ij), averaged over samples (paper eq. 2).
+
+    Averaging over the batch instead of summing keeps the gradient scale independent of the
+    batch size, so one learning rate serves every batch size.
+
+    Parameters
+    ----------
+    p, q : Tensor of shape (n_samples, n_clusters)
+
+    Returns
+    -------
+    Scalar tensor, >= 0, zero iff p equals q.
+    """
+    return (p * (torch.log(p + eps) - torch.log(q + eps))).sum(1).mean()

@@ -1,0 +1,163 @@
+"""Everything MLflow: metrics callback, run reuse, autoencoder artifacts, model registry.
+
+The estimator and training loops never import mlflow; the CLI wires them to this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from dec_mlflow.callbacks import Callback
+from dec_mlflow.estimator import PretrainedAutoencoder
+from dec_mlflow.metrics import clustering_scores
+
+AUTOENCODER_ARTIFACT = "autoencoder/autoencoder.pt"
+STAGE_TAG = "dec.stage"  # which step of the lifecycle a run is: pretrain, cluster, evaluate
+MAX_CLUSTER_METRICS = 50  # above this many clusters, per-cluster size metrics would swamp the UI
+
+
+class MlflowCallback(Callback):
+    """Logs training progress to the active MLflow run, with steps so the UI draws curves.
+
+    Pretraining: ``pretrain_loss`` (end to end), ``pretrain_layer<i>_loss`` and ``finetune_loss``
+    per epoch. Self-training, at every target update: ``kl_loss``, ``delta_label``, cluster size
+    fractions and, when ``y_true`` is given, ``acc``, ``nmi`` and ``ari``.
+    """
+
+    def __init__(self, n_clusters: int, y_true: np.ndarray | None = None):
+        self.n_clusters = n_clusters
+        self.y_true = y_true
+
+    def on_step(self, stage, step, metrics):
+        if not stage.startswith("pretrain"):
+            return
+        name = {"pretrain": "pretrain_loss", "pretrain/finetune": "finetune_loss"}.get(
+            stage, stage.replace("/", "_") + "_loss"
+        )
+        mlflow.log_metric(name, metrics["loss"], step=step)
+
+    def on_update(self, step, labels, metrics):
+        mlflow.log_metrics({**metrics, **cluster_size_metrics(labels, self.n_clusters)}, step=step)
+        if self.y_true is not None:
+            mlflow.log_metrics(clustering_scores(self.y_true, labels), step=step)
+
+
+def cluster_size_metrics(labels: np.ndarray, n_clusters: int) -> dict[str, float]:
+    """Fraction of samples per cluster (``cluster_<j>_frac``), plus the smallest and largest."""
+    frac = np.bincount(labels, minlength=n_clusters) / max(len(labels), 1)
+    out = {"cluster_frac_min": float(frac.min()), "cluster_frac_max": float(frac.max())}
+    if n_clusters <= MAX_CLUSTER_METRICS:
+        out.update({f"cluster_{j}_frac": float(f) for j, f in enumerate(frac)})
+    return out
+
+
+def data_digest(x: np.ndarray) -> str:
+    """Short content hash of a feature matrix, so runs on the same data match whatever its path."""
+    h = hashlib.sha1(str((x.shape, x.dtype.str)).encode())
+    h.update(np.ascontiguousarray(x).data)
+    return h.hexdigest()[:16]
+
+
+def find_finished_run(stage: str, params: dict[str, object]) -> Run | None:
+    """Newest FINISHED run of ``stage`` in the current experiment whose params equal ``params``.
+
+    MLflow stores parameters as strings, so values are compared as ``str(value)``.
+    """
+    experiment_id = _current_experiment_id()
+    clauses = [f"tags.`{STAGE_TAG}` = '{stage}'", "attributes.status = 'FINISHED'"]
+    clauses += [f"params.`{k}` = '{_quote(v)}'" for k, v in params.items()]
+    runs = MlflowClient().search_runs(
+        [experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return runs[0] if runs else None
+
+
+def _quote(value: object) -> str:
+    return str(value).replace("'", "\\'")
+
+
+def _current_experiment_id() -> str:
+    active = mlflow.active_run()
+    if active is not None:
+        return active.info.experiment_id
+    return os.environ.get("MLFLOW_EXPERIMENT_ID") or mlflow.get_experiment_by_name("Default").experiment_id
+
+
+def log_autoencoder(pretrained: PretrainedAutoencoder) -> None:
+    """Save the pretrained autoencoder checkpoint as an artifact of the active run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(AUTOENCODER_ARTIFACT).name
+        pretrained.save(path)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(AUTOENCODER_ARTIFACT).parent))
+
+
+def load_autoencoder(ref: str) -> PretrainedAutoencoder:
+    """Load a pretrained autoencoder from a checkpoint path, a run id, or an artifact URI.
+
+    Accepted: a local ``.pt`` file; a run id (its ``autoencoder/autoencoder.pt``); ``runs:/<id>``
+    or any artifact URI naming the checkpoint or a folder that holds ``autoencoder.pt``.
+    """
+    if Path(ref).is_file():
+        return PretrainedAutoencoder.load(ref)
+    try:
+        if ":/" in ref:  # runs:/..., models:/..., s3://..., file:///...
+            local = mlflow.artifacts.download_artifacts(artifact_uri=ref)
+        else:
+            local = mlflow.artifacts.download_artifacts(run_id=ref, artifact_path=AUTOENCODER_ARTIFACT)
+    except MlflowException as e:
+        raise ValueError(f"autoencoder {ref!r} could not be loaded: {e.message.splitlines()[0]}") from e
+    local_path = Path(local)
+    if local_path.is_dir():
+        found = sorted(local_path.rglob(Path(AUTOENCODER_ARTIFACT).name))
+        if not found:
+            raise ValueError(f"autoencoder {ref!r}: no {Path(AUTOENCODER_ARTIFACT).name} under that URI")
+        local_path = found[0]
+    return PretrainedAutoencoder.load(local_path)
+
+
+def set_model_version_tags(name: str, version: str, tags: dict[str, object]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def promote(name: str, metric: str, *, greater_is_better: bool = True, alias: str = "champion") -> dict:
+    """Point ``alias`` at the version of registered model ``name`` with the best ``metric``.
+
+    The metric is read from each version's source run. Returns a dict with the chosen version,
+    its metric value and the version the alias named before (or None).
+
+    Raises
+    ------
+    ValueError if the model does not exist or no version's run logged ``metric``.
+    """
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{_quote(name)}'")
+    except MlflowException as e:
+        raise ValueError(f"model_name {name!r}: {e.message.splitlines()[0]}") from e
+    if not versions:
+        raise ValueError(f"model_name {name!r} has no registered versions")
+    scored = []
+    for v in versions:
+        value = client.get_run(v.run_id).data.metrics.get(metric) if v.run_id else None
+        if value is not None and np.isfinite(value):
+            scored.append((value, int(v.version)))
+    if not scored:
+        raise ValueError(f"metric {metric!r} was not logged by any run behind model {name!r}")
+    value, version = (max if greater_is_better else min)(scored)
+    try:
+        previous = client.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        previous = None
+    client.set_registered_model_alias(name, alias, str(version))
+    return {"version": str(version), "metric": metric, "value": value, "previous": previous}

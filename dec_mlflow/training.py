@@ -1,0 +1,215 @@
+"""Training loops: autoencoder pretraining (layer-wise denoising or end to end) and DEC self-training.
+
+The loops take tensors and hyperparameters, report through a :class:`~dec_mlflow.callbacks.Callback`
+and never log, seed or pick devices themselves: the estimator does that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from dec_mlflow.callbacks import Callback
+from dec_mlflow.model import Autoencoder
+from dec_mlflow.objectives import kl_divergence, soft_assignment, target_distribution
+
+
+def _autocast(precision: str):
+    """bf16 autocast on CPU for the matmuls, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _lr_at(epoch: int, epochs: int, lr: float, schedule: str) -> float:
+    """Learning rate for ``epoch`` (0-based): constant, or cosine decay from ``lr`` towards 0."""
+    if schedule == "cosine":
+        return 0.5 * lr * (1.0 + math.cos(math.pi * epoch / epochs))
+    return lr
+
+
+def _train_reconstruction(
+    net: nn.Module,
+    x: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    lr_schedule: str,
+    precision: str,
+    stage: str,
+    callback: Callback,
+    target: torch.Tensor | None = None,
+) -> float:
+    """Minimise the mean squared reconstruction error of ``net`` with SGD + momentum.
+
+    ``target`` defaults to ``x``; a denoising layer feeds a corrupted ``x`` through its own dropout.
+    Returns the last epoch's mean loss.
+    """
+    target = x if target is None else target
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
+    n = x.shape[0]
+    callback.on_stage_begin(stage, epochs)
+    net.train()
+    epoch_loss = float("nan")
+    for epoch in range(epochs):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(epoch, epochs, lr, lr_schedule)
+        perm = torch.randperm(n)
+        total = torch.zeros(())
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            with _autocast(precision):
+                loss = nn.functional.mse_loss(net(x[idx]).float(), target[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * idx.numel()
+        epoch_loss = float(total) / n
+        if not math.isfinite(epoch_loss):
+            raise FloatingPointError(
+                f"{stage}: reconstruction loss became {epoch_loss} at epoch {epoch + 1}; "
+                f"lower the learning rate (pretrain_lr={lr})"
+            )
+        callback.on_step(stage, epoch + 1, {"loss": epoch_loss})
+    callback.on_stage_end(stage)
+    return epoch_loss
+
+
+def pretrain_end_to_end(ae: Autoencoder, x: torch.Tensor, *, callback: Callback, stage="pretrain", **opt) -> float:
+    """Train the whole autoencoder at once on plain (uncorrupted) reconstruction.
+
+    Parameters
+    ----------
+    ae : Autoencoder
+    x : Tensor of shape (n_samples, n_features), already scaled
+    callback : Callback
+    **opt : epochs, batch_size, lr, momentum, lr_schedule, precision
+
+    Returns
+    -------
+    float, the mean reconstruction loss of the last epoch.
+    """
+    return _train_reconstruction(ae, x, stage=stage, callback=callback, **opt)
+
+
+def pretrain_layerwise(ae: Autoencoder, x: torch.Tensor, *, dropout: float, callback: Callback, **opt) -> list[float]:
+    """Greedy layer-wise denoising pretraining (paper section 3.2), before end-to-end fine-tuning.
+
+    Layer ``i`` is trained as a one-hidden-layer denoising autoencoder on the output of the already
+    trained layers ``< i``: dropout corrupts its input and its hidden code, the encoder half uses
+    ReLU except for the embedding layer, and the decoder half uses ReLU except when it reconstructs
+    the data itself, mirroring the ReLU / linear choices of the final network. Trained weights are
+    copied into ``ae`` in place.
+
+    ``**opt`` are the options of :func:`pretrain_end_to_end` (``epochs`` counts per layer).
+
+    Returns
+    -------
+    list of float, the last-epoch loss of each layer.
+    """
+    enc, dec = ae.encoder_layers(), ae.decoder_layers()[::-1]  # dec[i] inverts enc[i]
+    n_layers = len(enc)
+    h = x
+    losses = []
+    for i in range(n_layers):
+        last = i == n_layers - 1
+        dae = nn.Sequential(
+            nn.Dropout(dropout),
+            enc[i],
+            *([] if last else [nn.ReLU()]),
+            nn.Dropout(dropout),
+            dec[i],
+            *([] if i == 0 else [nn.ReLU()]),
+        )
+        losses.append(_train_reconstruction(dae, h, target=h, stage=f"pretrain/layer{i + 1}", callback=callback, **opt))
+        if not last:
+            with torch.no_grad():
+                h = _batched(lambda b: torch.relu(enc[i](b)), h)
+    return losses
+
+
+def _batched(fn, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Apply ``fn`` to ``x`` in chunks without autograd (bounded memory for large data)."""
+    with torch.no_grad():
+        return torch.cat([fn(x[s : s + batch_size]) for s in range(0, x.shape[0], batch_size)])
+
+
+def embed(encoder: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Embedding of ``x`` (n_samples, n_features) -> (n_samples, embedding_dim), in eval mode."""
+    encoder.eval()
+    return _batched(encoder, x, batch_size)
+
+
+@dataclass
+class SelfTrainResult:
+    """Outcome of :func:`self_train`."""
+
+    labels: np.ndarray  # (n_samples,) hard labels at the last target update
+    n_iter: int  # SGD iterations run
+    converged: bool  # True if the label change fell below tol before max_iter
+    delta_label: float  # fraction of labels changed at the last update
+
+
+def self_train(
+    encoder: nn.Module,
+    centroids: nn.Parameter,
+    x: torch.Tensor,
+    *,
+    alpha: float,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    update_interval: int,
+    tol: float,
+    max_iter: int,
+    callback: Callback,
+) -> SelfTrainResult:
+    """DEC self-training: minimise KL(P || Q) over encoder weights and centroids (paper section 3.1.2).
+
+    Every ``update_interval`` iterations the target P is recomputed from Q over the WHOLE data set
+    (the cluster frequencies f_j in eq. 3 are data-set totals); training stops when fewer than a
+    fraction ``tol`` of hard labels changed since the previous update, or after ``max_iter``.
+    ``encoder`` and ``centroids`` are updated in place.
+    """
+    opt = torch.optim.SGD([*encoder.parameters(), centroids], lr=lr, momentum=momentum, foreach=True)
+    n = x.shape[0]
+    prev = None
+    perm = torch.randperm(n)
+    cursor = 0
+    it = 0
+    callback.on_stage_begin("self_train", max_iter)
+    while True:
+        if it % update_interval == 0 or it >= max_iter:
+            with torch.no_grad():
+                q_all = soft_assignment(embed(encoder, x), centroids, alpha)  # (n, k)
+                p_all = target_distribution(q_all)
+                labels = q_all.argmax(1).numpy()
+                kl = float(kl_divergence(p_all, q_all))
+            delta = 1.0 if prev is None else float((labels != prev).mean())
+            prev = labels
+            metrics = {"kl_loss": kl, "delta_label": delta}
+            callback.on_update(it, labels, metrics)
+            callback.on_step("self_train", it, metrics)
+            if it > 0 and delta < tol or it >= max_iter:
+                break
+            encoder.train()
+        if cursor + batch_size > n:  # new epoch: reshuffle, never a tiny trailing batch
+            perm, cursor = torch.randperm(n), 0
+        idx = perm[cursor : cursor + batch_size]
+        cursor += batch_size
+        q = soft_assignment(encoder(x[idx]), centroids, alpha)
+        loss = kl_divergence(p_all[idx], q)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        it += 1
+    callback.on_stage_end("self_train")
+    return SelfTrainResult(labels=prev, n_iter=it, converged=it > 0 and delta < tol, delta_label=delta)

@@ -1,0 +1,116 @@
+"""Log a fitted DEC network to MLflow as an ONNX-backed pyfunc model.
+
+Reads a ``DECNet`` and a sample of raw features; writes, in the active MLflow run, a logged model
+holding ``serving/onnx_pyfunc.py`` and the verified ONNX graph, plus the parity figures as metrics.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, Schema
+
+from dec_mlflow.export import export_onnx
+from dec_mlflow.model import DECNet
+
+PYFUNC_PATH = Path(__file__).with_name("onnx_pyfunc.py")
+DEFAULT_MAX_BATCH_ROWS = 100_000
+_EXAMPLE_ROWS = 3
+
+
+def log_dec_model(
+    network: DECNet,
+    X_sample: np.ndarray,
+    *,
+    name: str = "model",
+    registered_model_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+):
+    """Export ``network`` to ONNX, verify it on ``X_sample`` and log it as a pyfunc model.
+
+    Logs into the active run (MLflow starts one if none is active).
+
+    Parameters
+    ----------
+    network : DECNet
+        The fitted network (``DEC.network_``).
+    X_sample : ndarray of shape (n_samples, n_features)
+        Raw features for the ONNX parity check (a few thousand rows suffice); its first rows
+        become the input example.
+    name : str, default='model'
+        Name of the logged model.
+    registered_model_name : str, optional
+        Also register the model under this name (creates a new version).
+    tags : dict, optional
+        Tags of the logged model.
+    max_batch_rows : int, default=100_000
+        Largest request the served model accepts; stored in the model config.
+
+    Returns
+    -------
+    model_info : mlflow.models.model.ModelInfo
+    check : dict
+        ``onnx_max_abs_dq``, ``onnx_labels_match``, ``onnx_check_rows`` (also logged as metrics).
+
+    Raises
+    ------
+    ValueError
+        If ``max_batch_rows`` < 1 or ``X_sample`` does not fit the network.
+    RuntimeError
+        If onnxruntime disagrees with PyTorch (see ``dec_mlflow.export.export_onnx``).
+    """
+    if isinstance(max_batch_rows, bool) or not isinstance(max_batch_rows, int) or max_batch_rows < 1:
+        raise ValueError(f"max_batch_rows must be an integer >= 1; got {max_batch_rows!r}")
+    X_sample = np.asarray(X_sample, dtype=np.float64)
+    n_features, n_clusters = network.offset.shape[0], network.centroids.shape[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "dec.onnx"
+        check = export_onnx(network, onnx_path, X_sample)
+        model_info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(PYFUNC_PATH),
+            artifacts={"onnx": str(onnx_path)},
+            model_config={
+                "n_features": n_features,
+                "n_clusters": n_clusters,
+                "max_batch_rows": max_batch_rows,
+                "device": "auto",
+            },
+            signature=feature_signature(n_features),
+            input_example=X_sample[:_EXAMPLE_ROWS],
+            pip_requirements=pinned_requirements(),
+            registered_model_name=registered_model_name,
+            tags=tags,
+        )
+    mlflow.log_metrics(check, model_id=model_info.model_id)
+    return model_info, check
+
+
+def feature_signature(n_features: int) -> ModelSignature:
+    """``n_features`` unnamed double columns in.
+
+    Double, because JSON numbers and numpy/pandas data arrive as float64 (or int) and MLflow's
+    column enforcement refuses float64 -> float32 while it upcasts float32 and ints of up to 32 bits to
+    double; the model casts to float32 itself. Unnamed, because MLflow then matches columns by
+    position: numpy arrays, ``inputs`` lists of rows and DataFrames with any column names are
+    accepted, whereas named columns make it reject every numpy array and ``inputs`` list.
+    """
+    return ModelSignature(inputs=Schema([ColSpec(DataType.double) for _ in range(n_features)]))
+
+
+def pinned_requirements() -> list[str]:
+    """The served model's pip requirements, pinned at the versions running here.
+
+    onnxruntime-gpu runs on CPU-only machines too, and the plain onnxruntime wheel must never be
+    installed beside it (both use the import name ``onnxruntime``), so only the gpu wheel is listed,
+    at the version of whichever onnxruntime is installed here.
+    """
+    ort_version = importlib.import_module("onnxruntime").__version__
+    pins = [f"{dist}=={importlib.metadata.version(dist)}" for dist in ("mlflow", "numpy", "pandas")]
+    return pins + [f"onnxruntime-gpu=={ort_version}"]

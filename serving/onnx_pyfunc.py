@@ -1,0 +1,176 @@
+"""MLflow pyfunc model that serves a DEC network from its ONNX graph ("models from code").
+
+MLflow copies this file into the logged model and executes it when the model is loaded, in the
+serving environment. It therefore imports only mlflow, numpy, pandas and onnxruntime: no torch and
+no dec_mlflow. ``serving.model_io.log_dec_model`` logs it together with the ONNX artifact written
+by ``dec_mlflow.export``.
+
+Model config (``model_config`` at log time; override at load time with
+``mlflow.pyfunc.load_model(uri, model_config={...})`` or ``MLFLOW_PYFUNC_INFERENCE_CONFIG``):
+
+- ``n_features`` : int, width of a request row.
+- ``n_clusters`` : int, number of ``q_*`` output columns.
+- ``max_batch_rows`` : int, largest number of rows accepted in one request.
+- ``device`` : {'auto', 'cuda', 'cpu'}, see ``open_session``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+try:
+    import onnxruntime as ort
+except ImportError as e:
+    raise ImportError(
+        "serving a DEC model needs onnxruntime: pip install onnxruntime-gpu (or onnxruntime; never both)"
+    ) from e
+
+DEVICES = ("auto", "cuda", "cpu")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+# Tensor names written by dec_mlflow.export.
+_INPUT, _Q, _LABELS = "x", "q", "labels"
+# Rows per onnxruntime call: bounds the activations held at once (hidden layers are ~2000 wide).
+_CHUNK_ROWS = 8192
+# onnxruntime severities: 2 warning (its default), 3 error, 4 fatal. A failed CUDA provider load
+# is logged at error level, so only 4 keeps a CPU-only machine quiet while probing.
+_ORT_QUIET, _ORT_DEFAULT = 4, 2
+
+_logger = logging.getLogger("serving.onnx_pyfunc")  # __name__ is random under models-from-code
+
+
+def open_session(path: str, device: str = "auto") -> "ort.InferenceSession":
+    """Open the ONNX graph at ``path`` on CUDA when it really works there, else on the CPU.
+
+    onnxruntime-gpu lists CUDAExecutionProvider whenever the build supports it, and falls back to
+    the CPU (after logging errors) when the GPU or the CUDA/cuDNN libraries are missing. So CUDA is
+    tried with onnxruntime's logging silenced, and ``session.get_providers()`` says what it got.
+
+    Parameters
+    ----------
+    path : str
+        ONNX file.
+    device : {'auto', 'cuda', 'cpu'}
+        'auto' takes CUDA when usable, else the CPU; 'cuda' raises when CUDA is not usable.
+
+    Returns
+    -------
+    onnxruntime.InferenceSession
+        ``session.get_providers()[0]`` is the provider that runs the graph.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+    if device != "cpu" and CUDA in ort.get_available_providers():
+        ort.set_default_logger_severity(_ORT_QUIET)
+        try:
+            session = ort.InferenceSession(path, providers=[CUDA, CPU])
+        finally:
+            ort.set_default_logger_severity(_ORT_DEFAULT)
+        if session.get_providers()[0] == CUDA or device == "auto":
+            return session  # on a failed CUDA load this session already runs on the CPU
+    if device == "cuda":
+        raise RuntimeError(
+            "device='cuda' but CUDAExecutionProvider is not usable here (no GPU, CUDA/cuDNN "
+            "libraries missing, or a CPU-only onnxruntime); use device='auto' or 'cpu'"
+        )
+    return ort.InferenceSession(path, providers=[CPU])
+
+
+def check_batch(model_input, *, n_features: int, max_batch_rows: int) -> np.ndarray:
+    """Validate a request batch and return it as float32 features.
+
+    Messages are short and never repeat the data.
+
+    Parameters
+    ----------
+    model_input : pandas.DataFrame or ndarray of shape (n_rows, n_features)
+        Numeric features, float32 or float64 (any real or integer dtype is cast).
+    n_features : int
+    max_batch_rows : int
+
+    Returns
+    -------
+    ndarray of shape (n_rows, n_features), float32, C-contiguous
+
+    Raises
+    ------
+    MlflowException
+        With ``INVALID_PARAMETER_VALUE`` (HTTP 400) for a wrong type, an empty or oversized batch,
+        a wrong number of features, a non-numeric column, or NaN / infinite values.
+    """
+    if not isinstance(model_input, (pd.DataFrame, np.ndarray)):
+        _reject(f"expected a pandas DataFrame or numpy array; got {type(model_input).__name__}")
+    if model_input.ndim != 2:
+        _reject(f"expected a 2-D batch of shape (rows, {n_features}); got {model_input.ndim}-D")
+    n_rows, width = model_input.shape
+    if n_rows == 0:
+        _reject("empty batch: send at least one row")
+    if n_rows > max_batch_rows:
+        _reject(f"batch has {n_rows} rows; at most {max_batch_rows} are accepted per request (max_batch_rows)")
+    if width != n_features:
+        _reject(f"expected {n_features} features per row; got {width}")
+    dtypes = model_input.dtypes if isinstance(model_input, pd.DataFrame) else pd.Series([model_input.dtype])
+    for column, dtype in dtypes.items():
+        if not pd.api.types.is_numeric_dtype(dtype):
+            where = f"column {column!r}" if isinstance(model_input, pd.DataFrame) else "array"
+            _reject(f"{where} is not numeric (dtype {dtype}); all features must be numbers")
+    x = np.ascontiguousarray(model_input, dtype=np.float32)  # (n_rows, n_features)
+    n_bad = int((~np.isfinite(x)).sum())
+    if n_bad:
+        _reject(f"batch has {n_bad} NaN or infinite values (after casting to float32); all features must be finite")
+    return x
+
+
+def _reject(message: str):
+    raise MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def predictions_frame(q: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+    """Columns ``label`` (int64) then ``q_0 .. q_{k-1}`` from q (n, k) and labels (n,)."""
+    frame = pd.DataFrame(q, columns=[f"q_{j}" for j in range(q.shape[1])])
+    frame.insert(0, "label", labels.astype(np.int64))
+    return frame
+
+
+class DECOnnxModel(mlflow.pyfunc.PythonModel):
+    """Raw features in; cluster label and soft assignments q out, computed by onnxruntime.
+
+    Attributes (after ``load_context``)
+    ----------------------------------
+    session : onnxruntime.InferenceSession
+    provider : str
+        The execution provider running the graph, e.g. 'CPUExecutionProvider'.
+    n_features, n_clusters, max_batch_rows : int
+    """
+
+    def load_context(self, context):
+        config = context.model_config
+        self.n_features = int(config["n_features"])
+        self.n_clusters = int(config["n_clusters"])
+        self.max_batch_rows = int(config["max_batch_rows"])
+        self.session = open_session(context.artifacts["onnx"], config.get("device", "auto"))
+        self.provider = self.session.get_providers()[0]
+        _logger.info("DEC ONNX model (%d features, %d clusters) runs on %s",
+                     self.n_features, self.n_clusters, self.provider)
+
+    # model_input is left unannotated so that the logged signature alone governs input checks
+    # (MLflow also validates inputs against predict's type hints when there are any).
+    def predict(self, context, model_input, params=None):
+        """Features (n, n_features) -> DataFrame with ``label`` and ``q_0 .. q_{k-1}`` (n rows)."""
+        x = check_batch(model_input, n_features=self.n_features, max_batch_rows=self.max_batch_rows)
+        chunks = [
+            self.session.run([_Q, _LABELS], {_INPUT: x[start:start + _CHUNK_ROWS]})
+            for start in range(0, len(x), _CHUNK_ROWS)
+        ]
+        q = np.concatenate([c[0] for c in chunks])  # (n, n_clusters)
+        labels = np.concatenate([c[1] for c in chunks])  # (n,)
+        return predictions_frame(q, labels)
+
+
+mlflow.models.set_model(DECOnnxModel())

@@ -1,0 +1,158 @@
+"""The scikit-learn DEC estimator on small, well-separated data."""
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.datasets import make_blobs
+from sklearn.exceptions import NotFittedError
+
+from dec_mlflow import DEC, PretrainedAutoencoder
+from dec_mlflow.callbacks import Callback
+from dec_mlflow.metrics import cluster_accuracy
+
+SMALL = dict(n_clusters=4, hidden_dims=(32, 16, 4), pretrain_epochs=20, pretrain_lr=0.1, update_interval=10,
+             batch_size=64, pretrain_batch_size=64, n_init=5, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    x, y = make_blobs(600, n_features=20, centers=4, cluster_std=1.0, random_state=0)
+    return x.astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def fitted(blobs):
+    return DEC(**SMALL).fit(blobs[0])
+
+
+def test_recovers_well_separated_blobs(fitted, blobs):
+    assert cluster_accuracy(blobs[1], fitted.labels_) > 0.99
+    assert cluster_accuracy(blobs[1], fitted.init_labels_) > 0.99
+
+
+def test_predict_matches_labels_and_proba_rows_sum_to_one(fitted, blobs):
+    np.testing.assert_array_equal(fitted.predict(blobs[0]), fitted.labels_)
+    q = fitted.predict_proba(blobs[0])
+    assert q.shape == (600, 4)
+    np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(q.argmax(1), fitted.labels_)
+    assert fitted.transform(blobs[0]).shape == (600, 4)
+    assert fitted.cluster_centers_.shape == (4, 4)
+    assert fitted.n_features_in_ == 20
+
+
+def test_same_seed_same_labels_and_weights(blobs):
+    a = DEC(**SMALL, random_state=3).fit(blobs[0])
+    b = DEC(**SMALL, random_state=3).fit(blobs[0])
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    assert a.n_iter_ == b.n_iter_
+
+
+def test_different_seed_changes_weights(blobs):
+    a = DEC(**SMALL, random_state=1).pretrain(blobs[0])
+    b = DEC(**SMALL, random_state=2).pretrain(blobs[0])
+    assert not np.allclose(a.autoencoder.encoder[0].weight.detach(), b.autoencoder.encoder[0].weight.detach())
+
+
+def test_fit_reuses_given_autoencoder_without_pretraining(blobs, tmp_path):
+    est = DEC(**SMALL)
+    ae = est.pretrain(blobs[0])
+    ae.save(tmp_path / "ae.pt")
+    loaded = PretrainedAutoencoder.load(tmp_path / "ae.pt")
+    stages = []
+
+    class Stages(Callback):
+        def on_stage_begin(self, stage, total):
+            stages.append(stage)
+
+    est.fit(blobs[0], autoencoder=loaded, callback=Stages())
+    assert stages == ["kmeans", "self_train"]
+    assert est.pretrain_loss_ == pytest.approx(ae.loss)
+    # the given autoencoder is copied, not trained in place
+    np.testing.assert_array_equal(loaded.autoencoder.encoder[0].weight.detach(), ae.autoencoder.encoder[0].weight.detach())
+    assert cluster_accuracy(blobs[1], est.labels_) > 0.99
+
+
+def test_layerwise_pretraining_reports_each_layer_then_finetune(blobs):
+    seen = []
+
+    class Stages(Callback):
+        def on_stage_begin(self, stage, total):
+            seen.append((stage, total))
+
+    est = DEC(**{**SMALL, "pretrain_mode": "layerwise", "layerwise_epochs": 3, "pretrain_epochs": 5}).fit(blobs[0], callback=Stages())
+    assert seen[:4] == [("pretrain/layer1", 3), ("pretrain/layer2", 3), ("pretrain/layer3", 3), ("pretrain/finetune", 5)]
+    assert cluster_accuracy(blobs[1], est.labels_) > 0.95
+
+
+def test_self_training_stops_at_tol_and_reports_updates(blobs):
+    updates = []
+
+    class Updates(Callback):
+        def on_update(self, step, labels, metrics):
+            updates.append((step, metrics["delta_label"]))
+
+    est = DEC(**SMALL).fit(blobs[0], callback=Updates())
+    assert est.converged_ and est.n_iter_ == updates[-1][0]
+    assert all(step % SMALL["update_interval"] == 0 for step, _ in updates)
+    assert updates[-1][1] < 0.001 and all(delta >= 0.001 for _, delta in updates[1:-1])
+
+
+def test_max_iter_bounds_self_training(blobs):
+    est = DEC(**{**SMALL, "tol": 0.0, "max_iter": 25}).fit(blobs[0])  # tol=0 never converges
+    assert est.n_iter_ == 25 and not est.converged_
+
+
+def test_standard_scaling_is_part_of_the_model(blobs):
+    est = DEC(**SMALL).fit(blobs[0] * 1000 + 50)
+    assert cluster_accuracy(blobs[1], est.labels_) > 0.99
+
+
+def test_sklearn_clone_and_params_round_trip():
+    est = DEC(**SMALL)
+    assert clone(est).get_params() == est.get_params()
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"n_clusters": 1}, "n_clusters must be >= 2, got 1"),
+        ({"n_clusters": 2.5}, "n_clusters must be an integer >= 1; got 2.5"),
+        ({"pretrain_lr": 0.0}, r"pretrain_lr must be a number > 0.0; got 0.0"),
+        ({"momentum": 1.0}, r"momentum must be a number >= 0.0 and < 1.0; got 1.0"),
+        ({"tol": -0.1}, r"tol must be a number >= 0.0 and < 1.0; got -0.1"),
+        ({"scaling": "minmax"}, "scaling must be one of max, standard, none; got 'minmax'"),
+        ({"pretrain_mode": "greedy"}, "pretrain_mode must be one of end_to_end, layerwise; got 'greedy'"),
+        ({"hidden_dims": (10, 0)}, r"hidden_dims must be a non-empty sequence of positive integers; got \(10, 0\)"),
+        ({"update_interval": 0}, "update_interval must be an integer >= 1; got 0"),
+        ({"pretrain_epochs": 0}, "pretrain_epochs must be >= 1 when pretrain_mode='end_to_end'"),
+    ],
+)
+def test_bad_params_are_named(blobs, params, message):
+    with pytest.raises(ValueError, match=message):
+        DEC(**{**SMALL, **params}).fit(blobs[0])
+
+
+def test_bad_input_is_rejected_before_training():
+    with pytest.raises(ValueError, match="n_samples=3 should be >= n_clusters=4"):
+        DEC(**SMALL).fit(np.ones((3, 5)))
+    x = np.ones((10, 3))
+    x[2, 1] = np.nan
+    with pytest.raises(ValueError, match="1 NaN or infinite values"):
+        DEC(**SMALL).fit(x)
+    with pytest.raises(ValueError, match=r"X must be 2-D"):
+        DEC(**SMALL).fit(np.ones(10))
+
+
+def test_predict_checks_fitted_and_width(fitted):
+    with pytest.raises(NotFittedError):
+        DEC(**SMALL).predict(np.ones((2, 20)))
+    with pytest.raises(ValueError, match="X has 5 features, but DEC was fitted with 20 features"):
+        fitted.predict(np.ones((2, 5)))
+
+
+def test_autoencoder_width_must_match_data(blobs):
+    ae = DEC(**SMALL).pretrain(blobs[0])
+    with pytest.raises(ValueError, match="autoencoder expects 20 features, but X has 10"):
+        DEC(**SMALL).fit(blobs[0][:, :10], autoencoder=ae)
