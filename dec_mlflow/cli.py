@@ -18,7 +18,7 @@ import mlflow
 import numpy as np
 
 from dec_mlflow.callbacks import CallbackList, ProgressBar
-from dec_mlflow.data import DataError, Dataset, load_dataset
+from dec_mlflow.data import Dataset, load_dataset
 from dec_mlflow.estimator import DEC, LR_SCHEDULES, PRECISIONS, PRETRAIN_MODES, SCALINGS
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow import tracking
@@ -81,7 +81,7 @@ def _user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, DataError, FileNotFoundError) as e:
+        except ValueError as e:  # DataError and parameter errors; both name what is wrong
             raise click.ClickException(str(e)) from e
     return wrapper
 
@@ -105,28 +105,25 @@ def _build(dataset: Dataset, params: dict) -> DEC:
 
 
 def _load(dataset: str, label_column: str, n_clusters: int | None = None) -> Dataset:
-    try:
-        return load_dataset(dataset, label_column=label_column or None, n_clusters=n_clusters)
-    except DataError as e:
-        raise click.BadParameter(str(e), param_hint="dataset") from e
+    return load_dataset(dataset, label_column=label_column or None, n_clusters=n_clusters)
 
 
-def _loggable(params: dict) -> dict[str, str]:
-    return {k: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v) for k, v in params.items()}
-
-
-def _pretrain_identity(est: DEC, data: Dataset) -> dict[str, str]:
-    """The params that decide a pretrained autoencoder: data content plus pretraining settings."""
+def _pretrain_key(est: DEC, data: Dataset) -> str:
+    """Fingerprint of what decides a pretrained autoencoder: data content plus pretraining settings."""
     params = est.get_params()
-    return _loggable({"data_digest": tracking.data_digest(data.x), **{k: params[k] for k in PRETRAIN_PARAMS}})
+    return tracking.fingerprint({"data_digest": tracking.data_digest(data.x), **{k: params[k] for k in PRETRAIN_PARAMS}})
 
 
-def _run_pretraining(est: DEC, data: Dataset):
+def _data_params(data: Dataset) -> dict:
+    return {"dataset_name": data.name, "data_digest": tracking.data_digest(data.x),
+            "n_samples": data.x.shape[0], "n_features": data.x.shape[1]}
+
+
+def _run_pretraining(est: DEC, data: Dataset, cli_params: dict):
     """Pretrain inside the active run and log params, loss curve and the autoencoder artifact."""
-    identity = _pretrain_identity(est, data)
-    mlflow.set_tags({tracking.STAGE_TAG: "pretrain", "dataset": data.name, "method": f"pretrain-{est.pretrain_mode}",
-                     "seed": est.random_state})
-    mlflow.log_params({**identity, "dataset": data.name, "n_samples": len(data.x), "n_features": data.x.shape[1]})
+    mlflow.set_tags({tracking.STAGE_TAG: "pretrain", tracking.KEY_TAG: _pretrain_key(est, data), "dataset": data.name,
+                     "method": f"pretrain-{est.pretrain_mode}", "seed": est.random_state})
+    tracking.log_params_once({**cli_params, **_data_params(data), "scaling_resolved": est.scaling})
     ae = est.pretrain(data.x, callback=CallbackList([ProgressBar(), tracking.MlflowCallback(est.n_clusters)]))
     mlflow.log_metric("final_pretrain_loss", ae.loss)
     tracking.log_autoencoder(ae)
@@ -146,9 +143,10 @@ def pretrain(dataset, label_column, **params):
     """Pretrain the autoencoder. Reads DATASET; writes the run artifact autoencoder/autoencoder.pt."""
     data = _load(dataset, label_column)
     est = _build(data, params)
-    with mlflow.start_run(run_name=f"pretrain-{data.name}-s{est.random_state}"):
-        _run_pretraining(est, data)
-        mlflow.set_tag("mlflow.runName", f"pretrain-{data.name}-s{est.random_state}")
+    run_name = f"pretrain-{data.name}-s{est.random_state}"
+    with mlflow.start_run(run_name=run_name):
+        mlflow.set_tag("mlflow.runName", run_name)  # start_run ignores run_name when resuming an `mlflow run` run
+        _run_pretraining(est, data, {"dataset": dataset, "label_column": label_column, **params})
 
 
 @main.command()
@@ -160,8 +158,8 @@ def pretrain(dataset, label_column, **params):
 def cluster(dataset, label_column, autoencoder, registered_model_name, **params):
     """The main job: pretrain or reuse an autoencoder, k-means init, DEC self-training, log and register.
 
-    Reads DATASET; writes run artifacts autoencoder (if pretrained here), model (ONNX pyfunc),
-    cluster_sizes.json, and registers the model as dec-<dataset>.
+    Reads DATASET; writes run artifacts network/dec_network.pt, cluster_sizes.json and the ONNX
+    pyfunc model ``model``, registered as dec-<dataset>; a child run if it had to pretrain.
     """
     data = _load(dataset, label_column, params["n_clusters"])
     est = _build(data, params)
@@ -170,46 +168,62 @@ def cluster(dataset, label_column, autoencoder, registered_model_name, **params)
     with mlflow.start_run(run_name=run_name):
         mlflow.set_tags({"mlflow.runName": run_name, tracking.STAGE_TAG: "cluster", "dataset": data.name,
                          "method": "dec", "seed": est.random_state})
-        mlflow.log_params({**_loggable(est.get_params()), "dataset": data.name,
-                           "data_digest": tracking.data_digest(data.x), "n_samples": len(data.x)})
-        ae = _resolve_autoencoder(autoencoder, est, data)
+        cli_params = {"dataset": dataset, "label_column": label_column, **params}
+        tracking.log_params_once({**cli_params, "autoencoder": autoencoder, "registered_model_name": registered_model_name,
+                                  **_data_params(data), "scaling_resolved": est.scaling})
+        ae = _resolve_autoencoder(autoencoder, est, data, cli_params)
         callback = CallbackList([ProgressBar(), tracking.MlflowCallback(est.n_clusters, data.y)])
         est.fit(data.x, autoencoder=ae, callback=callback)
-        _log_cluster_results(est, data)
-        from serving.model_io import log_dec_model  # onnx / onnxruntime are heavy: import on use
-
-        info, _ = log_dec_model(est.network_, data.x[:2000], name="model",
-                                registered_model_name=None if name.lower() == "none" else name,
-                                tags={"dataset": data.name, "source_run": mlflow.active_run().info.run_id})
-        click.echo(f"Logged model {info.model_uri}" + (f", registered as {name}" if name.lower() != "none" else ""))
+        scores = _log_cluster_results(est, data)
+        tracking.log_network(est.network_)
+        _log_model(est.network_, data, name, {f"final_{k}": f"{v:.4f}" for k, v in scores.items()})
 
 
-def _resolve_autoencoder(ref: str, est: DEC, data: Dataset):
+def _log_model(network, data: Dataset, name: str, tags: dict) -> None:
+    """Export to ONNX, verify, log as the pyfunc model ``model`` and register it (unless name is 'none')."""
+    from serving.model_io import log_dec_model  # onnx / onnxruntime are heavy: import on use
+
+    register = name.lower() != "none"
+    run_id = mlflow.active_run().info.run_id
+    tags = {"dataset": data.name, "source_run": run_id, **tags}
+    info, check = log_dec_model(network, data.x[:2000], name="model", registered_model_name=name if register else None, tags=tags)
+    mlflow.log_metrics(check)
+    message = f"Logged model {info.model_uri} (ONNX max |dq| {check['onnx_max_abs_dq']:.1e})"
+    if register:
+        tracking.set_model_version_tags(name, info.registered_model_version, tags)
+        message += f", registered as {name} version {info.registered_model_version}"
+    click.echo(message)
+
+
+def _resolve_autoencoder(ref: str, est: DEC, data: Dataset, cli_params: dict):
     """The autoencoder named by ``ref``, else a matching finished pretrain run's, else a new child run's."""
     if ref:
         ae = tracking.load_autoencoder(ref)
         mlflow.set_tag("dec.autoencoder_source", ref)
         return ae
-    previous = tracking.find_finished_run("pretrain", _pretrain_identity(est, data))
+    previous = tracking.find_finished_run("pretrain", _pretrain_key(est, data))
     if previous is not None:
         click.echo(f"Reusing autoencoder of FINISHED pretrain run {previous.info.run_id}", err=True)
         mlflow.set_tag("dec.autoencoder_source", f"runs:/{previous.info.run_id}")
         return tracking.load_autoencoder(previous.info.run_id)
     with mlflow.start_run(run_name=f"pretrain-{data.name}-s{est.random_state}", nested=True) as child:
-        ae = _run_pretraining(est, data)
+        ae = _run_pretraining(est, data, {k: v for k, v in cli_params.items() if k in PRETRAIN_PARAMS + ("dataset", "label_column", "device")})
     mlflow.set_tag("dec.autoencoder_source", f"runs:/{child.info.run_id}")
     return ae
 
 
-def _log_cluster_results(est: DEC, data: Dataset) -> None:
+def _log_cluster_results(est: DEC, data: Dataset) -> dict:
+    """Log sizes, iterations and, with labels, the AE+k-means and final scores; return the final scores."""
     sizes = np.bincount(est.labels_, minlength=est.n_clusters)
     mlflow.log_dict({"cluster_sizes": sizes.tolist()}, "cluster_sizes.json")
     mlflow.log_metrics({"n_iter": est.n_iter_, "converged": float(est.converged_), "pretrain_loss": est.pretrain_loss_})
-    if data.y is not None:
-        final = clustering_scores(data.y, est.labels_)
-        init = clustering_scores(data.y, est.init_labels_)
-        mlflow.log_metrics({**{f"final_{k}": v for k, v in final.items()}, **{f"ae_kmeans_{k}": v for k, v in init.items()}})
-        click.echo("AE+k-means " + _fmt(init) + "\nDEC        " + _fmt(final))
+    if data.y is None:
+        return {}
+    final = clustering_scores(data.y, est.labels_)
+    init = clustering_scores(data.y, est.init_labels_)
+    mlflow.log_metrics({**{f"final_{k}": v for k, v in final.items()}, **{f"ae_kmeans_{k}": v for k, v in init.items()}})
+    click.echo("AE+k-means " + _fmt(init) + "\nDEC        " + _fmt(final))
+    return final
 
 
 def _fmt(scores: dict) -> str:
@@ -217,25 +231,26 @@ def _fmt(scores: dict) -> str:
 
 
 @main.command()
-@click.option("--model", "model_uri", required=True, help="A models:/ URI, runs:/<id>/model, or a cluster run id.")
+@click.option("--model", required=True, help="A models:/ URI, runs:/<id>/model, or a cluster run id.")
 @_data_options
 @click.option("--sample_size", type=click.IntRange(min=10), default=2000, show_default=True, help="Points in the t-SNE embedding plot.")
 @click.option("--random_state", type=click.INT, default=0, show_default=True, help="Seed of the plot subsample and t-SNE.")
 @_user_errors
-def evaluate(model_uri, dataset, label_column, sample_size, random_state):
+def evaluate(model, dataset, label_column, sample_size, random_state):
     """Score a model on a labelled dataset: ACC/NMI/ARI, confusion matrix, sizes, embedding, top images."""
     from dec_mlflow import plots
 
     data = _load(dataset, label_column)
     if data.y is None:
         raise click.BadParameter(f"dataset {dataset!r} has no labels; give --label_column or an .npz with y", param_hint="dataset")
-    uri = model_uri if ":/" in model_uri else f"runs:/{model_uri}/model"
-    model = _load_pyfunc(uri)
+    uri = model if ":/" in model else f"runs:/{model}/model"
+    pyfunc = _load_pyfunc(uri)
     with mlflow.start_run(run_name=f"evaluate-{data.name}"):
         mlflow.set_tags({"mlflow.runName": f"evaluate-{data.name}", tracking.STAGE_TAG: "evaluate",
                          "dataset": data.name, "model_uri": uri})
-        mlflow.log_params({"model": uri, "dataset": data.name, "sample_size": sample_size, "random_state": random_state})
-        out = model.predict(data.x, params={"include_embedding": True})
+        tracking.log_params_once({"model": model, "dataset": dataset, "label_column": label_column,
+                                  "sample_size": sample_size, "random_state": random_state, **_data_params(data)})
+        out = pyfunc.predict(data.x, params={"include_embedding": True})
         labels = out["label"].to_numpy()
         q = out.filter(regex=r"^q_\d+$").to_numpy()
         z = out.filter(regex=r"^z_\d+$").to_numpy()
@@ -257,6 +272,26 @@ def _load_pyfunc(uri: str):
         return mlflow.pyfunc.load_model(uri)
     except mlflow.exceptions.MlflowException as e:
         raise click.BadParameter(f"model {uri!r} could not be loaded: {e.message.splitlines()[0]}", param_hint="model") from e
+
+
+@main.command()
+@click.option("--run_id", required=True, help="A FINISHED cluster run whose network/dec_network.pt to export.")
+@_data_options
+@click.option("--registered_model_name", default="", help="Registry name; default dec-<dataset>. 'none' skips registration.")
+@_user_errors
+def export(run_id, dataset, label_column, registered_model_name):
+    """Re-export a cluster run's network to ONNX, verify it on DATASET, log and register it as a new run."""
+    network = tracking.load_network(run_id)
+    data = _load(dataset, label_column)
+    if data.x.shape[1] != network.offset.shape[0]:
+        raise click.BadParameter(f"dataset {dataset!r} has {data.x.shape[1]} features; the model expects {network.offset.shape[0]}", param_hint="dataset")
+    name = registered_model_name or f"dec-{data.name}"
+    with mlflow.start_run(run_name=f"export-{data.name}"):
+        mlflow.set_tags({"mlflow.runName": f"export-{data.name}", tracking.STAGE_TAG: "export", "dataset": data.name,
+                         "dec.network_source": f"runs:/{run_id}"})
+        tracking.log_params_once({"run_id": run_id, "dataset": dataset, "label_column": label_column,
+                                  "registered_model_name": registered_model_name, **_data_params(data)})
+        _log_model(network, data, name, {"network_run": run_id})
 
 
 @main.command()

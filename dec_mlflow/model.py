@@ -80,6 +80,18 @@ class DECNet(nn.Module):
         self.register_buffer("scale", scale.detach().clone().float())
         self.alpha = float(alpha)
 
+    def checkpoint(self) -> dict:
+        """Everything needed to rebuild this network with :meth:`from_checkpoint`."""
+        dims = [m.in_features for m in self.encoder if isinstance(m, nn.Linear)] + [self.centroids.shape[1]]
+        return {"encoder_dims": dims, "alpha": self.alpha, "state_dict": self.state_dict()}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> "DECNet":
+        state = checkpoint["state_dict"]
+        net = cls(_mlp(checkpoint["encoder_dims"]), state["centroids"], state["offset"], state["scale"], checkpoint["alpha"])
+        net.load_state_dict(state)
+        return net.eval()
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw features (n, n_features) -> q (n, n_clusters), labels (n,) int64, z (n, embedding_dim)."""
         z = self.encoder((x - self.offset) * self.scale)

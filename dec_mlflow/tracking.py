@@ -6,6 +6,7 @@ The estimator and training loops never import mlflow; the CLI wires them to this
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -17,11 +18,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dec_mlflow.callbacks import Callback
+import torch
+
 from dec_mlflow.estimator import PretrainedAutoencoder
+from dec_mlflow.model import DECNet
 from dec_mlflow.metrics import clustering_scores
 
 AUTOENCODER_ARTIFACT = "autoencoder/autoencoder.pt"
-STAGE_TAG = "dec.stage"  # which step of the lifecycle a run is: pretrain, cluster, evaluate
+NETWORK_ARTIFACT = "network/dec_network.pt"  # the trained DECNet, for re-export without retraining
+STAGE_TAG = "dec.stage"  # which step of the lifecycle a run is: pretrain, cluster, evaluate, export
+KEY_TAG = "dec.pretrain_key"  # fingerprint of data content + pretraining settings, for reuse
 MAX_CLUSTER_METRICS = 50  # above this many clusters, per-cluster size metrics would swamp the UI
 
 
@@ -67,22 +73,31 @@ def data_digest(x: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def find_finished_run(stage: str, params: dict[str, object]) -> Run | None:
-    """Newest FINISHED run of ``stage`` in the current experiment whose params equal ``params``.
+def fingerprint(values: dict[str, object]) -> str:
+    """Order-independent hash of a dict of settings, for matching runs that did the same work."""
+    canonical = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}, sort_keys=True)
+    return hashlib.sha1(canonical.encode()).hexdigest()[:16]
 
-    MLflow stores parameters as strings, so values are compared as ``str(value)``.
-    """
-    experiment_id = _current_experiment_id()
-    clauses = [f"tags.`{STAGE_TAG}` = '{stage}'", "attributes.status = 'FINISHED'"]
-    clauses += [f"params.`{k}` = '{_quote(v)}'" for k, v in params.items()]
+
+def find_finished_run(stage: str, key: str) -> Run | None:
+    """Newest FINISHED run of ``stage`` in the current experiment tagged with fingerprint ``key``."""
+    query = f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'"
     runs = MlflowClient().search_runs(
-        [experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=1
+        [_current_experiment_id()], query, order_by=["attributes.start_time DESC"], max_results=1
     )
     return runs[0] if runs else None
 
 
-def _quote(value: object) -> str:
-    return str(value).replace("'", "\\'")
+def log_params_once(params: dict[str, object]) -> None:
+    """Log ``params`` to the active run, skipping keys already there.
+
+    ``mlflow run`` logs the MLproject parameters itself, as the strings it was given; MLflow refuses
+    to change a logged value, so those keep their spelling and only the rest is added.
+    """
+    run = mlflow.active_run()
+    existing = MlflowClient().get_run(run.info.run_id).data.params
+    mlflow.log_params({k: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else v
+                       for k, v in params.items() if k not in existing})
 
 
 def _current_experiment_id() -> str:
@@ -124,7 +139,25 @@ def load_autoencoder(ref: str) -> PretrainedAutoencoder:
     return PretrainedAutoencoder.load(local_path)
 
 
+def log_network(network: DECNet) -> None:
+    """Save the trained DEC network checkpoint as an artifact of the active run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(NETWORK_ARTIFACT).name
+        torch.save(network.checkpoint(), path)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(NETWORK_ARTIFACT).parent))
+
+
+def load_network(run_id: str) -> DECNet:
+    """The DEC network a ``cluster`` run saved."""
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=NETWORK_ARTIFACT)
+    except MlflowException as e:
+        raise ValueError(f"run_id {run_id!r} has no {NETWORK_ARTIFACT} (is it a cluster run?): {e.message.splitlines()[0]}") from e
+    return DECNet.from_checkpoint(torch.load(local, map_location="cpu", weights_only=False))
+
+
 def set_model_version_tags(name: str, version: str, tags: dict[str, object]) -> None:
+    """Tag a registered model version (the UI's version page shows them; searches can filter on them)."""
     client = MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
@@ -142,7 +175,7 @@ def promote(name: str, metric: str, *, greater_is_better: bool = True, alias: st
     """
     client = MlflowClient()
     try:
-        versions = client.search_model_versions(f"name = '{_quote(name)}'")
+        versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException as e:
         raise ValueError(f"model_name {name!r}: {e.message.splitlines()[0]}") from e
     if not versions:

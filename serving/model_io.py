@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from dec_mlflow.export import export_onnx
 from dec_mlflow.model import DECNet
@@ -93,7 +93,7 @@ def log_dec_model(
 
 
 def feature_signature(n_features: int) -> ModelSignature:
-    """``n_features`` unnamed double columns in.
+    """``n_features`` unnamed double columns in; the ``include_embedding`` flag as a parameter.
 
     Double, because JSON numbers and numpy/pandas data arrive as float64 (or int) and MLflow's
     column enforcement refuses float64 -> float32 while it upcasts float32 and ints of up to 32 bits to
@@ -101,7 +101,10 @@ def feature_signature(n_features: int) -> ModelSignature:
     position: numpy arrays, ``inputs`` lists of rows and DataFrames with any column names are
     accepted, whereas named columns make it reject every numpy array and ``inputs`` list.
     """
-    return ModelSignature(inputs=Schema([ColSpec(DataType.double) for _ in range(n_features)]))
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.double) for _ in range(n_features)]),
+        params=ParamSchema([ParamSpec("include_embedding", DataType.boolean, False)]),
+    )
 
 
 def pinned_requirements() -> list[str]:

@@ -35,7 +35,7 @@ DEVICES = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # Tensor names written by dec_mlflow.export.
-_INPUT, _Q, _LABELS = "x", "q", "labels"
+_INPUT, _Q, _LABELS, _EMBEDDING = "x", "q", "labels", "embedding"
 # Rows per onnxruntime call: bounds the activations held at once (hidden layers are ~2000 wide).
 _CHUNK_ROWS = 8192
 # onnxruntime severities: 2 warning (its default), 3 error, 4 fatal. A failed CUDA provider load
@@ -131,10 +131,12 @@ def _reject(message: str):
     raise MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def predictions_frame(q: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
-    """Columns ``label`` (int64) then ``q_0 .. q_{k-1}`` from q (n, k) and labels (n,)."""
+def predictions_frame(q: np.ndarray, labels: np.ndarray, z: np.ndarray | None = None) -> pd.DataFrame:
+    """Columns ``label`` (int64), ``q_0 .. q_{k-1}`` from q (n, k), then ``z_0 ..`` from z (n, e) if given."""
     frame = pd.DataFrame(q, columns=[f"q_{j}" for j in range(q.shape[1])])
     frame.insert(0, "label", labels.astype(np.int64))
+    if z is not None:
+        frame = pd.concat([frame, pd.DataFrame(z, columns=[f"z_{j}" for j in range(z.shape[1])])], axis=1)
     return frame
 
 
@@ -162,15 +164,19 @@ class DECOnnxModel(mlflow.pyfunc.PythonModel):
     # model_input is left unannotated so that the logged signature alone governs input checks
     # (MLflow also validates inputs against predict's type hints when there are any).
     def predict(self, context, model_input, params=None):
-        """Features (n, n_features) -> DataFrame with ``label`` and ``q_0 .. q_{k-1}`` (n rows)."""
+        """Features (n, n_features) -> DataFrame with ``label`` and ``q_0 .. q_{k-1}`` (n rows).
+
+        With ``params={"include_embedding": True}`` the embedding follows as ``z_0 .. z_{e-1}``.
+        """
         x = check_batch(model_input, n_features=self.n_features, max_batch_rows=self.max_batch_rows)
+        outputs = [_Q, _LABELS, _EMBEDDING] if (params or {}).get("include_embedding") else [_Q, _LABELS]
         chunks = [
-            self.session.run([_Q, _LABELS], {_INPUT: x[start:start + _CHUNK_ROWS]})
+            self.session.run(outputs, {_INPUT: x[start:start + _CHUNK_ROWS]})
             for start in range(0, len(x), _CHUNK_ROWS)
         ]
-        q = np.concatenate([c[0] for c in chunks])  # (n, n_clusters)
-        labels = np.concatenate([c[1] for c in chunks])  # (n,)
-        return predictions_frame(q, labels)
+        # q (n, n_clusters), labels (n,), embedding (n, e) when asked for
+        joined = [np.concatenate([c[i] for c in chunks]) for i in range(len(outputs))]
+        return predictions_frame(*joined)
 
 
 mlflow.models.set_model(DECOnnxModel())

@@ -1,0 +1,180 @@
+"""The MLflow entry points end to end: `mlflow run . -e cluster` in a temporary tracking store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from sklearn.datasets import make_blobs
+
+from dec_mlflow import DEC
+from dec_mlflow.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+# Small network and short schedules so each run takes seconds; the same values are given to every
+# call so the pretraining identity matches and the second call can reuse the first call's run.
+SMALL = {
+    "n_clusters": 3, "hidden_dims": "16,8,3", "pretrain_epochs": 10, "pretrain_lr": 0.1,
+    "pretrain_batch_size": 64, "batch_size": 64, "update_interval": 10, "n_init": 3, "precision": "fp32",
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A temporary sqlite tracking store and a small labelled dataset in it."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    x, y = make_blobs(300, n_features=12, centers=3, cluster_std=1.0, random_state=0)
+    np.savez(tmp / "blobs.npz", x=x.astype(np.float32), y=y)
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    yield {"dir": tmp, "data": str(tmp / "blobs.npz"), "env": env, "uri": uri}
+    mlflow.set_tracking_uri(previous)
+
+
+def mlflow_run(store, entry_point: str, **params) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
+    for key, value in params.items():
+        args += ["-P", f"{key}={value}"]
+    return subprocess.run(args, cwd=store["dir"], env=store["env"], capture_output=True, text=True, timeout=600)
+
+
+def runs_by_stage(stage: str):
+    exp = mlflow.get_experiment_by_name("Default")
+    return MlflowClient().search_runs([exp.experiment_id], f"tags.`dec.stage` = '{stage}'", order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture(scope="module")
+def first_cluster(store):
+    proc = mlflow_run(store, "cluster", dataset=store["data"], **SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return runs_by_stage("cluster")[-1], proc
+
+
+def test_cluster_logs_params_metrics_artifacts_and_registers(store, first_cluster):
+    run, proc = first_cluster
+    client = MlflowClient()
+    assert run.info.status == "FINISHED"
+    assert run.data.params["n_clusters"] == "3" and run.data.params["dataset_name"] == "blobs"
+    assert run.data.params["hidden_dims"] == "16,8,3" and run.data.params["lr"] == "0.01"
+    assert run.data.tags["dataset"] == "blobs" and run.data.tags["seed"] == "0"
+    assert run.data.tags["mlflow.runName"] == "cluster-blobs-k3-s0"
+    m = run.data.metrics
+    assert m["final_acc"] > 0.95 and m["ae_kmeans_acc"] > 0.9 and m["converged"] == 1.0
+    # per-update curves with steps
+    kl = client.get_metric_history(run.info.run_id, "kl_loss")
+    acc = client.get_metric_history(run.info.run_id, "acc")
+    assert len(kl) >= 2 and [h.step for h in kl] == sorted(h.step for h in kl) and kl[1].step == 10
+    assert len(acc) == len(kl)
+    assert {f"cluster_{j}_frac" for j in range(3)} <= set(m)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"cluster_sizes.json"} <= artifacts
+    sizes = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/cluster_sizes.json")["cluster_sizes"]
+    assert sum(sizes) == 300 and len(sizes) == 3
+    # registered, loadable, and it clusters the data like the run says
+    version = client.get_model_version("dec-blobs", "1")
+    assert version.run_id == run.info.run_id
+    model = mlflow.pyfunc.load_model(f"models:/dec-blobs/{version.version}")
+    data = np.load(store["data"])
+    out = model.predict(data["x"][:50])
+    assert list(out.columns[:1]) == ["label"] and out.shape == (50, 4)
+    # the autoencoder came from a child pretrain run with its own loss curve and artifact
+    pre = runs_by_stage("pretrain")
+    assert len(pre) == 1 and pre[0].data.tags["mlflow.parentRunId"] == run.info.run_id
+    assert len(client.get_metric_history(pre[0].info.run_id, "pretrain_loss")) == 10
+    assert "autoencoder" in {a.path for a in client.list_artifacts(pre[0].info.run_id)}
+    assert run.data.tags["dec.autoencoder_source"] == f"runs:/{pre[0].info.run_id}"
+
+
+def test_second_cluster_run_reuses_the_finished_pretrain_run(store, first_cluster):
+    proc = mlflow_run(store, "cluster", dataset=store["data"], **{**SMALL, "lr": 0.02})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pre = runs_by_stage("pretrain")
+    assert len(pre) == 1, "a matching pretrain run exists, none should be added"
+    second = runs_by_stage("cluster")[-1]
+    assert second.info.run_id != first_cluster[0].info.run_id
+    assert second.data.tags["dec.autoencoder_source"] == f"runs:/{pre[0].info.run_id}"
+    assert "Reusing autoencoder" in proc.stderr
+    versions = MlflowClient().search_model_versions("name = 'dec-blobs'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+
+
+def test_bad_parameter_fails_the_run_with_a_named_error(store):
+    before = len(runs_by_stage("cluster"))
+    proc = mlflow_run(store, "cluster", dataset=store["data"], lr="abc")
+    assert proc.returncode != 0
+    assert "Invalid value for '--lr': 'abc' is not a valid float" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("=== Running command")[-1].split("mlflow.exceptions")[0]
+    exp = mlflow.get_experiment_by_name("Default")
+    latest = MlflowClient().search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert latest.info.status == "FAILED"
+    assert len(runs_by_stage("cluster")) == before
+
+
+def test_missing_dataset_is_reported_before_work(store):
+    result = CliRunner().invoke(main, ["cluster", "--dataset", str(store["dir"] / "nope.npz")])
+    assert result.exit_code == 1
+    assert "nope.npz': no such file" in result.output
+
+
+def test_cluster_from_given_autoencoder_run_id(store, first_cluster):
+    pre = runs_by_stage("pretrain")[0]
+    args = ["cluster", "--dataset", store["data"], "--autoencoder", pre.info.run_id, "--registered_model_name", "none"]
+    for k, v in {**SMALL, "random_state": 5}.items():
+        args += [f"--{k}", str(v)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run = runs_by_stage("cluster")[-1]
+    assert run.data.tags["dec.autoencoder_source"] == pre.info.run_id
+    assert run.data.metrics["final_acc"] > 0.95
+    assert len(runs_by_stage("pretrain")) == 1
+
+
+def test_evaluate_logs_scores_and_figures(store, first_cluster):
+    result = CliRunner().invoke(main, ["evaluate", "--model", "models:/dec-blobs/1", "--dataset", store["data"],
+                                       "--sample_size", "100"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run = runs_by_stage("evaluate")[-1]
+    assert run.data.metrics["acc"] == pytest.approx(first_cluster[0].data.metrics["final_acc"])
+    paths = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "cluster_sizes.png", "embedding_tsne.png", "cluster_sizes.json"} <= paths
+    assert "top_images_per_cluster.png" not in paths  # not image data
+
+
+def test_promote_points_champion_at_the_best_version(store, first_cluster):
+    result = CliRunner().invoke(main, ["promote", "--model_name", "dec-blobs"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("dec-blobs", "champion")
+    best = max(client.search_model_versions("name = 'dec-blobs'"),
+               key=lambda v: (client.get_run(v.run_id).data.metrics["final_acc"], int(v.version)))
+    assert champion.version == best.version
+    assert "dec-blobs@champion -> version" in result.output and "(no previous holder)" in result.output
+    result = CliRunner().invoke(main, ["promote", "--model_name", "dec-blobs", "--metric", "nope"])
+    assert result.exit_code == 1 and "metric 'nope' was not logged" in result.output
+
+
+def test_mlproject_parameters_mirror_the_cli_and_estimator_defaults():
+    spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
+    defaults = DEC().get_params()
+    for entry in ("pretrain", "cluster"):
+        params = spec[entry]["parameters"]
+        for name, p in params.items():
+            assert f"--{name} {{{name}}}" in spec[entry]["command"], (entry, name)
+            if name in defaults and name not in ("hidden_dims", "scaling"):
+                assert str(p["default"]) == str(defaults[name]), (entry, name)
+        assert str(params["hidden_dims"]["default"]) == ",".join(map(str, defaults["hidden_dims"]))
+    assert set(spec["cluster"]["parameters"]) >= set(defaults)
+    commands = {c.name: c for c in main.commands.values()}
+    for entry, s in spec.items():
+        options = {p.name for p in commands[entry].params}
+        assert set(s["parameters"]) == options, entry

@@ -1,0 +1,111 @@
+"""ONNX export: onnxruntime matches PyTorch at every batch size, and a disagreeing graph is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from sklearn.datasets import make_blobs
+from torch import nn
+
+from dec_mlflow import DEC
+from dec_mlflow.export import MAX_ABS_DQ, export_onnx, verify_onnx
+from dec_mlflow.model import DECNet
+
+N_FEATURES, N_CLUSTERS = 20, 4
+
+
+@pytest.fixture(scope="module")
+def fitted() -> DEC:
+    X, _ = make_blobs(600, n_features=N_FEATURES, centers=N_CLUSTERS, random_state=0)
+    est = DEC(
+        n_clusters=N_CLUSTERS, hidden_dims=(32, 16, 4), pretrain_epochs=20, pretrain_lr=0.1,
+        update_interval=10, batch_size=64, pretrain_batch_size=64, scaling="standard",
+    )
+    # Tiny matmuls on a busy machine run ~15x faster on one thread than with threads contending.
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return est.fit(X)
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(scope="module")
+def X_new() -> np.ndarray:
+    """3000 rows from the same blobs (same centres), unseen in training; float64 like user data."""
+    return make_blobs(3000, n_features=N_FEATURES, centers=N_CLUSTERS, random_state=0)[0]
+
+
+@pytest.fixture(scope="module")
+def exported(fitted, X_new, tmp_path_factory):
+    """(path, check dict) of the fitted network exported once for the module."""
+    path = tmp_path_factory.mktemp("export") / "dec.onnx"
+    return path, export_onnx(fitted.network_, path, X_new[:500])
+
+
+class _ShiftWhenExported(nn.Module):
+    """Identity in eager PyTorch, +0.5 inside a traced graph.
+
+    ``torch.compiler.is_exporting()`` is the documented switch for export-only code paths; using it
+    makes the exported graph compute something else than the eager network, as a branch traced
+    the wrong way would.
+    """
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + 0.5 if torch.compiler.is_exporting() else z
+
+
+def test_export_writes_one_file_and_returns_parity_figures(exported):
+    path, check = exported
+    assert sorted(p.name for p in path.parent.iterdir()) == ["dec.onnx"]  # no .data file, no temp file
+    assert set(check) == {"onnx_max_abs_dq", "onnx_labels_match", "onnx_check_rows"}
+    assert check["onnx_max_abs_dq"] <= MAX_ABS_DQ
+    assert check["onnx_labels_match"] == 1.0
+    assert check["onnx_check_rows"] == 500
+
+
+def test_exported_graph_has_named_tensors_and_dynamic_batch(exported):
+    session = ort.InferenceSession(str(exported[0]), providers=["CPUExecutionProvider"])
+    (x,) = session.get_inputs()
+    assert (x.name, x.type, x.shape[1]) == ("x", "tensor(float)", N_FEATURES)
+    assert isinstance(x.shape[0], str)  # symbolic batch dimension
+    outputs = {o.name: o.type for o in session.get_outputs()}
+    assert outputs == {"q": "tensor(float)", "labels": "tensor(int64)", "embedding": "tensor(float)"}
+
+
+@pytest.mark.parametrize("n_rows", [1, 7, 3000])
+def test_onnxruntime_matches_pytorch_estimator(fitted, exported, X_new, n_rows):
+    X = X_new[:n_rows]
+    session = ort.InferenceSession(str(exported[0]), providers=["CPUExecutionProvider"])
+    q, labels, embedding = session.run(None, {"x": X.astype(np.float32)})
+    assert q.shape == (n_rows, N_CLUSTERS) and labels.dtype == np.int64
+    np.testing.assert_allclose(q, fitted.predict_proba(X), rtol=0, atol=MAX_ABS_DQ)
+    np.testing.assert_array_equal(labels, fitted.predict(X))
+    np.testing.assert_allclose(embedding, fitted.transform(X), rtol=0, atol=1e-4)
+    check = verify_onnx(fitted.network_, exported[0], X)
+    assert check["onnx_labels_match"] == 1.0 and check["onnx_check_rows"] == n_rows
+
+
+def test_export_refuses_a_graph_that_disagrees_and_leaves_no_file(fitted, X_new, tmp_path):
+    net = fitted.network_
+    diverging = DECNet(nn.Sequential(net.encoder, _ShiftWhenExported()), net.centroids, net.offset,
+                       net.scale, net.alpha).eval()
+    with pytest.raises(RuntimeError, match=r"disagrees with PyTorch on 300 rows: max \|dq\| = .* \(must be <= 1e-05\)"):
+        export_onnx(diverging, tmp_path / "dec.onnx", X_new[:300])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("X", "message"),
+    [
+        (np.ones((5, N_FEATURES + 1)), r"X_check must have shape \(n_samples >= 1, 20\) .*; got \(5, 21\)"),
+        (np.ones((0, N_FEATURES)), r"X_check must have shape .*; got \(0, 20\)"),
+        (np.full((5, N_FEATURES), np.nan), r"X_check must be finite; it has 100 NaN or infinite values"),
+    ],
+)
+def test_export_rejects_bad_check_data_before_writing(fitted, tmp_path, X, message):
+    with pytest.raises(ValueError, match=message):
+        export_onnx(fitted.network_, tmp_path / "dec.onnx", X)
+    assert list(tmp_path.iterdir()) == []

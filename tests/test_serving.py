@@ -1,0 +1,334 @@
+"""Serving: the ONNX pyfunc through mlflow.pyfunc, the registry, and a real `mlflow models serve`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from sklearn.datasets import make_blobs
+
+from dec_mlflow import DEC
+from serving.model_io import log_dec_model
+from serving.onnx_pyfunc import check_batch, open_session
+
+N_FEATURES, N_CLUSTERS = 20, 4
+NAME = "dec-serving-test"
+MAX_BATCH_ROWS = 100  # small, so an oversized request is cheap to send
+ATOL_Q = 1e-5
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def X() -> np.ndarray:
+    return make_blobs(600, n_features=N_FEATURES, centers=N_CLUSTERS, random_state=0)[0]
+
+
+@pytest.fixture(scope="module")
+def fitted(X) -> DEC:
+    est = DEC(
+        n_clusters=N_CLUSTERS, hidden_dims=(32, 16, 4), pretrain_epochs=20, pretrain_lr=0.1,
+        update_interval=10, batch_size=64, pretrain_batch_size=64, scaling="standard",
+    )
+    # Tiny matmuls on a busy machine run ~15x faster on one thread than with threads contending.
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return est.fit(X)
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> tuple[str, str]:
+    """(tracking URI, experiment id) of a fresh sqlite store whose artifacts stay in a temp dir."""
+    root = tmp_path_factory.mktemp("mlflow")
+    previous = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{root}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment_id = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
+        yield uri, experiment_id
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def logged(fitted, X, store):
+    """(model_info, check, run_id) of the fitted network logged, registered and aliased champion."""
+    with mlflow.start_run(experiment_id=store[1]) as run:
+        info, check = log_dec_model(
+            fitted.network_, X, registered_model_name=NAME, tags={"purpose": "test"},
+            max_batch_rows=MAX_BATCH_ROWS,
+        )
+    MlflowClient().set_registered_model_alias(NAME, "champion", info.registered_model_version)
+    return info, check, run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def loaded(logged):
+    return mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+
+
+def _q(frame: pd.DataFrame) -> np.ndarray:
+    return frame[[f"q_{j}" for j in range(N_CLUSTERS)]].to_numpy()
+
+
+# ------------------------------------------------------------------ logging and registry
+def test_log_dec_model_logs_parity_metrics_and_pinned_requirements(logged):
+    info, check, run_id = logged
+    assert check["onnx_max_abs_dq"] <= ATOL_Q and check["onnx_labels_match"] == 1.0
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    assert {k: metrics[k] for k in check} == pytest.approx(check)
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(info.model_uri)).read_text().split()
+    assert {r.split("==")[0] for r in requirements} == {"mlflow", "numpy", "pandas", "onnxruntime-gpu"}
+    assert all("==" in r for r in requirements)
+    config = mlflow.models.get_model_info(info.model_uri).flavors["python_function"]["config"]
+    assert config == {"n_features": N_FEATURES, "n_clusters": N_CLUSTERS,
+                      "max_batch_rows": MAX_BATCH_ROWS, "device": "auto"}
+
+
+def test_registered_version_is_ready_and_aliased(logged):
+    info = logged[0]
+    client = MlflowClient()
+    version = client.get_model_version(NAME, info.registered_model_version)
+    assert version.status == "READY" and version.source == info.model_uri
+    assert client.get_model_version_by_alias(NAME, "champion").version == version.version
+
+
+# ------------------------------------------------------------------ pyfunc round trip
+@pytest.mark.parametrize(
+    "to_input",
+    [
+        pytest.param(lambda X: pd.DataFrame(X, columns=[f"x{i}" for i in range(X.shape[1])]), id="dataframe"),
+        pytest.param(lambda X: X, id="numpy-float64"),
+        pytest.param(lambda X: X.astype(np.float32), id="numpy-float32"),
+    ],
+)
+def test_pyfunc_predicts_like_the_estimator(loaded, fitted, X, to_input):
+    batch = X[:MAX_BATCH_ROWS]
+    out = loaded.predict(to_input(batch))
+    assert list(out.columns) == ["label"] + [f"q_{j}" for j in range(N_CLUSTERS)]
+    assert out["label"].dtype == np.int64
+    np.testing.assert_array_equal(out["label"].to_numpy(), fitted.predict(batch))
+    np.testing.assert_allclose(_q(out), fitted.predict_proba(batch), rtol=0, atol=ATOL_Q)
+
+
+def test_model_config_override_at_load_time(logged, fitted, X):
+    model = mlflow.pyfunc.load_model(logged[0].model_uri, model_config={"max_batch_rows": 1000, "device": "cpu"})
+    out = model.predict(X)  # 600 rows > the logged limit of 100
+    np.testing.assert_array_equal(out["label"].to_numpy(), fitted.predict(X))
+
+
+def test_loaded_model_exposes_and_logs_its_provider(logged, caplog):
+    with caplog.at_level(logging.INFO, logger="serving.onnx_pyfunc"):
+        model = mlflow.pyfunc.load_model(logged[0].model_uri)
+    provider = model.unwrap_python_model().provider
+    assert provider in ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert f"20 features, 4 clusters) runs on {provider}" in caplog.text
+
+
+def _with(X, row, col, value):
+    X = X[:5].copy()
+    X[row, col] = value
+    return X
+
+
+def _with_text_column(X):
+    frame = pd.DataFrame(X[:2])
+    frame[3] = ["a", "b"]
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("make_input", "message"),
+    [
+        (lambda X: _with(X, 1, 3, np.nan), r"batch has 1 NaN or infinite values"),
+        (lambda X: _with(_with(X, 0, 0, np.inf), 2, 2, np.nan), r"batch has 2 NaN or infinite values"),
+        (lambda X: X[:5, :-1], r"declares 20 inputs\s+but the provided value only has 19 inputs"),
+        (_with_text_column, r"Incompatible input types for column 3"),
+        (lambda X: X[:0], r"^empty batch: send at least one row$"),
+        (lambda X: X[: MAX_BATCH_ROWS + 1],
+         r"^batch has 101 rows; at most 100 are accepted per request \(max_batch_rows\)$"),
+    ],
+    ids=["nan", "inf", "too-narrow", "strings", "empty", "oversized"],
+)
+def test_pyfunc_refuses_bad_input(loaded, X, make_input, message):
+    with pytest.raises(MlflowException, match=message) as info:
+        loaded.predict(make_input(X))
+    assert info.value.get_http_status_code() == 400
+
+
+# ------------------------------------------------------------------ validation and providers
+@pytest.mark.parametrize(
+    ("model_input", "message"),
+    [
+        (np.ones((3, N_FEATURES + 1)), r"^expected 20 features per row; got 21$"),
+        (pd.DataFrame({"a": [1.0], "b": ["x"]}).reindex(columns=["a", "b"] + [f"c{i}" for i in range(18)],
+                                                          fill_value=0.0),
+         r"^column 'b' is not numeric \(dtype .*\); all features must be numbers$"),
+        (np.full((2, N_FEATURES), "1.5"), r"^array is not numeric \(dtype <U3\)"),
+        ([[0.0] * N_FEATURES], r"^expected a pandas DataFrame or numpy array; got list$"),
+        (np.ones(N_FEATURES), r"^expected a 2-D batch of shape \(rows, 20\); got 1-D$"),
+        (np.full((1, N_FEATURES), 1e39), r"batch has 20 NaN or infinite values \(after casting to float32\)"),
+    ],
+    ids=["too-wide", "string-column", "string-array", "list", "1-d", "float32-overflow"],
+)
+def test_check_batch_messages_name_the_problem(model_input, message):
+    with pytest.raises(MlflowException, match=message) as info:
+        check_batch(model_input, n_features=N_FEATURES, max_batch_rows=MAX_BATCH_ROWS)
+    assert info.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_check_batch_casts_float64_and_ints_to_float32():
+    x = check_batch(np.arange(2 * N_FEATURES).reshape(2, N_FEATURES), n_features=N_FEATURES, max_batch_rows=2)
+    assert x.dtype == np.float32 and x.flags.c_contiguous and x[1, 0] == N_FEATURES
+
+
+@pytest.fixture(scope="module")
+def onnx_file(logged) -> str:
+    return str(Path(mlflow.artifacts.download_artifacts(logged[0].model_uri)) / "artifacts" / "dec.onnx")
+
+
+def test_open_session_on_cpu(onnx_file):
+    assert open_session(onnx_file, "cpu").get_providers() == ["CPUExecutionProvider"]
+
+
+def test_open_session_auto_is_quiet_and_reports_its_provider(onnx_file, capfd):
+    session = open_session(onnx_file, "auto")
+    assert session.get_providers()[0] in ("CUDAExecutionProvider", "CPUExecutionProvider")
+    if session.get_providers()[0] == "CPUExecutionProvider":
+        assert "CUDA" not in capfd.readouterr().err  # the failed CUDA probe printed nothing
+
+
+def test_open_session_cuda_raises_when_cuda_is_not_usable(onnx_file):
+    if open_session(onnx_file, "auto").get_providers()[0] == "CUDAExecutionProvider":
+        pytest.skip("CUDA is usable on this machine")
+    with pytest.raises(RuntimeError, match=r"device='cuda' but CUDAExecutionProvider is not usable"):
+        open_session(onnx_file, "cuda")
+
+
+def test_open_session_rejects_unknown_device(onnx_file):
+    with pytest.raises(ValueError, match=r"device must be one of auto, cuda, cpu; got 'gpu'"):
+        open_session(onnx_file, "gpu")
+
+
+# ------------------------------------------------------------------ a real `mlflow models serve`
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, body: bytes | None = None) -> tuple[int, str]:
+    """(status, body) of a GET (no body) or a JSON POST."""
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    req = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture(scope="module")
+def server(logged, store, tmp_path_factory):
+    """Base URL of `mlflow models serve` for the registered version; the server is always stopped."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store[0],
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn must be on PATH
+    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/{logged[0].registered_model_version}",
+           "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
+    with open(log, "wb") as out:
+        # Own process group: the CLI starts uvicorn as a child, and both must be stopped.
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if _request(f"{url}/ping")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"server did not answer /ping (exit code {proc.poll()}):\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _rows(X: np.ndarray) -> list[list[float]]:
+    return X.tolist()
+
+
+@pytest.mark.parametrize(
+    "make_body",
+    [
+        pytest.param(lambda X: {"dataframe_split": {"columns": [f"x{i}" for i in range(N_FEATURES)], "data": _rows(X)}},
+                     id="dataframe_split"),
+        pytest.param(lambda X: {"inputs": _rows(X)}, id="inputs"),
+    ],
+)
+def test_server_predicts_like_the_estimator(server, fitted, X, make_body):
+    batch = X[:5]
+    status, body = _request(f"{server}/invocations", json.dumps(make_body(batch)).encode())
+    assert status == 200, body
+    out = pd.DataFrame(json.loads(body)["predictions"])
+    np.testing.assert_array_equal(out["label"].to_numpy(), fitted.predict(batch))
+    np.testing.assert_allclose(_q(out), fitted.predict_proba(batch), rtol=0, atol=ATOL_Q)
+
+
+def _split(rows) -> bytes:
+    return json.dumps({"dataframe_split": {"columns": [f"x{i}" for i in range(N_FEATURES)], "data": rows}}).encode()
+
+
+@pytest.mark.parametrize(
+    ("make_body", "message"),
+    [
+        (lambda X: _split([[None] + _rows(X)[0][1:]]), "batch has 1 NaN or infinite values"),
+        (lambda X: _split([[float("inf")] + _rows(X)[0][1:]]), "batch has 1 NaN or infinite values"),
+        (lambda X: json.dumps({"inputs": _rows(X[:2, :-1])}).encode(),
+         "declares 20 inputs  but the provided value only has 19 inputs"),
+        (lambda X: _split([["abc"] + _rows(X)[0][1:]]), "Failed to convert column x0 to type 'float64'"),
+        (lambda X: _split([]), "empty batch: send at least one row"),
+        (lambda X: b'{"dataframe_split": {"data": [[1.0, 2.0', "Ensure that input is a valid JSON formatted string"),
+        (lambda X: _split(_rows(X[: MAX_BATCH_ROWS + 1])), "batch has 101 rows; at most 100 are accepted per request"),
+    ],
+    ids=["nan", "inf", "wrong-width", "strings", "empty", "malformed-json", "oversized"],
+)
+def test_server_answers_bad_requests_with_a_short_400(server, X, make_body, message):
+    status, body = _request(f"{server}/invocations", make_body(X))
+    assert status == 400, body
+    error = json.loads(body)
+    assert message in error["message"]
+    assert len(body) < 3000, f"{len(body)} characters"  # MLflow prefixes a truncated repr of the data
+
+
+def test_server_still_answers_after_bad_requests(server, fitted, X):
+    assert _request(f"{server}/ping")[0] == 200
+    status, body = _request(f"{server}/invocations", json.dumps({"inputs": _rows(X[:3])}).encode())
+    assert status == 200
+    assert [p["label"] for p in json.loads(body)["predictions"]] == fitted.predict(X[:3]).tolist()
