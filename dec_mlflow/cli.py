@@ -8,10 +8,6 @@ Parameters are checked before any work starts; a failure ends the run as FAILED 
 from __future__ import annotations
 
 import functools
-import json
-import sys
-import tempfile
-from pathlib import Path
 
 import click
 import mlflow
@@ -108,22 +104,23 @@ def _load(dataset: str, label_column: str, n_clusters: int | None = None) -> Dat
     return load_dataset(dataset, label_column=label_column or None, n_clusters=n_clusters)
 
 
-def _pretrain_key(est: DEC, data: Dataset) -> str:
+def _pretrain_key(est: DEC, data_params: dict) -> str:
     """Fingerprint of what decides a pretrained autoencoder: data content plus pretraining settings."""
     params = est.get_params()
-    return tracking.fingerprint({"data_digest": tracking.data_digest(data.x), **{k: params[k] for k in PRETRAIN_PARAMS}})
+    return tracking.fingerprint({"data_digest": data_params["data_digest"], **{k: params[k] for k in PRETRAIN_PARAMS}})
 
 
 def _data_params(data: Dataset) -> dict:
+    """What identifies the data of a run, logged as params (the digest is a hash of the features)."""
     return {"dataset_name": data.name, "data_digest": tracking.data_digest(data.x),
             "n_samples": data.x.shape[0], "n_features": data.x.shape[1]}
 
 
-def _run_pretraining(est: DEC, data: Dataset, cli_params: dict):
+def _run_pretraining(est: DEC, data: Dataset, cli_params: dict, data_params: dict):
     """Pretrain inside the active run and log params, loss curve and the autoencoder artifact."""
-    mlflow.set_tags({tracking.STAGE_TAG: "pretrain", tracking.KEY_TAG: _pretrain_key(est, data), "dataset": data.name,
+    mlflow.set_tags({tracking.STAGE_TAG: "pretrain", tracking.KEY_TAG: _pretrain_key(est, data_params), "dataset": data.name,
                      "method": f"pretrain-{est.pretrain_mode}", "seed": est.random_state})
-    tracking.log_params_once({**cli_params, **_data_params(data), "scaling_resolved": est.scaling})
+    tracking.log_params_once({**cli_params, **data_params, "scaling_resolved": est.scaling})
     ae = est.pretrain(data.x, callback=CallbackList([ProgressBar(), tracking.MlflowCallback(est.n_clusters)]))
     mlflow.log_metric("final_pretrain_loss", ae.loss)
     tracking.log_autoencoder(ae)
@@ -146,7 +143,7 @@ def pretrain(dataset, label_column, **params):
     run_name = f"pretrain-{data.name}-s{est.random_state}"
     with mlflow.start_run(run_name=run_name):
         mlflow.set_tag("mlflow.runName", run_name)  # start_run ignores run_name when resuming an `mlflow run` run
-        _run_pretraining(est, data, {"dataset": dataset, "label_column": label_column, **params})
+        _run_pretraining(est, data, {"dataset": dataset, "label_column": label_column, **params}, _data_params(data))
 
 
 @main.command()
@@ -169,9 +166,10 @@ def cluster(dataset, label_column, autoencoder, registered_model_name, **params)
         mlflow.set_tags({"mlflow.runName": run_name, tracking.STAGE_TAG: "cluster", "dataset": data.name,
                          "method": "dec", "seed": est.random_state})
         cli_params = {"dataset": dataset, "label_column": label_column, **params}
+        data_params = _data_params(data)
         tracking.log_params_once({**cli_params, "autoencoder": autoencoder, "registered_model_name": registered_model_name,
-                                  **_data_params(data), "scaling_resolved": est.scaling})
-        ae = _resolve_autoencoder(autoencoder, est, data, cli_params)
+                                  **data_params, "scaling_resolved": est.scaling})
+        ae = _resolve_autoencoder(autoencoder, est, data, cli_params, data_params)
         callback = CallbackList([ProgressBar(), tracking.MlflowCallback(est.n_clusters, data.y)])
         est.fit(data.x, autoencoder=ae, callback=callback)
         scores = _log_cluster_results(est, data)
@@ -195,19 +193,20 @@ def _log_model(network, data: Dataset, name: str, tags: dict) -> None:
     click.echo(message)
 
 
-def _resolve_autoencoder(ref: str, est: DEC, data: Dataset, cli_params: dict):
+def _resolve_autoencoder(ref: str, est: DEC, data: Dataset, cli_params: dict, data_params: dict):
     """The autoencoder named by ``ref``, else a matching finished pretrain run's, else a new child run's."""
     if ref:
         ae = tracking.load_autoencoder(ref)
         mlflow.set_tag("dec.autoencoder_source", ref)
         return ae
-    previous = tracking.find_finished_run("pretrain", _pretrain_key(est, data))
+    previous = tracking.find_finished_run("pretrain", _pretrain_key(est, data_params))
     if previous is not None:
         click.echo(f"Reusing autoencoder of FINISHED pretrain run {previous.info.run_id}", err=True)
         mlflow.set_tag("dec.autoencoder_source", f"runs:/{previous.info.run_id}")
         return tracking.load_autoencoder(previous.info.run_id)
     with mlflow.start_run(run_name=f"pretrain-{data.name}-s{est.random_state}", nested=True) as child:
-        ae = _run_pretraining(est, data, {k: v for k, v in cli_params.items() if k in PRETRAIN_PARAMS + ("dataset", "label_column", "device")})
+        pretrain_cli = {k: v for k, v in cli_params.items() if k in PRETRAIN_PARAMS + ("dataset", "label_column", "device")}
+        ae = _run_pretraining(est, data, pretrain_cli, data_params)
     mlflow.set_tag("dec.autoencoder_source", f"runs:/{child.info.run_id}")
     return ae
 

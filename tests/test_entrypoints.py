@@ -178,3 +178,21 @@ def test_mlproject_parameters_mirror_the_cli_and_estimator_defaults():
     for entry, s in spec.items():
         options = {p.name for p in commands[entry].params}
         assert set(s["parameters"]) == options, entry
+
+
+def test_export_reexports_a_cluster_run_as_a_new_verified_version(store, first_cluster):
+    run = first_cluster[0]
+    result = CliRunner().invoke(main, ["export", "--run_id", run.info.run_id, "--dataset", store["data"],
+                                       "--registered_model_name", "dec-blobs-export"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    export_run = runs_by_stage("export")[-1]
+    assert export_run.data.tags["dec.network_source"] == f"runs:/{run.info.run_id}"
+    assert export_run.data.metrics["onnx_max_abs_dq"] <= 1e-5 and export_run.data.metrics["onnx_labels_match"] == 1.0
+    version = MlflowClient().get_model_version("dec-blobs-export", "1")
+    assert version.tags["network_run"] == run.info.run_id
+    x = np.load(store["data"])["x"]
+    exported = mlflow.pyfunc.load_model("models:/dec-blobs-export/1").predict(x)
+    original = mlflow.pyfunc.load_model("models:/dec-blobs/1").predict(x)
+    np.testing.assert_array_equal(exported["label"], original["label"])
+    result = CliRunner().invoke(main, ["export", "--run_id", "0123456789abcdef", "--dataset", store["data"]])
+    assert result.exit_code == 1 and "run_id '0123456789abcdef'" in result.output

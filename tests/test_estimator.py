@@ -3,26 +3,14 @@
 import numpy as np
 import pytest
 from sklearn.base import clone
-from sklearn.datasets import make_blobs
 from sklearn.exceptions import NotFittedError
 
 from dec_mlflow import DEC, PretrainedAutoencoder
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.metrics import cluster_accuracy
 
-SMALL = dict(n_clusters=4, hidden_dims=(32, 16, 4), pretrain_epochs=20, pretrain_lr=0.1, update_interval=10,
-             batch_size=64, pretrain_batch_size=64, n_init=5, precision="fp32")
+from conftest import SMALL
 
-
-@pytest.fixture(scope="module")
-def blobs():
-    x, y = make_blobs(600, n_features=20, centers=4, cluster_std=1.0, random_state=0)
-    return x.astype(np.float32), y
-
-
-@pytest.fixture(scope="module")
-def fitted(blobs):
-    return DEC(**SMALL).fit(blobs[0])
 
 
 def test_recovers_well_separated_blobs(fitted, blobs):

@@ -9,27 +9,10 @@ import torch
 from sklearn.datasets import make_blobs
 from torch import nn
 
-from dec_mlflow import DEC
 from dec_mlflow.export import MAX_ABS_DQ, export_onnx, verify_onnx
 from dec_mlflow.model import DECNet
 
-N_FEATURES, N_CLUSTERS = 20, 4
-
-
-@pytest.fixture(scope="module")
-def fitted() -> DEC:
-    X, _ = make_blobs(600, n_features=N_FEATURES, centers=N_CLUSTERS, random_state=0)
-    est = DEC(
-        n_clusters=N_CLUSTERS, hidden_dims=(32, 16, 4), pretrain_epochs=20, pretrain_lr=0.1,
-        update_interval=10, batch_size=64, pretrain_batch_size=64, scaling="standard",
-    )
-    # Tiny matmuls on a busy machine run ~15x faster on one thread than with threads contending.
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return est.fit(X)
-    finally:
-        torch.set_num_threads(n_threads)
+from conftest import BLOB_CLUSTERS as N_CLUSTERS, BLOB_FEATURES as N_FEATURES
 
 
 @pytest.fixture(scope="module")

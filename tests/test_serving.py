@@ -18,16 +18,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from sklearn.datasets import make_blobs
 
-from dec_mlflow import DEC
 from serving.model_io import log_dec_model
 from serving.onnx_pyfunc import check_batch, open_session
 
-N_FEATURES, N_CLUSTERS = 20, 4
+from conftest import BLOB_CLUSTERS as N_CLUSTERS, BLOB_FEATURES as N_FEATURES
+
 NAME = "dec-serving-test"
 MAX_BATCH_ROWS = 100  # small, so an oversized request is cheap to send
 ATOL_Q = 1e-5
@@ -35,23 +33,8 @@ VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def X() -> np.ndarray:
-    return make_blobs(600, n_features=N_FEATURES, centers=N_CLUSTERS, random_state=0)[0]
-
-
-@pytest.fixture(scope="module")
-def fitted(X) -> DEC:
-    est = DEC(
-        n_clusters=N_CLUSTERS, hidden_dims=(32, 16, 4), pretrain_epochs=20, pretrain_lr=0.1,
-        update_interval=10, batch_size=64, pretrain_batch_size=64, scaling="standard",
-    )
-    # Tiny matmuls on a busy machine run ~15x faster on one thread than with threads contending.
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return est.fit(X)
-    finally:
-        torch.set_num_threads(n_threads)
+def X(blobs) -> np.ndarray:
+    return blobs[0].astype(np.float64)  # float64, as user data usually is
 
 
 @pytest.fixture(scope="module")
