@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.types import DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from dec_mlflow.export import export_onnx
 from dec_mlflow.model import DECNet
@@ -93,16 +93,15 @@ def log_dec_model(
 
 
 def feature_signature(n_features: int) -> ModelSignature:
-    """``n_features`` unnamed double columns in; the ``include_embedding`` flag as a parameter.
+    """One float64 tensor of shape (-1, n_features) in; the ``include_embedding`` flag as a parameter.
 
-    Double, because JSON numbers and numpy/pandas data arrive as float64 (or int) and MLflow's
-    column enforcement refuses float64 -> float32 while it upcasts float32 and ints of up to 32 bits to
-    double; the model casts to float32 itself. Unnamed, because MLflow then matches columns by
-    position: numpy arrays, ``inputs`` lists of rows and DataFrames with any column names are
-    accepted, whereas named columns make it reject every numpy array and ``inputs`` list.
+    A tensor, not ``n_features`` columns: MLflow checks a column signature column by column in
+    pandas, which costs ~150 ms per request at 784 features, against well under a millisecond for
+    one array. float64, because that is what JSON numbers and most user data arrive as; MLflow
+    checks a tensor's dtype exactly, and the model casts to float32 itself.
     """
     return ModelSignature(
-        inputs=Schema([ColSpec(DataType.double) for _ in range(n_features)]),
+        inputs=Schema([TensorSpec(np.dtype(np.float64), (-1, n_features))]),
         params=ParamSchema([ParamSpec("include_embedding", DataType.boolean, False)]),
     )
 
