@@ -90,11 +90,15 @@ def _parse_dims(value: str) -> tuple[int, ...]:
     return dims
 
 
-def _build(dataset: Dataset, params: dict) -> DEC:
-    """The estimator for these CLI params, with 'auto' scaling resolved and params validated."""
+def _build(params: dict, default_scaling: str = "standard") -> DEC:
+    """The estimator for these CLI params, 'auto' scaling resolved to ``default_scaling``, validated.
+
+    Called once before the data is loaded, so parameter errors come before any work, and again
+    with the dataset's own default scaling.
+    """
     params = {**params, "hidden_dims": _parse_dims(params["hidden_dims"])}
     if params.get("scaling") == "auto":
-        params["scaling"] = dataset.default_scaling
+        params["scaling"] = default_scaling
     est = DEC().set_params(**params)
     est.validate_params()
     return est
@@ -138,8 +142,9 @@ def main():
 @_user_errors
 def pretrain(dataset, label_column, **params):
     """Pretrain the autoencoder. Reads DATASET; writes the run artifact autoencoder/autoencoder.pt."""
+    _build(params)
     data = _load(dataset, label_column)
-    est = _build(data, params)
+    est = _build(params, data.default_scaling)
     run_name = f"pretrain-{data.name}-s{est.random_state}"
     with mlflow.start_run(run_name=run_name):
         mlflow.set_tag("mlflow.runName", run_name)  # start_run ignores run_name when resuming an `mlflow run` run
@@ -158,8 +163,9 @@ def cluster(dataset, label_column, autoencoder, registered_model_name, **params)
     Reads DATASET; writes run artifacts network/dec_network.pt, cluster_sizes.json and the ONNX
     pyfunc model ``model``, registered as dec-<dataset>; a child run if it had to pretrain.
     """
+    _build(params)
     data = _load(dataset, label_column, params["n_clusters"])
-    est = _build(data, params)
+    est = _build(params, data.default_scaling)
     name = registered_model_name or f"dec-{data.name}"
     run_name = f"cluster-{data.name}-k{est.n_clusters}-s{est.random_state}"
     with mlflow.start_run(run_name=run_name):

@@ -196,3 +196,12 @@ def test_export_reexports_a_cluster_run_as_a_new_verified_version(store, first_c
     np.testing.assert_array_equal(exported["label"], original["label"])
     result = CliRunner().invoke(main, ["export", "--run_id", "0123456789abcdef", "--dataset", store["data"]])
     assert result.exit_code == 1 and "run_id '0123456789abcdef'" in result.output
+
+
+def test_parameter_errors_come_before_loading_data():
+    result = CliRunner().invoke(main, ["cluster", "--dataset", "nope.npz", "--momentum", "1.5"])
+    assert result.exit_code == 1 and "momentum must be a number >= 0.0 and < 1.0; got 1.5" in result.output
+    result = CliRunner().invoke(main, ["pretrain", "--dataset", "nope.npz", "--hidden_dims", "500,x"])
+    assert result.exit_code == 2 and "hidden_dims" in result.output and "'500,x'" in result.output
+    result = CliRunner().invoke(main, ["cluster", "--dataset", "nope.npz", "--scaling", "minmax"])
+    assert result.exit_code == 2 and "Invalid value for '--scaling'" in result.output
