@@ -255,7 +255,8 @@ def evaluate(model, dataset, label_column, sample_size, random_state):
                          "dataset": data.name, "model_uri": uri})
         tracking.log_params_once({"model": model, "dataset": dataset, "label_column": label_column,
                                   "sample_size": sample_size, "random_state": random_state, **_data_params(data)})
-        out = pyfunc.predict(data.x, params={"include_embedding": True})
+        # the served signature is a float64 tensor (what JSON numbers parse to); MLflow checks dtype exactly
+        out = pyfunc.predict(data.x.astype(np.float64), params={"include_embedding": True})
         labels = out["label"].to_numpy()
         q = out.filter(regex=r"^q_\d+$").to_numpy()
         z = out.filter(regex=r"^z_\d+$").to_numpy()

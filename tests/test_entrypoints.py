@@ -85,7 +85,7 @@ def test_cluster_logs_params_metrics_artifacts_and_registers(store, first_cluste
     assert version.run_id == run.info.run_id
     model = mlflow.pyfunc.load_model(f"models:/dec-blobs/{version.version}")
     data = np.load(store["data"])
-    out = model.predict(data["x"][:50])
+    out = model.predict(data["x"][:50].astype(np.float64))
     assert list(out.columns[:1]) == ["label"] and out.shape == (50, 4)
     # the autoencoder came from a child pretrain run with its own loss curve and artifact
     pre = runs_by_stage("pretrain")
@@ -190,7 +190,7 @@ def test_export_reexports_a_cluster_run_as_a_new_verified_version(store, first_c
     assert export_run.data.metrics["onnx_max_abs_dq"] <= 1e-5 and export_run.data.metrics["onnx_labels_match"] == 1.0
     version = MlflowClient().get_model_version("dec-blobs-export", "1")
     assert version.tags["network_run"] == run.info.run_id
-    x = np.load(store["data"])["x"]
+    x = np.load(store["data"])["x"].astype(np.float64)
     exported = mlflow.pyfunc.load_model("models:/dec-blobs-export/1").predict(x)
     original = mlflow.pyfunc.load_model("models:/dec-blobs/1").predict(x)
     np.testing.assert_array_equal(exported["label"], original["label"])
