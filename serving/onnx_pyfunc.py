@@ -124,7 +124,8 @@ def check_batch(model_input, *, n_features: int, max_batch_rows: int) -> np.ndar
         if not pd.api.types.is_numeric_dtype(dtype):
             where = f"column {column!r}" if isinstance(model_input, pd.DataFrame) else "array"
             _reject(f"{where} is not numeric (dtype {dtype}); all features must be numbers")
-    x = np.ascontiguousarray(model_input, dtype=np.float32)  # (n_rows, n_features)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, reported just below
+        x = np.ascontiguousarray(model_input, dtype=np.float32)  # (n_rows, n_features)
     n_bad = int((~np.isfinite(x)).sum())
     if n_bad:
         _reject(f"batch has {n_bad} NaN or infinite values (after casting to float32); all features must be finite")
