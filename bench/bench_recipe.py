@@ -82,7 +82,7 @@ def main() -> None:
         + "\n".join(lines)
     )
     print(body)
-    write_section("Pretraining recipe", body)
+    write_section(f"Pretraining recipe, seed {args.seed}", body)
 
 
 if __name__ == "__main__":
