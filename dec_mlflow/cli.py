@@ -190,8 +190,8 @@ def _log_model(network, data: Dataset, name: str, tags: dict) -> None:
     register = name.lower() != "none"
     run_id = mlflow.active_run().info.run_id
     tags = {"dataset": data.name, "source_run": run_id, **tags}
+    # logs the ONNX parity figures as metrics of the run and of the logged model
     info, check = log_dec_model(network, data.x[:2000], name="model", registered_model_name=name if register else None, tags=tags)
-    mlflow.log_metrics(check)
     message = f"Logged model {info.model_uri} (ONNX max |dq| {check['onnx_max_abs_dq']:.1e})"
     if register:
         tracking.set_model_version_tags(name, info.registered_model_version, tags)
