@@ -82,7 +82,7 @@ def main() -> None:
         + "\n".join(lines)
     )
     print(body)
-    write_section(f"Pretraining recipe, seed {args.seed}", body)
+    write_section(f"Pretraining recipe: {', '.join(args.recipes)}, seed {args.seed}", body)
 
 
 if __name__ == "__main__":
