@@ -86,7 +86,7 @@ def _parse_dims(value: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(v) for v in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"must be comma-separated integers such as 500,500,2000,10; got {value!r}", param_hint="hidden_dims")
+        raise click.BadParameter(f"must be comma-separated integers such as 500,500,2000,10; got {value!r}", param_hint="hidden_dims") from None
     return dims
 
 

@@ -132,7 +132,7 @@ def pretrain_layerwise(ae: Autoencoder, x: torch.Tensor, *, dropout: float, call
         losses.append(_train_reconstruction(dae, h, target=h, stage=f"pretrain/layer{i + 1}", callback=callback, **opt))
         if not last:
             with torch.no_grad():
-                h = _batched(lambda b: torch.relu(enc[i](b)), h)
+                h = _batched(lambda b, layer=enc[i]: torch.relu(layer(b)), h)
     return losses
 
 
