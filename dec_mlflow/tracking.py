@@ -13,16 +13,15 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dec_mlflow.callbacks import Callback
-import torch
-
 from dec_mlflow.estimator import PretrainedAutoencoder
-from dec_mlflow.model import DECNet
 from dec_mlflow.metrics import clustering_scores
+from dec_mlflow.model import DECNet
 
 AUTOENCODER_ARTIFACT = "autoencoder/autoencoder.pt"
 NETWORK_ARTIFACT = "network/dec_network.pt"  # the trained DECNet, for re-export without retraining
@@ -175,7 +174,8 @@ def promote(name: str, metric: str, *, greater_is_better: bool = True, alias: st
     """
     client = MlflowClient()
     try:
-        versions = client.search_model_versions(f"name = '{name}'")
+        escaped = name.replace("'", "\\'")  # the filter string quotes the name
+        versions = client.search_model_versions(f"name = '{escaped}'")
     except MlflowException as e:
         raise ValueError(f"model_name {name!r}: {e.message.splitlines()[0]}") from e
     if not versions:

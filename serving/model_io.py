@@ -96,8 +96,8 @@ def feature_signature(n_features: int) -> ModelSignature:
     """One float64 tensor of shape (-1, n_features) in; the ``include_embedding`` flag as a parameter.
 
     A tensor, not ``n_features`` columns: MLflow checks a column signature column by column in
-    pandas, which costs ~150 ms per request at 784 features, against well under a millisecond for
-    one array. float64, because that is what JSON numbers and most user data arrive as; MLflow
+    pandas, which costs ~150 ms per request at 784 features; an ``inputs`` request against a tensor
+    skips that (``dataframe_split`` bodies are still parsed per column). float64, because that is what JSON numbers and most user data arrive as; MLflow
     checks a tensor's dtype exactly, and the model casts to float32 itself.
     """
     return ModelSignature(
