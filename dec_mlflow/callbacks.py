@@ -29,6 +29,13 @@ class Callback:
     def on_update(self, step: int, labels: np.ndarray, metrics: dict[str, float]) -> None:
         """Self-training recomputed P at iteration ``step``; ``labels`` are the current hard labels."""
 
+    def on_state(self, step: int, encoder, centroids) -> None:
+        """Self-training recomputed P at iteration ``step`` (called right after :meth:`on_update`).
+
+        ``encoder`` (torch module, eval mode) and ``centroids`` (tensor, (n_clusters, embedding_dim))
+        are the live model: read them under ``torch.no_grad()``, never modify them.
+        """
+
     def on_stage_end(self, stage: str) -> None:
         """The stage finished."""
 
@@ -50,6 +57,10 @@ class CallbackList(Callback):
     def on_update(self, step, labels, metrics):
         for cb in self.callbacks:
             cb.on_update(step, labels, metrics)
+
+    def on_state(self, step, encoder, centroids):
+        for cb in self.callbacks:
+            cb.on_state(step, encoder, centroids)
 
     def on_stage_end(self, stage):
         for cb in self.callbacks:
