@@ -16,12 +16,15 @@ from sklearn.utils.validation import check_is_fitted
 
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.model import Autoencoder, DECNet
-from dec_mlflow.training import embed, pretrain_end_to_end, pretrain_layerwise, self_train
+from dec_mlflow.objectives import kl_divergence, target_distribution
+from dec_mlflow.training import embed, pretrain_end_to_end, pretrain_layerwise, reconstruction_error, self_train
 
 SCALINGS = ("max", "standard", "none")
 PRETRAIN_MODES = ("end_to_end", "layerwise")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
+VARIANTS = ("dec", "frozen", "idec")
+SELECTIONS = ("reconstruction", "inertia")
 
 
 @dataclass
@@ -99,6 +102,16 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     precision : {'auto', 'fp32', 'bf16'}, default='auto'
         Matmul precision of pretraining; 'auto' picks bf16 on CPUs with native bf16 instructions.
         Self-training always runs in fp32.
+    n_pretrain_init : int, default=1
+        Autoencoders to pretrain, with seeds ``random_state``, ``random_state + 1``, ...; the one
+        with the best ``pretrain_selection`` criterion is kept and its seed drives the rest of the
+        fit, so the result equals ``fit`` with ``random_state`` set to the selected seed. Labels
+        are never used. Costs one pretraining per candidate.
+    pretrain_selection : {'reconstruction', 'inertia'}, default='reconstruction'
+        Criterion among candidates, lower is better: 'reconstruction' is the mean squared
+        reconstruction error over X; 'inertia' is the k-means (``n_init``) inertia in the
+        embedding divided by the embedding's total sum of squares (scale-free, so embeddings of
+        different autoencoders compare).
     n_init : int, default=20
         k-means restarts for the initial centroids.
     alpha : float, default=1.0
@@ -114,6 +127,12 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         Stop when fewer than this fraction of labels change between two target updates.
     max_iter : int, default=20000
         Upper bound on self-training iterations.
+    variant : {'dec', 'frozen', 'idec'}, default='dec'
+        'dec' trains encoder and centroids on KL(P || Q); 'frozen' keeps the pretrained encoder
+        fixed and moves only the centroids (the paper's "DEC w/o backprop"); 'idec' keeps the
+        decoder and minimises ``reconstruction MSE + gamma * KL`` (Guo et al., IJCAI 2017).
+    gamma : float, default=0.1
+        Weight of the KL term in 'idec' (IDEC's paper value); ignored by the other variants.
     random_state : int, default=0
     device : str, default='auto'
         'auto' uses CUDA when available, else the CPU.
@@ -128,6 +147,13 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     converged_ : bool
     n_features_in_ : int
     pretrain_loss_ : float
+    kl_loss_ : float
+        KL(P || Q) over the training data at the last target update.
+    selected_seed_ : int
+        Seed of the pretrained autoencoder used (``random_state`` unless ``n_pretrain_init > 1``).
+    pretrain_candidates_ : list of dict
+        Per candidate autoencoder: seed, reconstruction and inertia criteria (empty when an
+        autoencoder was passed to ``fit`` or ``n_pretrain_init == 1``).
     network_ : DECNet
         Scaling + encoder + centroid head, on the CPU, in eval mode.
     """
@@ -146,6 +172,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         pretrain_lr_schedule="constant",
         dropout=0.2,
         precision="auto",
+        n_pretrain_init=1,
+        pretrain_selection="reconstruction",
         n_init=20,
         alpha=1.0,
         batch_size=256,
@@ -154,6 +182,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         update_interval=140,
         tol=0.001,
         max_iter=20000,
+        variant="dec",
+        gamma=0.1,
         random_state=0,
         device="auto",
     ):
@@ -169,6 +199,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.pretrain_lr_schedule = pretrain_lr_schedule
         self.dropout = dropout
         self.precision = precision
+        self.n_pretrain_init = n_pretrain_init
+        self.pretrain_selection = pretrain_selection
         self.n_init = n_init
         self.alpha = alpha
         self.batch_size = batch_size
@@ -177,13 +209,15 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.update_interval = update_interval
         self.tol = tol
         self.max_iter = max_iter
+        self.variant = variant
+        self.gamma = gamma
         self.random_state = random_state
         self.device = device
 
     # ------------------------------------------------------------------ validation
     def validate_params(self) -> None:
         """Raise ValueError naming the first parameter that breaks its rule."""
-        positive_ints = ["n_clusters", "pretrain_batch_size", "n_init", "batch_size", "update_interval", "max_iter"]
+        positive_ints = ["n_clusters", "pretrain_batch_size", "n_pretrain_init", "n_init", "batch_size", "update_interval", "max_iter"]
         for name in positive_ints:
             _check_int(name, getattr(self, name), low=1)
         for name in ["pretrain_epochs", "layerwise_epochs"]:
@@ -191,7 +225,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         _check_int("random_state", self.random_state, low=0)
         if self.n_clusters < 2:
             raise ValueError(f"n_clusters must be >= 2, got {self.n_clusters}")
-        for name in ["pretrain_lr", "lr", "alpha"]:
+        for name in ["pretrain_lr", "lr", "alpha", "gamma"]:
             _check_real(name, getattr(self, name), low=0.0, low_open=True)
         for name in ["pretrain_momentum", "momentum", "tol"]:
             _check_real(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
@@ -201,6 +235,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             ("pretrain_mode", PRETRAIN_MODES),
             ("pretrain_lr_schedule", LR_SCHEDULES),
             ("precision", PRECISIONS),
+            ("variant", VARIANTS),
+            ("pretrain_selection", SELECTIONS),
         ]:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
@@ -236,10 +272,11 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         return self.precision
 
     # ------------------------------------------------------------------ stages
-    def pretrain(self, X, callback: Callback | None = None) -> PretrainedAutoencoder:
+    def pretrain(self, X, callback: Callback | None = None, *, seed: int | None = None) -> PretrainedAutoencoder:
         """Stage 1: fit the input scaling and pretrain the autoencoder on ``X``.
 
-        Does not fit the estimator; pass the result to ``fit(X, autoencoder=...)``.
+        Does not fit the estimator; pass the result to ``fit(X, autoencoder=...)``. ``seed``
+        (default ``random_state``) seeds the weights and batches.
         """
         self.validate_params()
         X = self._check_X(X, fitting=True)
@@ -254,7 +291,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             precision=self._precision(),
         )
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state)
+            torch.manual_seed(self.random_state if seed is None else seed)
             ae = Autoencoder((X.shape[1], *self.hidden_dims)).to(device)
             x = torch.from_numpy((X - offset) * scale).to(device)
             if self.pretrain_mode == "layerwise":
@@ -283,22 +320,25 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.validate_params()
         X = self._check_X(X, fitting=True)
         callback = callback or Callback()
+        self.selected_seed_, self.pretrain_candidates_ = self.random_state, []
         if autoencoder is None:
-            autoencoder = self.pretrain(X, callback)
+            autoencoder = self._pretrain_and_select(X, callback)
         elif autoencoder.n_features != X.shape[1]:
             raise ValueError(
                 f"autoencoder expects {autoencoder.n_features} features, but X has {X.shape[1]}"
             )
         device = self._device()
         encoder = copy.deepcopy(autoencoder.autoencoder.encoder).to(device)
+        decoder = copy.deepcopy(autoencoder.autoencoder.decoder).to(device) if self.variant == "idec" else None
         x = torch.from_numpy((X - autoencoder.offset) * autoencoder.scale).to(device)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state)
+            torch.manual_seed(self.selected_seed_)
             centroids, self.init_labels_ = self._init_centroids(encoder, x, callback)
             result = self_train(
                 encoder, centroids, x, alpha=self.alpha, batch_size=self.batch_size, lr=self.lr,
                 momentum=self.momentum, update_interval=self.update_interval, tol=self.tol,
-                max_iter=self.max_iter, callback=callback,
+                max_iter=self.max_iter, callback=callback, train_encoder=self.variant != "frozen",
+                decoder=decoder, gamma=self.gamma,
             )
         self.network_ = DECNet(
             encoder.cpu(), centroids.detach().cpu(), torch.from_numpy(autoencoder.offset),
@@ -310,13 +350,28 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.converged_ = result.converged
         self.n_features_in_ = X.shape[1]
         self.pretrain_loss_ = autoencoder.loss
+        self.kl_loss_ = result.kl_loss
         return self
+
+    def _pretrain_and_select(self, X: np.ndarray, callback: Callback) -> PretrainedAutoencoder:
+        """Pretrain ``n_pretrain_init`` candidates; keep the best by ``pretrain_selection``, set selected_seed_."""
+        if self.n_pretrain_init == 1:
+            return self.pretrain(X, callback)
+        best = None
+        for seed in range(self.random_state, self.random_state + self.n_pretrain_init):
+            ae = self.pretrain(X, callback, seed=seed)
+            criteria = selection_criteria(ae, X, self.n_clusters, n_init=self.n_init, seed=seed)
+            self.pretrain_candidates_.append({"seed": seed, **criteria})
+            if best is None or criteria[self.pretrain_selection] < best[0]:
+                best = (criteria[self.pretrain_selection], seed, ae)
+        _, self.selected_seed_, ae = best
+        return ae
 
     def _init_centroids(self, encoder, x, callback: Callback) -> tuple[torch.nn.Parameter, np.ndarray]:
         """Stage 2: k-means (``n_init`` restarts) in the embedding places the initial centroids."""
         callback.on_stage_begin("kmeans", None)
         z = embed(encoder, x).cpu().numpy()
-        km = KMeans(self.n_clusters, n_init=self.n_init, random_state=self.random_state).fit(z)
+        km = KMeans(self.n_clusters, n_init=self.n_init, random_state=self.selected_seed_).fit(z)
         callback.on_stage_end("kmeans")
         centers = torch.from_numpy(km.cluster_centers_.astype(np.float32)).to(x.device)
         return torch.nn.Parameter(centers), km.labels_.astype(np.int64)
@@ -340,6 +395,43 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     def transform(self, X) -> np.ndarray:
         """Embedding z, (n_samples, embedding_dim)."""
         return self._forward(X)[2]
+
+    def kl_loss(self, X) -> float:
+        """KL(P || Q) on ``X`` with the target P computed from X's own soft assignments.
+
+        The loss self-training minimises, evaluated on any data; on held-out data it gives the
+        denominator of the paper's generalizability G = L_train / L_validation (section 5.3).
+        """
+        q = torch.from_numpy(self.predict_proba(X))
+        return float(kl_divergence(target_distribution(q), q))
+
+
+def selection_criteria(ae: PretrainedAutoencoder, X: np.ndarray, n_clusters: int, *, n_init: int, seed: int) -> dict:
+    """Label-free quality criteria of a pretrained autoencoder on raw ``X``; lower is better.
+
+    Returns
+    -------
+    dict with 'reconstruction' (mean squared error of the scaled input, per feature) and
+    'inertia' (k-means inertia in the embedding / total sum of squares about the mean, in [0, 1]).
+    """
+    x = torch.from_numpy((np.asarray(X, np.float32) - ae.offset) * ae.scale)
+    _, inertia = embedding_kmeans(ae, X, n_clusters, n_init=n_init, seed=seed)
+    return {"reconstruction": reconstruction_error(ae.autoencoder, x), "inertia": inertia}
+
+
+def embedding_kmeans(ae: PretrainedAutoencoder, X: np.ndarray, n_clusters: int, *, n_init: int, seed: int):
+    """k-means in the pretrained embedding of raw ``X``: the AE+k-means baseline.
+
+    Returns
+    -------
+    labels : ndarray of shape (n_samples,), int64
+    inertia : float, k-means inertia / total sum of squares of the embedding about its mean
+    """
+    x = torch.from_numpy((np.asarray(X, np.float32) - ae.offset) * ae.scale)
+    z = embed(ae.autoencoder.encoder, x).numpy()  # (n, d)
+    km = KMeans(n_clusters, n_init=n_init, random_state=seed).fit(z)
+    total = float(((z.astype(np.float64) - z.mean(0, dtype=np.float64)) ** 2).sum())
+    return km.labels_.astype(np.int64), float(km.inertia_) / total
 
 
 def _fit_scaling(X: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:

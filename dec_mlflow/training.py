@@ -138,14 +138,28 @@ def pretrain_layerwise(ae: Autoencoder, x: torch.Tensor, *, dropout: float, call
 
 def _batched(fn, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     """Apply ``fn`` to ``x`` in chunks without autograd (bounded memory for large data)."""
-    with torch.no_grad():
-        return torch.cat([fn(x[s : s + batch_size]) for s in range(0, x.shape[0], batch_size)])
+    return torch.cat([out for _, out in _chunks(fn, x, batch_size)])
 
 
 def embed(encoder: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     """Embedding of ``x`` (n_samples, n_features) -> (n_samples, embedding_dim), in eval mode."""
     encoder.eval()
     return _batched(encoder, x, batch_size)
+
+
+def reconstruction_error(ae: Autoencoder, x: torch.Tensor) -> float:
+    """Mean squared reconstruction error of ``x`` (n_samples, n_features), in eval mode."""
+    ae.eval()
+    total = sum(float(nn.functional.mse_loss(r, x[s : s + len(r)], reduction="sum"))
+                for s, r in _chunks(ae, x))
+    return total / x.numel()
+
+
+def _chunks(fn, x: torch.Tensor, batch_size: int = 4096):
+    """Yield (start, fn(x[start:start + batch_size])) without autograd."""
+    with torch.no_grad():
+        for s in range(0, x.shape[0], batch_size):
+            yield s, fn(x[s : s + batch_size])
 
 
 @dataclass
@@ -156,6 +170,7 @@ class SelfTrainResult:
     n_iter: int  # SGD iterations run
     converged: bool  # True if the label change fell below tol before max_iter
     delta_label: float  # fraction of labels changed at the last update
+    kl_loss: float  # KL(P || Q) over the whole data at the last update
 
 
 def self_train(
@@ -171,16 +186,37 @@ def self_train(
     tol: float,
     max_iter: int,
     callback: Callback,
+    train_encoder: bool = True,
+    decoder: nn.Module | None = None,
+    gamma: float = 0.1,
 ) -> SelfTrainResult:
     """DEC self-training: minimise KL(P || Q) over encoder weights and centroids (paper section 3.1.2).
 
     Every ``update_interval`` iterations the target P is recomputed from Q over the WHOLE data set
     (the cluster frequencies f_j in eq. 3 are data-set totals); training stops when fewer than a
     fraction ``tol`` of hard labels changed since the previous update, or after ``max_iter``.
-    ``encoder`` and ``centroids`` are updated in place.
+    ``encoder``, ``centroids`` (and ``decoder``) are updated in place.
+
+    Variants
+    --------
+    train_encoder=False
+        The paper's "DEC w/o backprop" (Table 3): the embedding is computed once and only the
+        centroids move.
+    decoder given
+        IDEC (Guo et al., IJCAI 2017): the decoder is kept and trained too, and each step minimises
+        ``L_r + gamma * KL`` with ``L_r`` the mean squared reconstruction error, so the clustering
+        loss cannot distort the embedding freely.
     """
-    opt = torch.optim.SGD([*encoder.parameters(), centroids], lr=lr, momentum=momentum, foreach=True)
+    if decoder is not None and not train_encoder:
+        raise ValueError("IDEC (a decoder) needs train_encoder=True")
     n = x.shape[0]
+    if train_encoder:
+        params = [*encoder.parameters(), centroids, *([] if decoder is None else decoder.parameters())]
+        z_fixed = None
+    else:
+        params = [centroids]
+        z_fixed = embed(encoder, x)  # (n, d); the encoder never changes
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
     prev = None
     perm = torch.randperm(n)
     cursor = 0
@@ -189,27 +225,32 @@ def self_train(
     while True:
         if it % update_interval == 0 or it >= max_iter:
             with torch.no_grad():
-                q_all = soft_assignment(embed(encoder, x), centroids, alpha)  # (n, k)
+                z_all = z_fixed if z_fixed is not None else embed(encoder, x)
+                q_all = soft_assignment(z_all, centroids, alpha)  # (n, k)
                 p_all = target_distribution(q_all)
-                labels = q_all.argmax(1).numpy()
+                labels = q_all.argmax(1).cpu().numpy()
                 kl = float(kl_divergence(p_all, q_all))
             delta = 1.0 if prev is None else float((labels != prev).mean())
             prev = labels
             metrics = {"kl_loss": kl, "delta_label": delta}
             callback.on_update(it, labels, metrics)
+            callback.on_state(it, encoder, centroids)
             callback.on_step("self_train", it, metrics)
             if it > 0 and delta < tol or it >= max_iter:
                 break
-            encoder.train()
+            if z_fixed is None:
+                encoder.train()
         if cursor + batch_size > n:  # new epoch: reshuffle, never a tiny trailing batch
             perm, cursor = torch.randperm(n), 0
         idx = perm[cursor : cursor + batch_size]
         cursor += batch_size
-        q = soft_assignment(encoder(x[idx]), centroids, alpha)
-        loss = kl_divergence(p_all[idx], q)
+        z = z_fixed[idx] if z_fixed is not None else encoder(x[idx])
+        loss = kl_divergence(p_all[idx], soft_assignment(z, centroids, alpha))
+        if decoder is not None:
+            loss = nn.functional.mse_loss(decoder(z), x[idx]) + gamma * loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         it += 1
     callback.on_stage_end("self_train")
-    return SelfTrainResult(labels=prev, n_iter=it, converged=it > 0 and delta < tol, delta_label=delta)
+    return SelfTrainResult(labels=prev, n_iter=it, converged=it > 0 and delta < tol, delta_label=delta, kl_loss=kl)

@@ -144,3 +144,64 @@ def test_autoencoder_width_must_match_data(blobs):
     ae = DEC(**SMALL).pretrain(blobs[0])
     with pytest.raises(ValueError, match="autoencoder expects 20 features, but X has 10"):
         DEC(**SMALL).fit(blobs[0][:, :10], autoencoder=ae)
+
+
+# ---------------------------------------------------------------- variants and pretraining selection
+def test_frozen_variant_moves_only_centroids(blobs):
+    est = DEC(**SMALL)
+    ae = est.pretrain(blobs[0])
+    frozen = DEC(**SMALL, variant="frozen").fit(blobs[0], autoencoder=ae)
+    for a, b in zip(frozen.network_.encoder.parameters(), ae.autoencoder.encoder.parameters()):
+        np.testing.assert_array_equal(a.detach().numpy(), b.detach().numpy())
+    init = DEC(**SMALL, max_iter=1, variant="frozen").fit(blobs[0], autoencoder=ae)
+    assert not np.allclose(frozen.cluster_centers_, init.cluster_centers_)  # the centroids did move
+    assert cluster_accuracy(blobs[1], frozen.labels_) > 0.99
+
+
+def test_idec_trains_encoder_and_differs_from_dec(blobs):
+    est = DEC(**SMALL)
+    ae = est.pretrain(blobs[0])
+    dec = DEC(**SMALL).fit(blobs[0], autoencoder=ae)
+    idec = DEC(**SMALL, variant="idec", gamma=0.1).fit(blobs[0], autoencoder=ae)
+    w_dec = dec.network_.encoder[0].weight.detach().numpy()
+    w_idec = idec.network_.encoder[0].weight.detach().numpy()
+    assert not np.allclose(w_dec, w_idec)
+    assert not np.allclose(w_idec, ae.autoencoder.encoder[0].weight.detach().numpy())
+    assert cluster_accuracy(blobs[1], idec.labels_) > 0.99
+
+
+def test_kl_loss_matches_the_last_self_training_update(fitted, blobs):
+    # labels_ and kl_loss_ come from the last target update, which ran on the final weights
+    assert fitted.kl_loss(blobs[0]) == pytest.approx(fitted.kl_loss_, rel=1e-4)
+    assert fitted.kl_loss(blobs[0][:100]) > 0
+
+
+def test_pretrain_selection_equals_the_fit_of_the_selected_seed(blobs):
+    params = {**SMALL, "pretrain_epochs": 3}  # short pretraining so candidates differ
+    sel = DEC(**params, n_pretrain_init=3, random_state=5, pretrain_selection="reconstruction").fit(blobs[0])
+    seeds = [c["seed"] for c in sel.pretrain_candidates_]
+    assert seeds == [5, 6, 7]
+    recon = [c["reconstruction"] for c in sel.pretrain_candidates_]
+    assert sel.selected_seed_ == seeds[int(np.argmin(recon))]
+    assert all(0 <= c["inertia"] <= 1 for c in sel.pretrain_candidates_)
+    alone = DEC(**params, random_state=sel.selected_seed_).fit(blobs[0])
+    np.testing.assert_array_equal(sel.labels_, alone.labels_)
+    np.testing.assert_array_equal(sel.cluster_centers_, alone.cluster_centers_)
+
+
+def test_inertia_selection_picks_the_lowest_inertia(blobs):
+    params = {**SMALL, "pretrain_epochs": 3}
+    sel = DEC(**params, n_pretrain_init=2, pretrain_selection="inertia").fit(blobs[0])
+    inertia = [c["inertia"] for c in sel.pretrain_candidates_]
+    assert sel.selected_seed_ == int(np.argmin(inertia))
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("variant", "vade", "variant must be one of dec, frozen, idec; got 'vade'"),
+    ("gamma", 0.0, "gamma must be a number > 0"),
+    ("n_pretrain_init", 0, "n_pretrain_init must be an integer >= 1; got 0"),
+    ("pretrain_selection", "labels", "pretrain_selection must be one of reconstruction, inertia"),
+])
+def test_new_parameters_are_validated(blobs, name, value, message):
+    with pytest.raises(ValueError, match=message):
+        DEC(**{**SMALL, name: value}).fit(blobs[0])
