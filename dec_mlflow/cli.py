@@ -12,10 +12,20 @@ import functools
 import click
 import mlflow
 import numpy as np
+from sklearn.base import clone
 
 from dec_mlflow.callbacks import CallbackList, ProgressBar
 from dec_mlflow.data import Dataset, load_dataset
-from dec_mlflow.estimator import DEC, LR_SCHEDULES, PRECISIONS, PRETRAIN_MODES, SCALINGS
+from dec_mlflow.estimator import (
+    DEC,
+    LR_SCHEDULES,
+    PRECISIONS,
+    PRETRAIN_MODES,
+    SCALINGS,
+    SELECTIONS,
+    VARIANTS,
+    selection_criteria,
+)
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow import tracking
 
@@ -35,6 +45,8 @@ ESTIMATOR_OPTIONS = {
     "pretrain_lr_schedule": (click.Choice(LR_SCHEDULES), "Pretraining learning-rate schedule."),
     "dropout": (click.FLOAT, "Corruption (dropout) rate of the layerwise denoising stage."),
     "precision": (click.Choice(PRECISIONS), "Pretraining matmul precision; 'auto' = bf16 where the CPU has it natively."),
+    "n_pretrain_init": (click.INT, "Autoencoders to pretrain (seeds random_state, +1, ...); the best by pretrain_selection is kept."),
+    "pretrain_selection": (click.Choice(SELECTIONS), "Label-free criterion among pretrained candidates (lower is better)."),
     "n_init": (click.INT, "k-means restarts for the initial centroids."),
     "alpha": (click.FLOAT, "Student's t degrees of freedom."),
     "batch_size": (click.INT, "Self-training batch size."),
@@ -43,6 +55,8 @@ ESTIMATOR_OPTIONS = {
     "update_interval": (click.INT, "Iterations between target-distribution updates over the whole data."),
     "tol": (click.FLOAT, "Stop when fewer than this fraction of labels change between updates."),
     "max_iter": (click.INT, "Maximum self-training iterations."),
+    "variant": (click.Choice(VARIANTS), "'dec'; 'frozen' (encoder fixed, centroids only: DEC w/o backprop); 'idec' (keeps the decoder)."),
+    "gamma": (click.FLOAT, "IDEC: weight of the KL term beside the reconstruction loss."),
     "random_state": (click.INT, "Seed of all randomness (weights, batches, k-means)."),
     "device": (str, "'auto' (CUDA if available), 'cpu', or a torch device such as 'cuda:0'."),
 }
@@ -175,7 +189,11 @@ def cluster(dataset, label_column, autoencoder, registered_model_name, **params)
         data_params = _data_params(data)
         tracking.log_params_once({**cli_params, "autoencoder": autoencoder, "registered_model_name": registered_model_name,
                                   **data_params, "scaling_resolved": est.scaling})
-        ae = _resolve_autoencoder(autoencoder, est, data, cli_params, data_params)
+        if autoencoder or est.n_pretrain_init == 1:
+            ae, source = resolve_autoencoder(autoencoder, est, data, cli_params, data_params)
+        else:
+            ae, source = select_autoencoder(est, data, cli_params, data_params)
+        mlflow.set_tag("dec.autoencoder_source", source)
         callback = CallbackList([ProgressBar(), tracking.MlflowCallback(est.n_clusters, data.y)])
         est.fit(data.x, autoencoder=ae, callback=callback)
         scores = _log_cluster_results(est, data)
@@ -199,22 +217,43 @@ def _log_model(network, data: Dataset, name: str, tags: dict) -> None:
     click.echo(message)
 
 
-def _resolve_autoencoder(ref: str, est: DEC, data: Dataset, cli_params: dict, data_params: dict):
-    """The autoencoder named by ``ref``, else a matching finished pretrain run's, else a new child run's."""
+def resolve_autoencoder(ref: str, est: DEC, data: Dataset, cli_params: dict, data_params: dict):
+    """The autoencoder named by ``ref``, else a matching finished pretrain run's, else a new child run's.
+
+    Returns (autoencoder, source) with source the ref or the ``runs:/`` URI of the pretrain run.
+    """
     if ref:
-        ae = tracking.load_autoencoder(ref)
-        mlflow.set_tag("dec.autoencoder_source", ref)
-        return ae
+        return tracking.load_autoencoder(ref), ref
     previous = tracking.find_finished_run("pretrain", _pretrain_key(est, data_params))
     if previous is not None:
         click.echo(f"Reusing autoencoder of FINISHED pretrain run {previous.info.run_id}", err=True)
-        mlflow.set_tag("dec.autoencoder_source", f"runs:/{previous.info.run_id}")
-        return tracking.load_autoencoder(previous.info.run_id)
+        return tracking.load_autoencoder(previous.info.run_id), f"runs:/{previous.info.run_id}"
     with mlflow.start_run(run_name=f"pretrain-{data.name}-s{est.random_state}", nested=True) as child:
         pretrain_cli = {k: v for k, v in cli_params.items() if k in PRETRAIN_PARAMS + ("dataset", "label_column", "device")}
+        pretrain_cli["random_state"] = est.random_state
         ae = _run_pretraining(est, data, pretrain_cli, data_params)
-    mlflow.set_tag("dec.autoencoder_source", f"runs:/{child.info.run_id}")
-    return ae
+    return ae, f"runs:/{child.info.run_id}"
+
+
+def select_autoencoder(est: DEC, data: Dataset, cli_params: dict, data_params: dict):
+    """``n_pretrain_init`` candidates (each its own reusable pretrain run); keep the best, label-free.
+
+    Sets ``est.random_state`` to the kept candidate's seed, so the fit that follows is the one
+    ``DEC(n_pretrain_init=...).fit`` would make. Logs each candidate's criteria as metrics.
+    """
+    best = None
+    for seed in range(est.random_state, est.random_state + est.n_pretrain_init):
+        candidate = clone(est).set_params(random_state=seed)
+        ae, source = resolve_autoencoder("", candidate, data, cli_params, data_params)
+        criteria = selection_criteria(ae, data.x, est.n_clusters, n_init=est.n_init, seed=seed)
+        mlflow.log_metrics({f"candidate_{name}": v for name, v in criteria.items()}, step=seed)
+        if best is None or criteria[est.pretrain_selection] < best[0]:
+            best = (criteria[est.pretrain_selection], seed, ae, source)
+    _, seed, ae, source = best
+    click.echo(f"Kept the autoencoder of seed {seed} (lowest {est.pretrain_selection})", err=True)
+    mlflow.log_metric("selected_seed", seed)
+    est.set_params(random_state=seed)
+    return ae, source
 
 
 def _log_cluster_results(est: DEC, data: Dataset) -> dict:
@@ -313,5 +352,11 @@ def promote(model_name, metric, mode, alias):
     click.echo(f"{model_name}@{alias} -> version {result['version']}, {metric}={result['value']:.4f} {before}")
 
 
+from dec_mlflow import cli_experiments  # noqa: E402,F401  (registers compare, k_sweep, imbalance on main)
+
 if __name__ == "__main__":
-    main()
+    # run as `python -m dec_mlflow.cli`, this file is __main__ while cli_experiments registered its
+    # commands on the group of the importable module dec_mlflow.cli: use that group
+    from dec_mlflow.cli import main as registered_main
+
+    registered_main()
