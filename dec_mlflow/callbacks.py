@@ -1,4 +1,5 @@
-"""How training reports progress: a small callback protocol and its terminal implementation.
+"""How training reports progress: a small callback protocol, its terminal implementation and a
+recorder of self-training for the paper's figures.
 
 Training code never logs or prints; it calls these hooks. The MLflow implementation lives in
 ``dec_mlflow.tracking``.
@@ -10,7 +11,15 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
+
+from dec_mlflow.metrics import cluster_accuracy
+from dec_mlflow.objectives import (
+    kl_gradient_wrt_z,
+    soft_assignment,
+    target_distribution,
+)
 
 
 class Callback:
@@ -90,3 +99,98 @@ class ProgressBar(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class SelfTrainRecorder(Callback):
+    """Records what the self-training figures need (paper Fig. 3-4), on a subsample of the data.
+
+    At each target update it appends the update's metrics to :attr:`history` and a snapshot of the
+    subsample's embedding to :attr:`snapshots`; at the first update only it also stores the
+    gradient of the KL loss per subsample point in :attr:`gradient` (the paper's Fig. 4 shows the
+    start of KL minimisation). A new ``"self_train"`` stage starts a new recording.
+
+    Memory: a snapshot of m points in a d-dimensional embedding costs m * d * 4 bytes (float32)
+    plus m * 8 bytes of labels, once per target update; choose m accordingly (e.g. 2,000 points,
+    d = 10 and 1,000 updates take about 96 MB).
+
+    Parameters
+    ----------
+    x : Tensor of shape (m, n_features), float32
+        Subsample of the training input, scaled exactly as the encoder sees it.
+    y : ndarray of shape (m,), optional
+        True labels of the subsample, kept as :attr:`y` for colouring the figures.
+    y_full : ndarray of shape (n_samples,), optional
+        True labels of the whole training data; when given, :attr:`history` gets ``"accuracy"``.
+    alpha : float
+        Degrees of freedom of the Student's t kernel, the same as the estimator's.
+
+    Attributes
+    ----------
+    history : dict of str to list
+        ``"step"`` (int), ``"kl_loss"`` and ``"delta_label"`` (float, over the whole data, as
+        reported by self-training), and ``"accuracy"`` (Hungarian accuracy of the full labels
+        against ``y_full``) only when ``y_full`` is given; one entry per target update.
+    snapshots : list of (int, ndarray of shape (m, d) float32, ndarray of shape (m,) int64)
+        ``(step, z, labels)`` per target update: the subsample's embedding and its hard labels
+        argmax_j q_ij.
+    gradient : dict of str to int or ndarray, or None
+        Set at the first target update: ``"step"``, ``"q"`` (m, k) and ``"p"`` (m, k) float32 and
+        ``"grad_norm"`` (m,) float32, the norm |dL/dz_i| of :func:`~dec_mlflow.objectives.kl_gradient_wrt_z`
+        (eq. 4, loss summed over points). The cluster frequencies f_j of P are estimated on the
+        subsample, not on the whole data as in training.
+    """
+
+    def __init__(self, x: torch.Tensor, y: np.ndarray | None = None, *, y_full: np.ndarray | None = None,
+                 alpha: float = 1.0):
+        x = torch.as_tensor(x, dtype=torch.float32)
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"x must be a non-empty 2-D tensor (m, n_features); got shape {tuple(x.shape)}")
+        if y is not None and np.shape(y) != (x.shape[0],):
+            raise ValueError(f"y must have shape (m,) = ({x.shape[0]},) like x; got {np.shape(y)}")
+        if alpha <= 0:
+            raise ValueError(f"alpha must be > 0; got alpha={alpha}")
+        self.x = x
+        self.y = None if y is None else np.asarray(y)
+        self.y_full = None if y_full is None else np.asarray(y_full)
+        self.alpha = alpha
+        self._reset()
+
+    def _reset(self) -> None:
+        self.history = {"step": [], "kl_loss": [], "delta_label": [], **({} if self.y_full is None else {"accuracy": []})}
+        self.snapshots = []
+        self.gradient = None
+
+    def on_stage_begin(self, stage, total):
+        if stage == "self_train":
+            self._reset()
+
+    def on_update(self, step, labels, metrics):
+        self.history["step"].append(int(step))
+        self.history["kl_loss"].append(float(metrics["kl_loss"]))
+        self.history["delta_label"].append(float(metrics["delta_label"]))
+        if self.y_full is not None:
+            if len(labels) != len(self.y_full):
+                raise ValueError(
+                    f"y_full must label the whole training data: {len(self.y_full)} labels for {len(labels)} samples"
+                )
+            self.history["accuracy"].append(cluster_accuracy(self.y_full, labels))
+
+    def on_state(self, step, encoder, centroids):
+        with torch.no_grad():
+            mu = centroids.detach().float()  # (k, d)
+            z = encoder(self.x.to(mu.device)).float()  # (m, d)
+            q = soft_assignment(z, mu, self.alpha)  # (m, k)
+            self.snapshots.append((int(step), _numpy(z), q.argmax(1).cpu().numpy()))
+            if self.gradient is None:
+                self.gradient = self._gradient(int(step), z, mu, q)
+
+    def _gradient(self, step: int, z: torch.Tensor, mu: torch.Tensor, q: torch.Tensor) -> dict:
+        """Eq. 4 on the subsample, with P from the subsample's own q (see :attr:`gradient`)."""
+        p = target_distribution(q)
+        grad = kl_gradient_wrt_z(z, mu, p, self.alpha)  # (m, d)
+        return {"step": step, "q": _numpy(q), "p": _numpy(p), "grad_norm": _numpy(grad.norm(dim=1))}
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a float32 NumPy array on the CPU."""
+    return t.detach().to("cpu", torch.float32).numpy()

@@ -24,13 +24,15 @@ def soft_assignment(z: torch.Tensor, centroids: torch.Tensor, alpha: float = 1.0
     -------
     q : Tensor of shape (n_samples, n_clusters), rows sum to 1.
     """
+    kernel = (1.0 + _sq_dist(z, centroids) / alpha).pow(-(alpha + 1.0) / 2.0)
+    return kernel / kernel.sum(1, keepdim=True)
+
+
+def _sq_dist(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """|z_i - mu_j|^2 of shape (n_samples, n_clusters)."""
     # |z - mu|^2 expanded as |z|^2 - 2 z.mu + |mu|^2 keeps the work in one matmul instead of
     # materialising an (n, k, d) difference tensor; clamp guards the rounding below zero.
-    sq_dist = (
-        z.pow(2).sum(1, keepdim=True) - 2.0 * z @ centroids.T + centroids.pow(2).sum(1)
-    ).clamp_min(0.0)  # (n_samples, n_clusters)
-    kernel = (1.0 + sq_dist / alpha).pow(-(alpha + 1.0) / 2.0)
-    return kernel / kernel.sum(1, keepdim=True)
+    return (z.pow(2).sum(1, keepdim=True) - 2.0 * z @ centroids.T + centroids.pow(2).sum(1)).clamp_min(0.0)
 
 
 def target_distribution(q: torch.Tensor) -> torch.Tensor:
@@ -67,3 +69,40 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch
     Scalar tensor, >= 0, zero iff p equals q.
     """
     return (p * (torch.log(p + eps) - torch.log(q + eps))).sum(1).mean()
+
+
+def kl_gradient_wrt_z(z: torch.Tensor, centroids: torch.Tensor, p: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Closed-form gradient of KL(P || Q) with respect to each embedded point, P held fixed (paper eq. 4).
+
+    dL/dz_i = (alpha + 1) / alpha * sum_j (1 + |z_i - mu_j|^2 / alpha)^-1 (p_ij - q_ij) (z_i - mu_j),
+    with q = ``soft_assignment(z, centroids, alpha)``.
+
+    This is the gradient of the loss SUMMED over samples, L = sum_i sum_j p_ij log(p_ij / q_ij), as in
+    the paper, so row i depends on point i alone and not on how many points there are.
+    :func:`kl_divergence` averages over samples, so the autograd gradient of
+    ``kl_divergence(p, soft_assignment(z, centroids, alpha))`` is this result divided by n_samples
+    (up to its ``eps``).
+
+    Parameters
+    ----------
+    z : Tensor of shape (n_samples, n_features)
+    centroids : Tensor of shape (n_clusters, n_features)
+    p : Tensor of shape (n_samples, n_clusters)
+        Target distribution (:func:`target_distribution`), treated as a constant.
+    alpha : float
+        Degrees of freedom of the Student's t kernel, > 0.
+
+    Returns
+    -------
+    grad : Tensor of shape (n_samples, n_features)
+    """
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0; got alpha={alpha}")
+    if p.shape != (z.shape[0], centroids.shape[0]):
+        raise ValueError(
+            f"p must have shape (n_samples, n_clusters) = ({z.shape[0]}, {centroids.shape[0]}); got {tuple(p.shape)}"
+        )
+    inv_kernel = 1.0 / (1.0 + _sq_dist(z, centroids) / alpha)  # (n_samples, n_clusters)
+    w = inv_kernel * (p - soft_assignment(z, centroids, alpha))  # (n_samples, n_clusters)
+    # sum_j w_ij (z_i - mu_j) = z_i sum_j w_ij - (w @ mu)_i: one matmul, no (n, k, d) tensor.
+    return (alpha + 1.0) / alpha * (w.sum(1, keepdim=True) * z - w @ centroids)

@@ -1,4 +1,6 @@
-"""Figures for evaluation: confusion matrix, cluster sizes, 2-D embedding, most confident images.
+"""Figures for evaluation (confusion matrix, cluster sizes, 2-D embedding, most confident images)
+and for self-training (embedding over iterations, label change / loss / accuracy curves, gradient
+magnitude against soft assignment), the latter from a :class:`~dec_mlflow.callbacks.SelfTrainRecorder`.
 
 Each function builds and returns a matplotlib Figure; logging them is the caller's business.
 """
@@ -49,14 +51,26 @@ def cluster_sizes_figure(labels: np.ndarray, n_clusters: int):
 
 def embedding_figure(z: np.ndarray, labels: np.ndarray, *, random_state: int = 0):
     """Scatter of a 2-D t-SNE of the embedding ``z`` (n, e), coloured by cluster (PCA-initialised)."""
-    xy = z if z.shape[1] == 2 else TSNE(2, init="pca", random_state=random_state, perplexity=min(30, len(z) - 1)).fit_transform(z)
+    xy = _tsne(z, random_state)
     fig, ax = plt.subplots(figsize=(6, 6))
-    ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10" if labels.max() < 10 else "tab20", s=3)
+    ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap=_cmap(labels.max() + 1), s=3)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(f"Embedding, t-SNE of {len(z)} samples, coloured by cluster")
     fig.tight_layout()
     return fig
+
+
+def _tsne(z: np.ndarray, random_state: int) -> np.ndarray:
+    """2-D t-SNE of ``z`` (n, e), PCA-initialised so the layout is stable; ``z`` itself if already 2-D."""
+    if z.shape[1] == 2:
+        return z
+    return TSNE(2, init="pca", random_state=random_state, perplexity=min(30, len(z) - 1)).fit_transform(z)
+
+
+def _cmap(n_colors: int) -> str:
+    """A qualitative colormap with enough distinct colours (tab20 repeats colours past 20)."""
+    return "tab10" if n_colors <= 10 else "tab20"
 
 
 def top_images_figure(x: np.ndarray, q: np.ndarray, image_shape: tuple[int, ...], n_per_cluster: int = 10):
@@ -79,5 +93,139 @@ def top_images_figure(x: np.ndarray, q: np.ndarray, image_shape: tuple[int, ...]
                 ax.imshow(x[top[c]].reshape(image_shape), cmap="gray")
         axes[j][0].set_title(f"cluster {j}", fontsize=6, loc="left")
     fig.suptitle("Most confident members of each cluster")
+    fig.tight_layout()
+    return fig
+
+
+def embedding_snapshots_figure(snapshots, y: np.ndarray | None = None, n_panels: int = 4, random_state: int = 0):
+    """The subsample's embedding at evenly spaced target updates, one t-SNE panel each (cf. paper Fig. 3).
+
+    Panels are the first and the last snapshot and ``n_panels - 2`` evenly spaced between them
+    (fewer when fewer were recorded; only the last when ``n_panels=1``). Each panel runs its own
+    t-SNE (PCA init, ``random_state``), so a panel depends only on its snapshot and the seed; t-SNE
+    axes are arbitrary, so compare cluster shapes, not positions, across panels.
+
+    Parameters
+    ----------
+    snapshots : list of (int, ndarray of shape (m, d), ndarray of shape (m,))
+        ``(step, z, labels)`` as in :attr:`SelfTrainRecorder.snapshots`.
+    y : ndarray of shape (m,), optional
+        True classes of the subsample; points are coloured by class if given, else by cluster.
+    n_panels : int
+        Number of panels, >= 1.
+    random_state : int
+        Seed of every panel's t-SNE.
+    """
+    if n_panels < 1:
+        raise ValueError(f"n_panels must be >= 1; got n_panels={n_panels}")
+    if len(snapshots) == 0:
+        raise ValueError("snapshots is empty; record at least one target update")
+    m = len(snapshots[0][1])
+    if y is not None and np.shape(y) != (m,):
+        raise ValueError(f"y must have shape (m,) = ({m},) like the snapshots; got {np.shape(y)}")
+    chosen = [snapshots[i] for i in _evenly_spaced(len(snapshots), n_panels)]
+    # One colour code for all panels, so a class or cluster keeps its colour from panel to panel.
+    codes = [np.unique(y, return_inverse=True)[1]] * len(chosen) if y is not None else [lab for _, _, lab in chosen]
+    n_colors = int(max(c.max() for c in codes)) + 1
+    fig, axes = plt.subplots(1, len(chosen), figsize=(3 * len(chosen), 3.3), squeeze=False)
+    for ax, (step, z, _), c in zip(axes[0], chosen, codes):
+        xy = _tsne(np.asarray(z), random_state)
+        ax.scatter(xy[:, 0], xy[:, 1], c=c, cmap=_cmap(n_colors), vmin=0, vmax=max(n_colors - 1, 1), s=3)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"iteration {step}")
+    fig.suptitle(f"Embedding during self-training, t-SNE of {m} samples, coloured by {'class' if y is not None else 'cluster'}")
+    fig.tight_layout()
+    return fig
+
+
+def _evenly_spaced(n_items: int, n_panels: int) -> list[int]:
+    """Indices of ``min(n_panels, n_items)`` items evenly spaced from the first to the last."""
+    if n_panels == 1:
+        return [n_items - 1]  # a single panel shows where self-training ended
+    # floor(x + 0.5) rounds halves up; with spacing >= 1 the indices are distinct.
+    return np.floor(np.linspace(0, n_items - 1, min(n_panels, n_items)) + 0.5).astype(int).tolist()
+
+
+def self_training_curves_figure(history: dict, tol: float | None = None):
+    """Label change, and KL loss and accuracy when recorded, against the self-training iteration.
+
+    Parameters
+    ----------
+    history : dict of str to list
+        ``"step"`` and ``"delta_label"``, optionally ``"kl_loss"`` and ``"accuracy"``, one entry per
+        target update, as in :attr:`SelfTrainRecorder.history`.
+    tol : float, optional
+        The stopping threshold on the label change, drawn as a horizontal line.
+
+    Returns
+    -------
+    Figure with one axis per series (delta_label, then kl_loss, then accuracy), sharing x.
+    """
+    for key in ("step", "delta_label"):
+        if key not in history:
+            raise ValueError(f"history must have the key {key!r}; got keys {sorted(history)}")
+    steps = np.asarray(history["step"])
+    series = [key for key in ("delta_label", "kl_loss", "accuracy") if key in history]
+    for key in series:
+        if len(history[key]) != len(steps):
+            raise ValueError(f"history[{key!r}] has {len(history[key])} entries for {len(steps)} steps")
+    fig, axes = plt.subplots(len(series), 1, sharex=True, figsize=(6, 1 + 1.8 * len(series)), squeeze=False)
+    axes = axes[:, 0]
+    _plot_delta_label(axes[0], steps, np.asarray(history["delta_label"], dtype=float), tol)
+    labels = {"kl_loss": r"KL$(P\,\|\,Q)$", "accuracy": "accuracy"}
+    for ax, key in zip(axes[1:], series[1:]):
+        ax.plot(steps, history[key], ".-")
+        ax.set_ylabel(labels[key])
+    axes[-1].set_xlabel("iteration")
+    axes[0].set_title("Self-training")
+    fig.tight_layout()
+    return fig
+
+
+def _plot_delta_label(ax, steps: np.ndarray, delta: np.ndarray, tol: float | None) -> None:
+    """Fraction of labels changed per update on a log axis; updates with no change get a marker at the bottom."""
+    positive = delta > 0
+    ax.plot(steps[positive], delta[positive], ".-", label="labels changed")
+    ax.set_yscale("log")
+    if (~positive).any():
+        # log(0) has no place on the axis; mark those updates along its lower edge instead.
+        ax.plot(steps[~positive], np.zeros((~positive).sum()), "v", color="C0", clip_on=False,
+                transform=ax.get_xaxis_transform(), label="no label changed")
+    if tol is not None:
+        ax.axhline(tol, color="C3", linestyle="--", label=f"tol = {tol:g}")
+    ax.set_ylabel("delta_label")
+    ax.legend(fontsize=7)
+
+
+def gradient_vs_q_figure(q: np.ndarray, grad_norm: np.ndarray, cluster: int | None = None):
+    """Gradient magnitude |dL/dz_i| of each point against its soft assignment q_ij to one cluster (paper Fig. 4).
+
+    Points assigned to the cluster (argmax_j q_ij = cluster) are coloured, the others grey.
+
+    Parameters
+    ----------
+    q : ndarray of shape (n, n_clusters)
+    grad_norm : ndarray of shape (n,)
+        |dL/dz_i|, e.g. :attr:`SelfTrainRecorder.gradient` ``["grad_norm"]``.
+    cluster : int, optional
+        The cluster j; default the largest cluster by argmax.
+    """
+    q, grad_norm = np.asarray(q), np.asarray(grad_norm)
+    if q.ndim != 2 or grad_norm.shape != (q.shape[0],):
+        raise ValueError(f"q must be (n, n_clusters) and grad_norm (n,); got {q.shape} and {grad_norm.shape}")
+    labels = q.argmax(1)
+    k = q.shape[1]
+    j = int(np.bincount(labels, minlength=k).argmax()) if cluster is None else cluster
+    if not 0 <= j < k:
+        raise ValueError(f"cluster must be in [0, {k}) for q with {k} clusters; got cluster={cluster}")
+    member = labels == j
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter(q[~member, j], grad_norm[~member], s=4, color="0.7", label="other clusters")
+    ax.scatter(q[member, j], grad_norm[member], s=4, color="C0", label=f"cluster {j}")
+    ax.set_xlabel(rf"$q_{{ij}}$, soft assignment to cluster $j={j}$")
+    ax.set_ylabel(r"$\|\partial L / \partial z_i\|$")
+    ax.set_title(f"Gradient vs soft assignment ({len(q)} samples)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -1,11 +1,16 @@
-"""The DEC objective (paper eq. 1-3) on tiny cases computed by hand."""
+"""The DEC objective (paper eq. 1-4) on tiny cases computed by hand and against autograd."""
 
 import math
 
 import pytest
 import torch
 
-from dec_mlflow.objectives import kl_divergence, soft_assignment, target_distribution
+from dec_mlflow.objectives import (
+    kl_divergence,
+    kl_gradient_wrt_z,
+    soft_assignment,
+    target_distribution,
+)
 
 
 def test_soft_assignment_matches_hand_computed_student_t():
@@ -74,3 +79,41 @@ def test_kl_gradient_flows_to_centroids():
     loss = kl_divergence(target_distribution(q).detach(), q)
     loss.backward()
     assert mu.grad is not None and torch.isfinite(mu.grad).all() and mu.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_kl_gradient_wrt_z_is_n_times_autograd_of_the_mean_kl(alpha):
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(30, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    mu = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    p = target_distribution(soft_assignment(z, mu, alpha)).detach()  # held fixed, as in self-training
+    (autograd,) = torch.autograd.grad(kl_divergence(p, soft_assignment(z, mu, alpha)), z)
+    # kl_divergence averages over the 30 samples; eq. 4 is the gradient of the sum
+    closed = kl_gradient_wrt_z(z.detach(), mu, p, alpha)
+    assert closed.shape == (30, 3)
+    torch.testing.assert_close(closed, 30 * autograd, rtol=1e-5, atol=0.0)
+
+
+def test_kl_gradient_wrt_z_hand_computed_single_point():
+    # one point at 0, centroids at 1 and -1 (alpha=1): q = (1/2, 1/2), (1 + |z - mu_j|^2)^-1 = 1/2
+    z = torch.tensor([[0.0]])
+    mu = torch.tensor([[1.0], [-1.0]])
+    p = torch.tensor([[1.0, 0.0]])
+    # 2 * [1/2 * (1 - 1/2) * (0 - 1) + 1/2 * (0 - 1/2) * (0 + 1)] = 2 * (-1/4 - 1/4) = -1:
+    # descent moves z towards mu_0, where P puts all the mass
+    assert torch.allclose(kl_gradient_wrt_z(z, mu, p), torch.tensor([[-1.0]]))
+
+
+def test_kl_gradient_wrt_z_is_zero_when_p_equals_q():
+    g = torch.Generator().manual_seed(2)
+    z, mu = torch.randn(10, 2, generator=g), torch.randn(3, 2, generator=g)
+    grad = kl_gradient_wrt_z(z, mu, soft_assignment(z, mu))
+    assert torch.allclose(grad, torch.zeros_like(grad), atol=1e-6)
+
+
+def test_kl_gradient_wrt_z_rejects_p_of_the_wrong_shape_and_bad_alpha():
+    z, mu = torch.zeros(5, 2), torch.ones(3, 2)
+    with pytest.raises(ValueError, match=r"p must have shape \(n_samples, n_clusters\) = \(5, 3\); got \(5, 2\)"):
+        kl_gradient_wrt_z(z, mu, torch.full((5, 2), 0.5))
+    with pytest.raises(ValueError, match="alpha must be > 0; got alpha=0"):
+        kl_gradient_wrt_z(z, mu, torch.full((5, 3), 1 / 3), alpha=0)
