@@ -169,9 +169,11 @@ def pretrain(dataset, label_column, **params):
 @_data_options
 @click.option("--autoencoder", default="", help="Pretrained autoencoder: a run id, runs:/ or models:/ URI, or a .pt file. Default: reuse a matching FINISHED pretrain run, else pretrain now.")
 @click.option("--registered_model_name", default="", help="Registry name; default dec-<dataset>. 'none' skips registration.")
+@click.option("--figure_sample_size", type=click.IntRange(min=10), default=1000, show_default=True,
+              help="Points recorded for the self-training figures (t-SNE snapshots, gradient vs q).")
 @_estimator_options(tuple(ESTIMATOR_OPTIONS))
 @_user_errors
-def cluster(dataset, label_column, autoencoder, registered_model_name, **params):
+def cluster(dataset, label_column, autoencoder, registered_model_name, figure_sample_size, **params):
     """The main job: pretrain or reuse an autoencoder, k-means init, DEC self-training, log and register.
 
     Reads DATASET; writes run artifacts network/dec_network.pt, cluster_sizes.json and the ONNX
@@ -188,14 +190,17 @@ def cluster(dataset, label_column, autoencoder, registered_model_name, **params)
         cli_params = {"dataset": dataset, "label_column": label_column, **params}
         data_params = _data_params(data)
         tracking.log_params_once({**cli_params, "autoencoder": autoencoder, "registered_model_name": registered_model_name,
+                                  "figure_sample_size": figure_sample_size,
                                   **data_params, "scaling_resolved": est.scaling})
         if autoencoder or est.n_pretrain_init == 1:
             ae, source = resolve_autoencoder(autoencoder, est, data, cli_params, data_params)
         else:
             ae, source = select_autoencoder(est, data, cli_params, data_params)
         mlflow.set_tag("dec.autoencoder_source", source)
-        callback = CallbackList([ProgressBar(), tracking.MlflowCallback(est.n_clusters, data.y)])
+        recorder = tracking.self_training_recorder(data.x, data.y, ae, alpha=est.alpha, sample_size=figure_sample_size, seed=est.random_state)
+        callback = CallbackList([ProgressBar(), tracking.MlflowCallback(est.n_clusters, data.y), recorder])
         est.fit(data.x, autoencoder=ae, callback=callback)
+        tracking.log_self_training_figures(recorder, tol=est.tol, seed=est.random_state)
         scores = _log_cluster_results(est, data)
         tracking.log_network(est.network_)
         _log_model(est.network_, data, name, {f"final_{k}": f"{v:.4f}" for k, v in scores.items()})

@@ -126,7 +126,10 @@ def _compare_one(method: str, seed: int, data: Dataset, ae, est: DEC, source: st
     overrides = idec_optimizer if method == "idec" else {}
     params = {"method": method, "seed": seed, "dataset": data.name, "autoencoder": source, **est.get_params(), **overrides}
     with _child(f"{method}-s{seed}", {tracking.STAGE_TAG: "compare/method", "method": method, "seed": seed, "dataset": data.name}, params):
-        result = experiments.run_method(method, data.x, ae, est, callback=_callback(est, data.y), overrides=overrides)
+        recorder = tracking.self_training_recorder(data.x, data.y, ae, alpha=est.alpha, sample_size=1000, seed=seed)
+        result = experiments.run_method(method, data.x, ae, est, callback=CallbackList([_callback(est, data.y), recorder]),
+                                        overrides=overrides)
+        tracking.log_self_training_figures(recorder, tol=est.tol, seed=seed)
         row = experiments.scored_rows(data.y, method, seed, result)
         mlflow.log_metrics({k: float(v) for k, v in row.items() if k not in ("method", "seed")})
         mlflow.log_dict({"cluster_sizes": np.bincount(result.labels, minlength=est.n_clusters).tolist()}, "cluster_sizes.json")

@@ -229,3 +229,41 @@ def gradient_vs_q_figure(q: np.ndarray, grad_norm: np.ndarray, cluster: int | No
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def k_sweep_figure(table, recommended: int):
+    """Generalizability G and (if present) validation NMI against k, as the paper's Figure 6.
+
+    ``table`` has columns 'k', 'generalizability' and optionally 'val_nmi'.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(table["k"], table["generalizability"], "o-", color="tab:blue", label="G = KL_train / KL_validation")
+    ax.set_xlabel("number of clusters k")
+    ax.set_ylabel("generalizability G", color="tab:blue")
+    ax.axvline(recommended, color="gray", linestyle="--", label=f"recommended k = {recommended}")
+    if "val_nmi" in table:
+        twin = ax.twinx()
+        twin.plot(table["k"], table["val_nmi"], "s-", color="tab:orange", label="NMI (validation)")
+        twin.set_ylabel("NMI", color="tab:orange")
+    ax.set_xticks(list(table["k"]))
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_title("Choosing k")
+    fig.tight_layout()
+    return fig
+
+
+def imbalance_figure(table):
+    """Accuracy of each method against the retention rate r_min of the smallest class (Table 4).
+
+    ``table`` has columns 'r_min', 'method' and 'acc'.
+    """
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, rows in table.groupby("method", sort=False):
+        rows = rows.sort_values("r_min")
+        ax.plot(rows["r_min"], rows["acc"], "o-", label=method)
+    ax.set_xlabel("r_min (retention of the first class; the last keeps all)")
+    ax.set_ylabel("ACC")
+    ax.legend(fontsize=8)
+    ax.set_title("Imbalanced subsamples")
+    fig.tight_layout()
+    return fig

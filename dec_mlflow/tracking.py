@@ -18,7 +18,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from dec_mlflow.callbacks import Callback
+from dec_mlflow.callbacks import Callback, SelfTrainRecorder
 from dec_mlflow.estimator import PretrainedAutoencoder
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.model import DECNet
@@ -194,3 +194,27 @@ def promote(name: str, metric: str, *, greater_is_better: bool = True, alias: st
         previous = None
     client.set_registered_model_alias(name, alias, str(version))
     return {"version": str(version), "metric": metric, "value": value, "previous": previous}
+
+
+def self_training_recorder(x: np.ndarray, y: np.ndarray | None, pretrained: PretrainedAutoencoder, *,
+                           alpha: float, sample_size: int, seed: int) -> SelfTrainRecorder:
+    """A recorder of ``sample_size`` random points of raw ``x``, scaled as the encoder sees them."""
+    idx = np.sort(np.random.default_rng(seed).choice(len(x), size=min(sample_size, len(x)), replace=False))
+    x_sub = torch.from_numpy((x[idx] - pretrained.offset) * pretrained.scale)
+    return SelfTrainRecorder(x_sub, None if y is None else y[idx], y_full=y, alpha=alpha)
+
+
+def log_self_training_figures(recorder: SelfTrainRecorder, *, tol: float, seed: int) -> None:
+    """The paper's self-training figures, as artifacts of the active run.
+
+    ``self_training_tsne.png`` (t-SNE of the subsample at 4 points of self-training, Figure 5),
+    ``self_training_curves.png`` (label change, KL and accuracy per update) and
+    ``gradient_vs_q.png`` (|dL/dz_i| against q_ij at the start, Figure 4).
+    """
+    from dec_mlflow import plots  # matplotlib and t-SNE: import on use
+
+    if not recorder.snapshots:
+        return
+    mlflow.log_figure(plots.embedding_snapshots_figure(recorder.snapshots, recorder.y, random_state=seed), "self_training_tsne.png")
+    mlflow.log_figure(plots.self_training_curves_figure(recorder.history, tol=tol), "self_training_curves.png")
+    mlflow.log_figure(plots.gradient_vs_q_figure(recorder.gradient["q"], recorder.gradient["grad_norm"]), "gradient_vs_q.png")

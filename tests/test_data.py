@@ -111,7 +111,7 @@ def test_missing_file_is_named(tmp_path):
 
 @pytest.mark.parametrize("dataset", ["mnst", "table.txt"])
 def test_unknown_name_or_extension_lists_choices(dataset):
-    with pytest.raises(DataError, match=rf"dataset '{dataset}' is not known; choose one of mnist, "
+    with pytest.raises(DataError, match=rf"dataset '{dataset}' is not known; choose one of mnist, reuters, reuters10k, stl10, "
                                         r"or give a path to a \.npy/\.npz/\.csv/\.parquet file"):
         load_dataset(dataset)
 
@@ -233,7 +233,7 @@ def test_mnist_loads_all_70000_raw_images_train_then_test(mnist_dir, monkeypatch
     monkeypatch.setenv("DEC_DATA_DIR", str(mnist_dir.parent))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing may be downloaded
     ds = load_dataset("MNIST", n_clusters=10)
-    assert KNOWN_DATASETS == ("mnist",)
+    assert KNOWN_DATASETS == ("mnist", "reuters", "reuters10k", "stl10")
     assert isinstance(ds, Dataset) and ds.name == "mnist"
     assert ds.image_shape == (28, 28) and ds.default_scaling == "max"
     assert ds.x.shape == (70000, 784) and ds.x.dtype == np.float32

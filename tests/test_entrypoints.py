@@ -77,7 +77,7 @@ def test_cluster_logs_params_metrics_artifacts_and_registers(store, first_cluste
     assert len(acc) == len(kl)
     assert {f"cluster_{j}_frac" for j in range(3)} <= set(m)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"cluster_sizes.json"} <= artifacts
+    assert {"cluster_sizes.json", "self_training_tsne.png", "self_training_curves.png", "gradient_vs_q.png"} <= artifacts
     sizes = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/cluster_sizes.json")["cluster_sizes"]
     assert sum(sizes) == 300 and len(sizes) == 3
     # registered, loadable, and it clusters the data like the run says

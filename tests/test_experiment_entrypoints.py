@@ -69,6 +69,7 @@ def test_compare_logs_a_child_run_per_method_and_seed(compared):
     assert all(0 <= c.data.metrics["acc"] <= 1 for c in children)
     dec = next(c for c in children if c.data.tags["method"] == "dec")
     assert len(MlflowClient().get_metric_history(dec.info.run_id, "delta_label")) >= 2  # self-training curves
+    assert "self_training_tsne.png" in {a.path for a in MlflowClient().list_artifacts(dec.info.run_id)}
     # one pretrain run per seed, nested under the parent
     pretrains = runs("pretrain")
     assert sorted(r.data.params["random_state"] for r in pretrains) == ["0", "1"]

@@ -155,3 +155,23 @@ def test_gradient_vs_q_plots_every_point_against_q_of_the_largest_cluster(record
 def test_gradient_vs_q_rejects_a_cluster_out_of_range(recorded):
     with pytest.raises(ValueError, match=r"cluster must be in \[0, 3\) for q with 3 clusters; got cluster=3"):
         plots.gradient_vs_q_figure(recorded.gradient["q"], recorded.gradient["grad_norm"], cluster=3)
+
+
+def test_k_sweep_figure_marks_the_recommended_k():
+    import pandas as pd
+
+    table = pd.DataFrame({"k": [3, 4, 5], "generalizability": [0.9, 0.8, 0.4], "val_nmi": [0.5, 0.7, 0.6]})
+    fig = plots.k_sweep_figure(table, recommended=4)
+    ax = fig.axes[0]
+    assert len(fig.axes) == 2  # G and, on a twin axis, NMI
+    assert list(ax.lines[0].get_xdata()) == [3, 4, 5]
+    assert "recommended k = 4" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_imbalance_figure_draws_a_line_per_method():
+    import pandas as pd
+
+    table = pd.DataFrame({"r_min": [0.1, 0.5, 0.1, 0.5], "method": ["dec", "dec", "kmeans", "kmeans"], "acc": [0.7, 0.8, 0.5, 0.55]})
+    ax = plots.imbalance_figure(table).axes[0]
+    assert [line.get_label() for line in ax.lines] == ["dec", "kmeans"]
+    assert list(ax.lines[0].get_ydata()) == [0.7, 0.8]
