@@ -129,3 +129,16 @@ def test_imbalance_needs_labels(store, tmp_path):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32))
     result = invoke("imbalance", "--dataset", tmp_path / "x.npy", "--n_clusters", "2")
     assert result.exit_code == 2 and "has no labels" in result.output
+
+
+def test_cluster_with_n_pretrain_init_keeps_the_best_candidate(store):
+    result = invoke("cluster", "--dataset", store["data"], "--n_clusters", "4", "--n_pretrain_init", "2",
+                    "--pretrain_selection", "reconstruction", "--random_state", "5", "--registered_model_name", "none", *SMALL)
+    assert result.exit_code == 0, result.output
+    run = runs("cluster")[-1]
+    client = MlflowClient()
+    recon = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "candidate_reconstruction")}
+    assert set(recon) == {5, 6}
+    assert run.data.metrics["selected_seed"] == min(recon, key=recon.get)
+    assert sorted(r.data.params["random_state"] for r in runs("pretrain") if r.data.tags.get("mlflow.parentRunId") == run.info.run_id) == ["5", "6"]
+    assert f"Kept the autoencoder of seed {int(run.data.metrics['selected_seed'])}" in result.output
