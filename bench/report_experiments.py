@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -22,29 +23,36 @@ from _report import machine, write_section
 ARTIFACTS = {"compare": "comparison.md", "k_sweep": "k_sweep.csv", "imbalance": "imbalance.md"}
 
 
-def newest(stage: str, dataset: str):
+def newest(stage: str, dataset: str) -> list:
+    """The newest FINISHED parent run of ``stage``; for ``compare``, the newest per set of methods."""
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
                               filter_string=f"tags.`dec.stage` = '{stage}' and tags.dataset = '{dataset}' and attributes.status = 'FINISHED'")
-    return runs[0] if runs else None
-
-
-def command(run) -> str:
-    skip = {"dataset_name", "data_digest", "n_samples", "n_features"}
-    defaults = {}  # only the options that were given on the command line are stored as non-default params
-    args = " ".join(f"--{k} {v}" for k, v in sorted(run.data.params.items()) if k not in skip and k not in defaults)
-    return f"python -m dec_mlflow.cli {run.data.tags['dec.stage']} {args}"
+    if stage != "compare":
+        return runs[:1]
+    seen, kept = set(), []
+    for run in runs:
+        if run.data.params.get("methods") not in seen:
+            seen.add(run.data.params.get("methods"))
+            kept.append(run)
+    return kept
 
 
 def section(stage: str, dataset: str) -> str | None:
-    run = newest(stage, dataset)
-    if run is None:
+    runs = newest(stage, dataset)
+    if not runs:
         print(f"no FINISHED {stage} run for {dataset}")
         return None
+    return "\n\n".join(_run_text(stage, run) for run in runs)
+
+
+def _run_text(stage: str, run) -> str:
     body = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=ARTIFACTS[stage])).read_text()
     if stage == "k_sweep":
         body = "```\n" + body + "```\n\nrecommended k: " + str(int(run.data.metrics["recommended_k"]))
+    body = re.sub(r"^(#+) ", r"##\1 ", body, flags=re.M)  # nest the artifact's headings under this section
     minutes = (run.info.end_time - run.info.start_time) / 60000
-    text = (f"Run `{run.info.run_id}` ({run.info.run_name}), wall {minutes:.1f} min on {machine()}.\n"
+    text = (f"Run `{run.info.run_id}` ({run.info.run_name}), wall {minutes:.1f} min (the machine and its load during "
+            f"the runs: REPRODUCING.md; this report written on {machine()}).\n"
             f"All parameters of the run (defaults included): `{json.dumps(run.data.params, sort_keys=True)}`\n\n{body}")
     print(text)
     return text
