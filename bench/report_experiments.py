@@ -68,7 +68,9 @@ def main() -> None:
     for stage, title in titles.items():
         text = section(stage, args.dataset)
         if text:
-            write_section(f"Paper reproduction, {args.dataset}: {title}", text)
+            head = (f"Command: `MLFLOW_TRACKING_URI=<store> python bench/report_experiments.py --dataset {args.dataset}`, "
+                    f"which copies the newest finished `{stage}` results; the commands that produced them are in REPRODUCING.md.")
+            write_section(f"Paper reproduction, {args.dataset}: {title}", head + "\n\n" + text)
 
 
 if __name__ == "__main__":
