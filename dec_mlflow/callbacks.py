@@ -96,6 +96,10 @@ class ProgressBar(Callback):
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
 
     def on_stage_end(self, stage):
+        self.close()
+
+    def close(self) -> None:
+        """End the current bar's line (a stage that raised never reaches on_stage_end)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -55,6 +55,9 @@ class Dataset:
     default_scaling : str
         ``'max'`` for MNIST (divide by the global max), ``'none'`` for REUTERS (tf-idf as the
         paper fed it), ``'standard'`` for STL-10 and user data.
+    source : str
+        Where the data came from: the absolute path of a user file, or the first download mirror
+        of a known dataset ('' when unknown).
     """
 
     name: str
@@ -62,6 +65,7 @@ class Dataset:
     y: np.ndarray | None
     image_shape: tuple[int, ...] | None
     default_scaling: str
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -453,18 +457,21 @@ def load_dataset(
         except ValueError as exc:  # a file breaks its format; corpora names the file, rule and value
             raise DataError(f"dataset {name!r}: {exc}") from exc
         x, y = _validated(name, x, y, n_clusters, None)
-        return Dataset(name, x, y, entry.image_shape, entry.default_scaling)
+        return Dataset(name, x, y, entry.image_shape, entry.default_scaling, entry.mirrors()[0])
     path = Path(dataset).expanduser()
     if path.suffix.lower() not in _USER_SUFFIXES:
         raise DataError(f"dataset {dataset!r} is not known; choose one of {', '.join(KNOWN_DATASETS)}, "
                         f"or give a path to a {'/'.join(_USER_SUFFIXES)} file")
     if not path.is_file():
         raise DataError(f"dataset {dataset!r}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"dataset {dataset!r}: the file is empty (0 bytes)")
     try:
         x, y, columns = _read_user_file(path, label_column, dataset)
     except DataError:
         raise
-    except (OSError, ValueError) as exc:  # malformed files; DataError above is already precise
+    # malformed files (numpy raises EOFError for a truncated header); DataError above is already precise
+    except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"dataset {dataset!r}: cannot read {path.suffix} file ({exc})") from exc
     x, y = _validated(dataset, x, y, n_clusters, columns)
-    return Dataset(path.stem, x, y, None, "standard")
+    return Dataset(path.stem, x, y, None, "standard", str(path.resolve()))

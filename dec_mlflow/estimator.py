@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
@@ -245,6 +246,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"hidden_dims must be a non-empty sequence of positive integers; got {self.hidden_dims!r}")
         if self.pretrain_mode == "end_to_end" and self.pretrain_epochs == 0:
             raise ValueError("pretrain_epochs must be >= 1 when pretrain_mode='end_to_end'; got 0")
+        _check_device(self.device)
 
     def _check_X(self, X, *, fitting: bool) -> np.ndarray:
         X = np.asarray(X, dtype=np.float32)
@@ -447,6 +449,22 @@ def _fit_scaling(X: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:
         std = X.std(0, dtype=np.float64).astype(np.float32)
         scale = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 1.0).astype(np.float32)
     return offset, scale
+
+
+def _check_device(device) -> None:
+    """'auto', 'cpu', 'cuda' or 'cuda:N' (a torch.device too), and CUDA only where torch can use it."""
+    name = str(device) if isinstance(device, torch.device) else device
+    if name in ("auto", "cpu"):
+        return
+    match = re.fullmatch(r"cuda(?::(\d+))?", name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here (no GPU or driver, or a CPU-only torch); "
+                         "use device='auto' or 'cpu'")
+    n_gpus = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= n_gpus:
+        raise ValueError(f"device={device!r} but this machine has {n_gpus} CUDA device(s): cuda:0 to cuda:{n_gpus - 1}")
 
 
 def _check_int(name, value, *, low):

@@ -1,6 +1,7 @@
-"""Everything MLflow: metrics callback, run reuse, autoencoder artifacts, model registry.
+"""Everything MLflow: stage runs and experiments, metrics callback, run reuse, datasets,
+autoencoder artifacts, model registry.
 
-The estimator and training loops never import mlflow; the CLI wires them to this module.
+The estimator and training loops never import mlflow; the lifecycle stages wire them to this module.
 """
 
 from __future__ import annotations
@@ -9,16 +10,21 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
 from mlflow.entities import Run
+from mlflow.environment_variables import MLFLOW_RUN_ID
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dec_mlflow.callbacks import Callback, SelfTrainRecorder
+from dec_mlflow.data import Dataset
 from dec_mlflow.estimator import PretrainedAutoencoder
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.model import DECNet
@@ -28,6 +34,62 @@ NETWORK_ARTIFACT = "network/dec_network.pt"  # the trained DECNet, for re-export
 STAGE_TAG = "dec.stage"  # which step of the lifecycle a run is: pretrain, cluster, evaluate, export
 KEY_TAG = "dec.pretrain_key"  # fingerprint of data content + pretraining settings, for reuse
 MAX_CLUSTER_METRICS = 50  # above this many clusters, per-cluster size metrics would swamp the UI
+LAUNCHER_TAG = "dec.launcher_run"  # on a run started elsewhere than the `mlflow run` run: that run's id
+LAUNCHED_TAG = "dec.launched_run"  # on such an `mlflow run` run: the id of the run that holds the results
+# tags of an `mlflow run` run that say where the code came from; copied when the work moves to another run
+_SOURCE_TAG_PREFIXES = ("mlflow.source.", "mlflow.project.", "mlflow.gitRepoURL", "mlflow.user")
+
+
+@contextmanager
+def stage_run(run_name: str, experiment: str = "") -> Iterator[mlflow.ActiveRun]:
+    """The run of one lifecycle stage: the run ``mlflow run`` started for it, else a new one.
+
+    ``experiment`` names the experiment (created if missing); '' leaves the choice to MLflow: the
+    experiment of the run ``mlflow run`` started (its ``--experiment-name``), else
+    ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID``, else Default. ``mlflow run`` creates its
+    run before the command sees ``-P experiment``; when that run is in another experiment, the
+    stage starts a new run in ``experiment`` (tagged ``dec.launcher_run``, with the project's source
+    tags) and the ``mlflow run`` run is left as a launcher tagged ``dec.launched_run``.
+    The run ends FAILED if the block raises, FINISHED otherwise.
+    """
+    experiment_id, tags = None, {}
+    if experiment:
+        experiment_id = _experiment_id(experiment)
+        launcher_id = MLFLOW_RUN_ID.get()
+        launcher = MlflowClient().get_run(launcher_id) if launcher_id else None
+        if launcher is not None and launcher.info.experiment_id != experiment_id:
+            del os.environ[MLFLOW_RUN_ID.name]  # start a new run instead of resuming that one
+            tags = {k: v for k, v in launcher.data.tags.items() if k.startswith(_SOURCE_TAG_PREFIXES)}
+            tags[LAUNCHER_TAG] = launcher_id
+    with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags or None) as run:
+        mlflow.set_tag("mlflow.runName", run_name)  # start_run ignores run_name when resuming an `mlflow run` run
+        if LAUNCHER_TAG in tags:
+            MlflowClient().set_tag(tags[LAUNCHER_TAG], LAUNCHED_TAG, run.info.run_id)
+            MlflowClient().set_tag(tags[LAUNCHER_TAG], "mlflow.note.content",
+                                   f"This run only launched run {run.info.run_id} ({run_name}) in experiment "
+                                   f"{experiment!r} (-P experiment); its results are there. "
+                                   f"`mlflow run --experiment-name {experiment}` would have started it there directly.")
+        yield run
+
+
+@contextmanager
+def child_run(run_name: str) -> Iterator[mlflow.ActiveRun]:
+    """A run nested in the active run, in the same experiment (start_run alone would use the default one)."""
+    experiment_id = mlflow.active_run().info.experiment_id
+    with mlflow.start_run(run_name=run_name, nested=True, experiment_id=experiment_id) as run:
+        mlflow.set_tag("mlflow.runName", run_name)
+        yield run
+
+
+def _experiment_id(name: str) -> str:
+    """Id of the experiment called ``name``, created if it does not exist."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        return client.create_experiment(name)
+    if found.lifecycle_stage != "active":
+        raise ValueError(f"experiment {name!r} is deleted; restore it (mlflow experiments restore) or choose another name")
+    return found.experiment_id
 
 
 class MlflowCallback(Callback):
@@ -85,6 +147,20 @@ def find_finished_run(stage: str, key: str) -> Run | None:
         [_current_experiment_id()], query, order_by=["attributes.start_time DESC"], max_results=1
     )
     return runs[0] if runs else None
+
+
+def log_dataset(data: Dataset, digest: str, context: str) -> None:
+    """Log ``data`` as an input of the active run (the UI's Datasets panel): name, digest, source, schema.
+
+    ``digest`` is the content hash also logged as the ``data_digest`` parameter; ``context`` says
+    what the run did with it ('training', 'evaluation', 'validation').
+    """
+    with warnings.catch_warnings():
+        # a local path matches the two LocalArtifactDatasetSource registrations ('' and 'file'); either is right
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        dataset = mlflow.data.from_numpy(data.x, targets=data.y, name=data.name, digest=digest,
+                                         source=data.source or None)
+    mlflow.log_input(dataset, context=context)
 
 
 def log_params_once(params: dict[str, object]) -> None:
@@ -160,6 +236,28 @@ def set_model_version_tags(name: str, version: str, tags: dict[str, object]) -> 
     client = MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
+
+
+def describe_model(name: str, version: str, *, model_description: str, version_description: str) -> None:
+    """Set a registered version's description, and the registered model's when it has none yet."""
+    client = MlflowClient()
+    client.update_model_version(name, version, description=version_description)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=model_description)
+
+
+def load_pyfunc(uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """The pyfunc model at ``uri``; ValueError naming the URI when it cannot be loaded."""
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as e:
+        detail = e.message if isinstance(e, MlflowException) else str(e)
+        raise ValueError(f"model {uri!r} could not be loaded: {detail.splitlines()[0]}") from e
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    """The latest value of each metric of run ``run_id``."""
+    return dict(MlflowClient().get_run(run_id).data.metrics)
 
 
 def promote(name: str, metric: str, *, greater_is_better: bool = True, alias: str = "champion") -> dict:

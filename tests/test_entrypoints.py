@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import mlflow
 import numpy as np
 import pytest
@@ -163,21 +165,41 @@ def test_promote_points_champion_at_the_best_version(store, first_cluster):
     assert result.exit_code == 1 and "metric 'nope' was not logged" in result.output
 
 
-def test_mlproject_parameters_mirror_the_cli_and_estimator_defaults():
+_MLPROJECT_TYPES = {"int": click.types.IntParamType, "float": click.types.FloatParamType,
+                    "string": (click.types.StringParamType, click.Choice)}
+
+
+def test_every_mlproject_entry_point_mirrors_its_command():
+    """Each parameter is an option of the same name, type and default; each option a parameter; all passed."""
     spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
-    defaults = DEC().get_params()
-    for entry in ("pretrain", "cluster"):
-        params = spec[entry]["parameters"]
-        for name, p in params.items():
-            assert f"--{name} {{{name}}}" in spec[entry]["command"], (entry, name)
-            if name in defaults and name not in ("hidden_dims", "scaling"):
-                assert str(p["default"]) == str(defaults[name]), (entry, name)
-        assert str(params["hidden_dims"]["default"]) == ",".join(map(str, defaults["hidden_dims"]))
-    assert set(spec["cluster"]["parameters"]) >= set(defaults)
-    commands = {c.name: c for c in main.commands.values()}
+    assert set(spec) == set(main.commands)
     for entry, s in spec.items():
-        options = {p.name for p in commands[entry].params}
-        assert set(s["parameters"]) == options, entry
+        options = {p.name: p for p in main.commands[entry].params}
+        assert set(s["parameters"]) == set(options), entry
+        prefix = f"python -m dec_mlflow.cli {entry} "
+        assert s["command"].startswith(prefix), entry
+        passed = re.findall(r"--(\w+) \{(\w+)\}", s["command"])
+        assert all(flag == name for flag, name in passed), entry
+        assert sorted(name for _, name in passed) == sorted(s["parameters"]), entry  # each exactly once
+        assert re.sub(r"--\w+ \{\w+\}", "", s["command"][len(prefix):]).strip() == "", entry  # nothing else
+        for name, p in s["parameters"].items():
+            option = options[name]
+            assert isinstance(option.type, _MLPROJECT_TYPES[p["type"]]), (entry, name, option.type)
+            if "default" in p:
+                assert not option.required and str(option.default) == str(p["default"]), (entry, name, option.default, p["default"])
+                if isinstance(option.type, click.Choice):
+                    assert p["default"] in option.type.choices, (entry, name)
+            else:
+                assert option.required, (entry, name)
+
+
+def test_cli_defaults_are_the_estimator_defaults():
+    defaults = DEC().get_params()
+    options = {p.name: p for p in main.commands["cluster"].params}
+    assert set(defaults) <= set(options)
+    for name, default in defaults.items():
+        expected = ",".join(map(str, default)) if name == "hidden_dims" else "auto" if name == "scaling" else default
+        assert options[name].default == expected, name
 
 
 def test_export_reexports_a_cluster_run_as_a_new_verified_version(store, first_cluster):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
@@ -120,6 +121,25 @@ def test_sklearn_clone_and_params_round_trip():
 def test_bad_params_are_named(blobs, params, message):
     with pytest.raises(ValueError, match=message):
         DEC(**{**SMALL, **params}).fit(blobs[0])
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CUDA", "cuda:0 ", 0])
+def test_device_must_be_auto_cpu_cuda_or_cuda_n(device):
+    with pytest.raises(ValueError, match=rf"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}$"):
+        DEC(device=device).validate_params()
+
+
+def test_cuda_device_is_refused_where_cuda_is_absent_or_the_index_is_out_of_range(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device='cuda' but CUDA is not available here .*use device='auto' or 'cpu'$"):
+        DEC(device="cuda").validate_params()
+    DEC(device="auto").validate_params()
+    DEC(device=torch.device("cpu")).validate_params()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    DEC(device="cuda:1").validate_params()
+    with pytest.raises(ValueError, match=r"device='cuda:2' but this machine has 2 CUDA device\(s\): cuda:0 to cuda:1$"):
+        DEC(device="cuda:2").validate_params()
 
 
 def test_bad_input_is_rejected_before_training():

@@ -88,10 +88,15 @@ def test_compare_parent_logs_table_markdown_and_stability(compared):
 
 
 def test_compare_rejects_unknown_methods_before_work(store):
+    before = len(runs("compare"))
     result = invoke("compare", "--dataset", store["data"], "--methods", "dec,gmm")
-    assert result.exit_code == 2 and "must be a comma-separated subset of kmeans, ae_kmeans" in result.output and "'dec,gmm'" in result.output
+    assert result.exit_code == 1 and result.output == (
+        "Error: methods must be a comma-separated subset of kmeans, ae_kmeans, dec_frozen, dec, idec; got 'dec,gmm'\n")
     result = invoke("compare", "--dataset", store["data"], "--seeds", "0", "--select_from", "2")
-    assert result.exit_code == 2 and "select_from" in result.output and "got 2" in result.output
+    assert result.exit_code == 1 and result.output == "Error: select_from must be >= 1 and <= the number of seeds (1); got 2\n"
+    result = invoke("compare", "--dataset", store["data"], "--seeds", "0,x")
+    assert result.exit_code == 2 and "Invalid value for '--seeds': must be comma-separated integers; got '0,x'" in result.output
+    assert len(runs("compare")) == before
 
 
 def test_k_sweep_logs_g_and_nmi_per_k_and_recommends_one(store):
@@ -128,7 +133,7 @@ def test_imbalance_subsamples_per_r_min_and_logs_curves(store):
 def test_imbalance_needs_labels(store, tmp_path):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32))
     result = invoke("imbalance", "--dataset", tmp_path / "x.npy", "--n_clusters", "2")
-    assert result.exit_code == 2 and "has no labels" in result.output
+    assert result.exit_code == 1 and result.output.startswith("Error: dataset") and "has no labels" in result.output
 
 
 def test_cluster_with_n_pretrain_init_keeps_the_best_candidate(store):

@@ -1,0 +1,421 @@
+"""The lifecycle's stages as plain functions: pretrain, cluster, evaluate, export, promote.
+
+Each stage takes parameters, does its work in one MLflow run (promote starts none) and returns a
+dict with the run id and what the run made (model URI, registered version, metrics). ``cli.py``
+parses options and calls one stage; tests and notebooks call the stages directly. The paper's
+experiments (compare, k_sweep, imbalance) are stages of :mod:`dec_mlflow.lifecycle_experiments`.
+
+Estimator parameters are the keyword arguments of :class:`~dec_mlflow.estimator.DEC` (one source
+of hyperparameters), with ``scaling='auto'`` meaning the dataset's own default. Parameters are
+checked before any data is loaded. Errors a user can cause raise ``ValueError`` naming the
+parameter or file and the rule (``DataError`` for data), or ``FloatingPointError`` when training
+diverges; a run ends FAILED on any error.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from numbers import Integral
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from sklearn.base import clone
+
+from dec_mlflow import tracking
+from dec_mlflow.callbacks import CallbackList, ProgressBar
+from dec_mlflow.data import Dataset, load_dataset
+from dec_mlflow.estimator import DEC, PretrainedAutoencoder, selection_criteria
+from dec_mlflow.metrics import clustering_scores
+
+# The estimator's parameters and their defaults; 'auto' scaling is resolved per dataset.
+ESTIMATOR_DEFAULTS = {**DEC().get_params(), "scaling": "auto"}
+ESTIMATOR_PARAMS = tuple(ESTIMATOR_DEFAULTS)
+# The parameters that decide a pretrained autoencoder: with the data digest, the key under which a
+# finished pretrain run is reused.
+PRETRAIN_PARAMS = (
+    "hidden_dims", "scaling", "pretrain_mode", "pretrain_epochs", "layerwise_epochs", "pretrain_batch_size",
+    "pretrain_lr", "pretrain_momentum", "pretrain_lr_schedule", "dropout", "precision", "random_state",
+)
+PRETRAIN_STAGE_PARAMS = PRETRAIN_PARAMS + ("device",)  # what the pretrain stage takes
+MODEL_ARTIFACT = "model"  # name of the logged pyfunc model in cluster and export runs
+ONNX_CHECK_ROWS = 2000  # rows on which the ONNX graph is compared with PyTorch before it is logged
+
+
+# ------------------------------------------------------------------------------------ helpers
+def report(message: str) -> None:
+    """Progress for the person watching (stderr, like the progress bar); results go in the return values."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def progress_bar() -> Iterator[ProgressBar]:
+    """A progress bar closed even when training raises, so the error message starts on its own line."""
+    bar = ProgressBar()
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def estimator_params(params: dict, names: tuple[str, ...] = ESTIMATOR_PARAMS) -> dict:
+    """``params`` completed with the defaults of ``names``; a name outside ``names`` is refused."""
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; this stage takes {', '.join(names)}")
+    return {name: params.get(name, ESTIMATOR_DEFAULTS[name]) for name in names}
+
+
+def build_estimator(params: dict, default_scaling: str = "standard") -> DEC:
+    """The validated estimator for ``params``, with 'auto' scaling resolved to ``default_scaling``.
+
+    Called once before the data is loaded, so parameter errors come before any work, and again
+    with the dataset's own default scaling.
+    """
+    params = {**params, "hidden_dims": tuple(params.get("hidden_dims", ESTIMATOR_DEFAULTS["hidden_dims"]))}
+    if params.get("scaling") == "auto":
+        params["scaling"] = default_scaling
+    est = DEC().set_params(**params)
+    est.validate_params()
+    return est
+
+
+def load_data(dataset: str, label_column: str | None = "", n_clusters: int | None = None) -> Dataset:
+    """The validated dataset (a known name or a file path); '' or None: no label column."""
+    return load_dataset(dataset, label_column=label_column or None, n_clusters=n_clusters)
+
+
+def data_params(data: Dataset) -> dict:
+    """What identifies the data of a run, logged as params (the digest is a hash of the features)."""
+    return {"dataset_name": data.name, "data_digest": tracking.data_digest(data.x),
+            "n_samples": data.x.shape[0], "n_features": data.x.shape[1]}
+
+
+def check_int(name: str, value, *, low: int) -> None:
+    """ValueError naming ``name`` unless ``value`` is an integer >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+
+
+def fmt_scores(scores: dict) -> str:
+    """'ACC 0.9000  NMI 0.8000  ARI 0.7000' from {'acc': 0.9, ...}."""
+    return "  ".join(f"{k.upper()} {v:.4f}" for k, v in scores.items())
+
+
+def _pretrain_key(est: DEC, digest: str) -> str:
+    """Fingerprint of what decides a pretrained autoencoder: data content plus pretraining settings."""
+    params = est.get_params()
+    return tracking.fingerprint({"data_digest": digest, **{k: params[k] for k in PRETRAIN_PARAMS}})
+
+
+# ------------------------------------------------------------------------------------ pretrain
+def pretrain(dataset: str, *, label_column: str = "", experiment: str = "", **params) -> dict:
+    """Pretrain the autoencoder on ``dataset`` in a new run.
+
+    Reads the dataset; writes a run with the per-epoch ``pretrain_loss`` curve, the dataset as an
+    input and the artifact ``autoencoder/autoencoder.pt`` (weights + input scaling).
+
+    Parameters
+    ----------
+    dataset : str
+        A known dataset name or a path to a .npy/.npz/.csv/.parquet file.
+    label_column : str
+        Label column of a table (labels are not used by pretraining).
+    experiment : str
+        MLflow experiment name ('' : MLflow's choice, see ``tracking.stage_run``).
+    **params
+        ``PRETRAIN_STAGE_PARAMS`` of the estimator; the rest keep their defaults.
+
+    Returns
+    -------
+    dict with ``run_id``, ``autoencoder_uri`` and ``loss`` (last epoch's reconstruction loss).
+    """
+    params = estimator_params(params, PRETRAIN_STAGE_PARAMS)
+    build_estimator(params)
+    data = load_data(dataset, label_column)
+    est = build_estimator(params, data.default_scaling)
+    with tracking.stage_run(f"pretrain-{data.name}-s{est.random_state}", experiment) as run:
+        ae = _run_pretraining(est, data, {"dataset": dataset, "label_column": label_column, **params}, data_params(data))
+    run_id = run.info.run_id
+    return {"run_id": run_id, "autoencoder_uri": f"runs:/{run_id}/{Path(tracking.AUTOENCODER_ARTIFACT).parent}", "loss": ae.loss}
+
+
+def _run_pretraining(est: DEC, data: Dataset, stage_params: dict, data_params_: dict) -> PretrainedAutoencoder:
+    """Pretrain inside the active run and log params, dataset, loss curve and the autoencoder artifact."""
+    mlflow.set_tags({tracking.STAGE_TAG: "pretrain", tracking.KEY_TAG: _pretrain_key(est, data_params_["data_digest"]),
+                     "dataset": data.name, "method": f"pretrain-{est.pretrain_mode}", "seed": est.random_state})
+    tracking.log_params_once({**stage_params, **data_params_, "scaling_resolved": est.scaling})
+    tracking.log_dataset(data, data_params_["data_digest"], context="training")
+    with progress_bar() as bar:
+        ae = est.pretrain(data.x, callback=CallbackList([bar, tracking.MlflowCallback(est.n_clusters)]))
+    mlflow.log_metric("final_pretrain_loss", ae.loss)
+    tracking.log_autoencoder(ae)
+    return ae
+
+
+def resolve_autoencoder(ref: str, est: DEC, data: Dataset, stage_params: dict, data_params_: dict):
+    """The autoencoder named by ``ref``, else a matching finished pretrain run's, else a new child run's.
+
+    ``ref`` is a run id, a ``runs:/`` or ``models:/`` URI, or a checkpoint file; '' to look for or
+    make one. ``stage_params`` are the calling stage's parameters (its pretraining ones are logged
+    by a new pretrain run). Returns (autoencoder, source) with source the ref or the ``runs:/`` URI
+    of the pretrain run.
+    """
+    if ref:
+        looks_like_file = Path(ref).suffix or "/" in ref or "\\" in ref
+        if ":/" not in ref and looks_like_file and not Path(ref).is_file():
+            raise ValueError(f"autoencoder {ref!r}: no such file (give a checkpoint file, a run id or a runs:/ or models:/ URI)")
+        return tracking.load_autoencoder(ref), ref
+    previous = tracking.find_finished_run("pretrain", _pretrain_key(est, data_params_["data_digest"]))
+    if previous is not None:
+        report(f"Reusing autoencoder of FINISHED pretrain run {previous.info.run_id}")
+        return tracking.load_autoencoder(previous.info.run_id), f"runs:/{previous.info.run_id}"
+    with tracking.child_run(f"pretrain-{data.name}-s{est.random_state}") as child:
+        pretrain_params = {k: v for k, v in stage_params.items() if k in PRETRAIN_STAGE_PARAMS + ("dataset", "label_column")}
+        pretrain_params["random_state"] = est.random_state
+        ae = _run_pretraining(est, data, pretrain_params, data_params_)
+    return ae, f"runs:/{child.info.run_id}"
+
+
+def select_autoencoder(est: DEC, data: Dataset, stage_params: dict, data_params_: dict):
+    """``n_pretrain_init`` candidates (each its own reusable pretrain run); keep the best, label-free.
+
+    Sets ``est.random_state`` to the kept candidate's seed, so the fit that follows is the one
+    ``DEC(n_pretrain_init=...).fit`` would make. Logs each candidate's criteria as metrics
+    (step = seed) and ``selected_seed``. Returns (autoencoder, source) as ``resolve_autoencoder``.
+    """
+    best = None
+    for seed in range(est.random_state, est.random_state + est.n_pretrain_init):
+        candidate = clone(est).set_params(random_state=seed)
+        ae, source = resolve_autoencoder("", candidate, data, stage_params, data_params_)
+        criteria = selection_criteria(ae, data.x, est.n_clusters, n_init=est.n_init, seed=seed)
+        mlflow.log_metrics({f"candidate_{name}": v for name, v in criteria.items()}, step=seed)
+        if best is None or criteria[est.pretrain_selection] < best[0]:
+            best = (criteria[est.pretrain_selection], seed, ae, source)
+    _, seed, ae, source = best
+    report(f"Kept the autoencoder of seed {seed} (lowest {est.pretrain_selection})")
+    mlflow.log_metric("selected_seed", seed)
+    est.set_params(random_state=seed)
+    return ae, source
+
+
+# ------------------------------------------------------------------------------------ cluster
+def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", registered_model_name: str = "",
+            figure_sample_size: int = 1000, experiment: str = "", **params) -> dict:
+    """The main job: pretrain or reuse an autoencoder, k-means init, DEC self-training, log and register.
+
+    Reads the dataset; writes a run with the self-training curves, the dataset as an input,
+    ``network/dec_network.pt``, ``cluster_sizes.json``, the self-training figures and the ONNX
+    pyfunc model ``model``, registered as ``registered_model_name`` (default ``dec-<dataset>``;
+    'none' skips registration) with a description; a child pretrain run if it had to pretrain.
+
+    Parameters
+    ----------
+    dataset, label_column, experiment : str
+        As for :func:`pretrain`; labels only feed metrics.
+    autoencoder : str
+        Pretrained autoencoder: run id, ``runs:/`` or ``models:/`` URI, or checkpoint file. '':
+        reuse a matching FINISHED pretrain run of the experiment, else pretrain now.
+    registered_model_name : str
+    figure_sample_size : int
+        Points recorded for the self-training figures (>= 10).
+    **params
+        Estimator parameters (``ESTIMATOR_PARAMS``); the rest keep their defaults.
+
+    Returns
+    -------
+    dict with ``run_id``, ``model_uri``, ``registered_model_name`` and ``registered_model_version``
+    (None when not registered), ``autoencoder_source``, ``onnx_max_abs_dq`` and ``metrics``: the
+    run's summary scores (``final_*`` and ``ae_kmeans_*`` when the data has labels), which also tag
+    and describe the registered version.
+    """
+    params = estimator_params(params)
+    check_int("figure_sample_size", figure_sample_size, low=10)
+    build_estimator(params)
+    data = load_data(dataset, label_column, params["n_clusters"])
+    est = build_estimator(params, data.default_scaling)
+    name = registered_model_name or f"dec-{data.name}"
+    with tracking.stage_run(f"cluster-{data.name}-k{est.n_clusters}-s{est.random_state}", experiment) as run:
+        mlflow.set_tags({tracking.STAGE_TAG: "cluster", "dataset": data.name, "method": "dec", "seed": est.random_state})
+        stage_params = {"dataset": dataset, "label_column": label_column, **params}
+        data_params_ = data_params(data)
+        tracking.log_params_once({**stage_params, "autoencoder": autoencoder, "registered_model_name": registered_model_name,
+                                  "figure_sample_size": figure_sample_size, **data_params_, "scaling_resolved": est.scaling})
+        tracking.log_dataset(data, data_params_["data_digest"], context="training")
+        if autoencoder or est.n_pretrain_init == 1:
+            ae, source = resolve_autoencoder(autoencoder, est, data, stage_params, data_params_)
+        else:
+            ae, source = select_autoencoder(est, data, stage_params, data_params_)
+        mlflow.set_tag("dec.autoencoder_source", source)
+        recorder = tracking.self_training_recorder(data.x, data.y, ae, alpha=est.alpha, sample_size=figure_sample_size, seed=est.random_state)
+        with progress_bar() as bar:
+            est.fit(data.x, autoencoder=ae, callback=CallbackList([bar, tracking.MlflowCallback(est.n_clusters, data.y), recorder]))
+        tracking.log_self_training_figures(recorder, tol=est.tol, seed=est.random_state)
+        metrics = _log_cluster_results(est, data)
+        tracking.log_network(est.network_)
+        final = {k: v for k, v in metrics.items() if k.startswith("final_")}
+        summary = f"run {run.info.run_id} (cluster-{data.name}-k{est.n_clusters}-s{est.random_state}) scored {_describe_metrics(final)}"
+        logged = _log_model(est.network_, data, data_params_["data_digest"], name, {k: f"{v:.4f}" for k, v in final.items()}, summary)
+    return {"run_id": run.info.run_id, "autoencoder_source": source, "metrics": metrics, **logged}
+
+
+def _log_cluster_results(est: DEC, data: Dataset) -> dict:
+    """Log sizes, iterations and, with labels, the AE+k-means and final scores; return the scores logged.
+
+    The returned dict is the run's summary: it tags and describes the registered version, so a
+    label-free score added here reaches the registry too.
+    """
+    sizes = np.bincount(est.labels_, minlength=est.n_clusters)
+    mlflow.log_dict({"cluster_sizes": sizes.tolist()}, "cluster_sizes.json")
+    mlflow.log_metrics({"n_iter": est.n_iter_, "converged": float(est.converged_), "pretrain_loss": est.pretrain_loss_})
+    if data.y is None:
+        return {}
+    final = clustering_scores(data.y, est.labels_)
+    init = clustering_scores(data.y, est.init_labels_)
+    metrics = {**{f"final_{k}": v for k, v in final.items()}, **{f"ae_kmeans_{k}": v for k, v in init.items()}}
+    mlflow.log_metrics(metrics)
+    return metrics
+
+
+def _describe_metrics(metrics: dict) -> str:
+    if not metrics:
+        return "no accuracy figures (the data has no labels)"
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def _log_model(network, data: Dataset, digest: str, name: str, tags: dict, summary: str) -> dict:
+    """Export to ONNX, verify, log as the pyfunc model ``model`` and register it (unless name is 'none').
+
+    ``summary`` says where the network comes from and what it scored; it goes into the
+    registered version's description. Returns ``model_uri``, ``registered_model_name``,
+    ``registered_model_version`` (both None when not registered) and ``onnx_max_abs_dq``.
+    """
+    from serving.model_io import log_dec_model  # onnx / onnxruntime are heavy: import on use
+
+    register = name.lower() != "none"
+    tags = {"dataset": data.name, "source_run": mlflow.active_run().info.run_id, **tags}
+    # logs the ONNX parity figures as metrics of the run and of the logged model
+    info, check = log_dec_model(network, data.x[:ONNX_CHECK_ROWS], name=MODEL_ARTIFACT,
+                                registered_model_name=name if register else None, tags=tags)
+    version = info.registered_model_version if register else None
+    if register:
+        tracking.set_model_version_tags(name, version, tags)
+        n_clusters, n_features = network.centroids.shape[0], network.offset.shape[0]
+        tracking.describe_model(
+            name, version,
+            model_description=(
+                f"Deep Embedded Clustering (DEC) into {n_clusters} clusters, trained on {data.name!r}: "
+                f"rows of {n_features} raw features in; the cluster `label` and soft assignments q_0..q_{n_clusters - 1} "
+                "out, computed by onnxruntime from an ONNX graph. One version per cluster or export run; "
+                "the alias `champion` (set by promote) names the best."),
+            version_description=(
+                f"DEC network of {summary}. Trained on {data.name!r} ({data.x.shape[0]} x {data.x.shape[1]}, "
+                f"data digest {digest}, source {data.source or 'unknown'}). ONNX graph checked "
+                f"against PyTorch on {int(check['onnx_check_rows'])} rows: max |dq| {check['onnx_max_abs_dq']:.1e}."),
+        )
+    return {"model_uri": info.model_uri, "registered_model_name": name if register else None,
+            "registered_model_version": version, "onnx_max_abs_dq": check["onnx_max_abs_dq"]}
+
+
+# ------------------------------------------------------------------------------------ evaluate
+def evaluate(model: str, dataset: str, *, label_column: str = "", sample_size: int = 2000, random_state: int = 0,
+             experiment: str = "") -> dict:
+    """Score a logged model on a labelled dataset, in a new run.
+
+    Reads the model (``models:/`` URI, ``runs:/<id>/model`` or a cluster run id) and the dataset;
+    writes a run with ``acc``, ``nmi``, ``ari``, the dataset as an input, ``cluster_sizes.json``,
+    ``confusion_matrix.png``, ``cluster_sizes.png``, ``embedding_tsne.png`` (a ``sample_size``
+    subsample) and, for images, ``top_images_per_cluster.png``. Predicts in batches no larger than
+    the model's ``max_batch_rows``.
+
+    Returns
+    -------
+    dict with ``run_id``, ``model_uri`` and ``metrics`` (acc, nmi, ari).
+    """
+    from dec_mlflow import plots  # matplotlib and t-SNE: import on use
+
+    check_int("sample_size", sample_size, low=10)
+    check_int("random_state", random_state, low=0)
+    data = load_data(dataset, label_column)
+    if data.y is None:
+        raise ValueError(f"dataset {dataset!r} has no labels; give label_column or an .npz with y")
+    uri = model if ":/" in model else f"runs:/{model}/{MODEL_ARTIFACT}"
+    pyfunc = tracking.load_pyfunc(uri)
+    with tracking.stage_run(f"evaluate-{data.name}", experiment) as run:
+        mlflow.set_tags({tracking.STAGE_TAG: "evaluate", "dataset": data.name, "model_uri": uri})
+        data_params_ = data_params(data)
+        tracking.log_params_once({"model": model, "dataset": dataset, "label_column": label_column,
+                                  "sample_size": sample_size, "random_state": random_state, **data_params_})
+        tracking.log_dataset(data, data_params_["data_digest"], context="evaluation")
+        out = predict_in_batches(pyfunc, data.x, params={"include_embedding": True})
+        labels = out["label"].to_numpy()
+        q = out.filter(regex=r"^q_\d+$").to_numpy()
+        z = out.filter(regex=r"^z_\d+$").to_numpy()
+        scores = clustering_scores(data.y, labels)
+        mlflow.log_metrics(scores)
+        mlflow.log_dict({"cluster_sizes": np.bincount(labels, minlength=q.shape[1]).tolist()}, "cluster_sizes.json")
+        mlflow.log_figure(plots.confusion_figure(data.y, labels), "confusion_matrix.png")
+        mlflow.log_figure(plots.cluster_sizes_figure(labels, q.shape[1]), "cluster_sizes.png")
+        rng = np.random.default_rng(random_state)
+        sub = rng.choice(len(labels), size=min(sample_size, len(labels)), replace=False)
+        mlflow.log_figure(plots.embedding_figure(z[sub], labels[sub], random_state=random_state), "embedding_tsne.png")
+        if data.image_shape is not None:
+            mlflow.log_figure(plots.top_images_figure(data.x, q, data.image_shape), "top_images_per_cluster.png")
+    return {"run_id": run.info.run_id, "model_uri": uri, "metrics": scores}
+
+
+def predict_in_batches(pyfunc: mlflow.pyfunc.PyFuncModel, x: np.ndarray, params: dict | None = None) -> pd.DataFrame:
+    """``pyfunc.predict`` over all rows of ``x``, in calls of at most the model's ``max_batch_rows`` rows.
+
+    The served signature is a float64 tensor (what JSON numbers parse to) and MLflow checks dtypes
+    exactly, so rows are sent as float64.
+    """
+    limit = int((pyfunc.model_config or {}).get("max_batch_rows") or len(x))
+    frames = [pyfunc.predict(x[start:start + limit].astype(np.float64), params=params)
+              for start in range(0, len(x), limit)]
+    return pd.concat(frames, ignore_index=True)
+
+
+# ------------------------------------------------------------------------------------ export
+def export(run_id: str, dataset: str, *, label_column: str = "", registered_model_name: str = "",
+           experiment: str = "") -> dict:
+    """Re-export a cluster run's network to ONNX, verify it on ``dataset``, log and register it in a new run.
+
+    Reads ``network/dec_network.pt`` of the FINISHED cluster run ``run_id`` and the dataset; writes
+    a run with the dataset as an input and the verified ONNX pyfunc model ``model``, registered as
+    a new version (default name ``dec-<dataset>``) whose description carries the cluster run's scores.
+
+    Returns
+    -------
+    dict as :func:`cluster` without ``metrics`` and ``autoencoder_source``.
+    """
+    network = tracking.load_network(run_id)
+    data = load_data(dataset, label_column)
+    if data.x.shape[1] != network.offset.shape[0]:
+        raise ValueError(f"dataset {dataset!r} has {data.x.shape[1]} features; the model of run_id {run_id!r} expects {network.offset.shape[0]}")
+    name = registered_model_name or f"dec-{data.name}"
+    with tracking.stage_run(f"export-{data.name}", experiment) as run:
+        mlflow.set_tags({tracking.STAGE_TAG: "export", "dataset": data.name, "dec.network_source": f"runs:/{run_id}"})
+        data_params_ = data_params(data)
+        tracking.log_params_once({"run_id": run_id, "dataset": dataset, "label_column": label_column,
+                                  "registered_model_name": registered_model_name, **data_params_})
+        tracking.log_dataset(data, data_params_["data_digest"], context="validation")
+        final = {k: v for k, v in tracking.run_metrics(run_id).items() if k.startswith("final_")}
+        summary = f"cluster run {run_id}, re-exported by run {run.info.run_id}; the cluster run scored {_describe_metrics(final)}"
+        logged = _log_model(network, data, data_params_["data_digest"], name, {"network_run": run_id}, summary)
+    return {"run_id": run.info.run_id, **logged}
+
+
+# ------------------------------------------------------------------------------------ promote
+def promote(model_name: str, *, metric: str = "final_acc", mode: str = "max", alias: str = "champion") -> dict:
+    """Point ``alias`` at the registered version of ``model_name`` whose source run has the best ``metric``.
+
+    Starts no run. Returns a dict with ``version``, ``metric``, ``value`` and ``previous`` (the
+    version the alias named before, or None).
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min'; got {mode!r}")
+    return tracking.promote(model_name, metric, greater_is_better=mode == "max", alias=alias)
