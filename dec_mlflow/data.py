@@ -457,7 +457,7 @@ def load_dataset(
         except ValueError as exc:  # a file breaks its format; corpora names the file, rule and value
             raise DataError(f"dataset {name!r}: {exc}") from exc
         x, y = _validated(name, x, y, n_clusters, None)
-        return Dataset(name, x, y, entry.image_shape, entry.default_scaling, entry.mirrors()[0])
+        return Dataset(name, x, y, entry.image_shape, entry.default_scaling, next(iter(entry.mirrors()), ""))
     path = Path(dataset).expanduser()
     if path.suffix.lower() not in _USER_SUFFIXES:
         raise DataError(f"dataset {dataset!r} is not known; choose one of {', '.join(KNOWN_DATASETS)}, "
