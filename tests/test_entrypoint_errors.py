@@ -37,6 +37,7 @@ def store(tmp_path_factory):
     np.savez(tmp / "blobs.npz", x=x.astype(np.float32), y=y)
     (tmp / "empty.npy").write_bytes(b"")
     uri = f"sqlite:///{tmp}/mlflow.db"
+    # one torch thread in the `mlflow run` processes too, as conftest.one_torch_thread does in this one
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     previous = mlflow.get_tracking_uri()

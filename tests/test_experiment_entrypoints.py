@@ -31,7 +31,9 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{tmp}/mlflow.db"
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # one torch thread in the `mlflow run` processes too, as conftest.one_torch_thread does in this one
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     yield {"dir": tmp, "data": str(tmp / "blobs.npz"), "uri": uri, "env": env}
     mlflow.set_tracking_uri(previous)
 

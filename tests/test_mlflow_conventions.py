@@ -34,6 +34,7 @@ def store(tmp_path_factory):
     x, y = make_blobs(300, n_features=12, centers=3, cluster_std=1.0, random_state=0)
     np.savez(tmp / "blobs.npz", x=x.astype(np.float32), y=y)
     uri = f"sqlite:///{tmp}/mlflow.db"
+    # one torch thread in the `mlflow run` processes too, as conftest.one_torch_thread does in this one
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_EXPERIMENT_NAME", None)
