@@ -1,6 +1,6 @@
 """The paper's experiments as plain functions: the baselines table, seed stability, k and imbalance.
 
-Arrays in, arrays and dicts out; no MLflow (the entry points in ``dec_mlflow.cli_experiments``
+Arrays in, arrays and dicts out; no MLflow (the stages in ``dec_mlflow.lifecycle_experiments``
 log what these return). Labels are used only for scoring, never for a choice the method makes.
 """
 

@@ -43,6 +43,9 @@ PRETRAIN_PARAMS = (
 PRETRAIN_STAGE_PARAMS = PRETRAIN_PARAMS + ("device",)  # what the pretrain stage takes
 MODEL_ARTIFACT = "model"  # name of the logged pyfunc model in cluster and export runs
 ONNX_CHECK_ROWS = 2000  # rows on which the ONNX graph is compared with PyTorch before it is logged
+# The cluster run's summary metrics that tag and describe its registered version (a label-free
+# quality score logged by cluster belongs here too, so that the registry shows it without labels).
+VERSION_METRIC_PREFIXES = ("final_",)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -256,9 +259,9 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
         tracking.log_self_training_figures(recorder, tol=est.tol, seed=est.random_state)
         metrics = _log_cluster_results(est, data)
         tracking.log_network(est.network_)
-        final = {k: v for k, v in metrics.items() if k.startswith("final_")}
-        summary = f"run {run.info.run_id} (cluster-{data.name}-k{est.n_clusters}-s{est.random_state}) scored {_describe_metrics(final)}"
-        logged = _log_model(est.network_, data, data_params_["data_digest"], name, {k: f"{v:.4f}" for k, v in final.items()}, summary)
+        scored = {k: v for k, v in metrics.items() if k.startswith(VERSION_METRIC_PREFIXES)}
+        summary = f"run {run.info.run_id} ({run.info.run_name}) scored {_describe_metrics(scored)}"
+        logged = _log_model(est.network_, data, data_params_["data_digest"], name, {k: f"{v:.4f}" for k, v in scored.items()}, summary)
     return {"run_id": run.info.run_id, "autoencoder_source": source, "metrics": metrics, **logged}
 
 
@@ -403,8 +406,8 @@ def export(run_id: str, dataset: str, *, label_column: str = "", registered_mode
         tracking.log_params_once({"run_id": run_id, "dataset": dataset, "label_column": label_column,
                                   "registered_model_name": registered_model_name, **data_params_})
         tracking.log_dataset(data, data_params_["data_digest"], context="validation")
-        final = {k: v for k, v in tracking.run_metrics(run_id).items() if k.startswith("final_")}
-        summary = f"cluster run {run_id}, re-exported by run {run.info.run_id}; the cluster run scored {_describe_metrics(final)}"
+        scored = {k: v for k, v in tracking.run_metrics(run_id).items() if k.startswith(VERSION_METRIC_PREFIXES)}
+        summary = f"cluster run {run_id}, re-exported by run {run.info.run_id}; the cluster run scored {_describe_metrics(scored)}"
         logged = _log_model(network, data, data_params_["data_digest"], name, {"network_run": run_id}, summary)
     return {"run_id": run.info.run_id, **logged}
 
