@@ -78,7 +78,8 @@ def build_estimator(params: dict, default_scaling: str = "standard") -> DEC:
     Called once before the data is loaded, so parameter errors come before any work, and again
     with the dataset's own default scaling.
     """
-    params = {**params, "hidden_dims": tuple(params.get("hidden_dims", ESTIMATOR_DEFAULTS["hidden_dims"]))}
+    dims = params.get("hidden_dims", ESTIMATOR_DEFAULTS["hidden_dims"])
+    params = {**params, "hidden_dims": dims if isinstance(dims, str) else tuple(dims)}  # a str is refused by validation
     if params.get("scaling") == "auto":
         params["scaling"] = default_scaling
     est = DEC().set_params(**params)
@@ -232,8 +233,8 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
     -------
     dict with ``run_id``, ``model_uri``, ``registered_model_name`` and ``registered_model_version``
     (None when not registered), ``autoencoder_source``, ``onnx_max_abs_dq`` and ``metrics``: the
-    run's summary scores (``final_*`` and ``ae_kmeans_*`` when the data has labels), which also tag
-    and describe the registered version.
+    run's summary scores (``final_*`` and ``ae_kmeans_*`` when the data has labels); those matching
+    ``VERSION_METRIC_PREFIXES`` also tag and describe the registered version.
     """
     params = estimator_params(params)
     check_int("figure_sample_size", figure_sample_size, low=10)

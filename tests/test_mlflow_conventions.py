@@ -138,3 +138,14 @@ def test_mlflow_run_experiment_name_and_experiment_parameter_both_name_the_exper
     assert launcher.info.experiment_id == mlflow.get_experiment_by_name("Default").experiment_id
     assert launcher.info.status == "FINISHED" and launcher.data.tags[tracking.LAUNCHED_TAG] == run.info.run_id
     assert "--experiment-name by-parameter" in launcher.data.tags["mlflow.note.content"]
+
+
+def test_pretrain_stage_returns_its_run_and_a_loadable_autoencoder(store):
+    result = lifecycle.pretrain(store["data"], experiment="lifecycle", random_state=9, **PRETRAIN_SMALL)
+    run = MlflowClient().get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "pretrain-blobs-s9"
+    assert run.data.params["hidden_dims"] == "16,8,3" and run.data.params["scaling_resolved"] == "standard"
+    assert run.data.metrics["final_pretrain_loss"] == pytest.approx(result["loss"])
+    assert tracking.load_autoencoder(result["autoencoder_uri"]).loss == pytest.approx(result["loss"])
+    with pytest.raises(ValueError, match="unknown parameter.s. n_clusters; this stage takes hidden_dims, scaling"):
+        lifecycle.pretrain(store["data"], n_clusters=3)
