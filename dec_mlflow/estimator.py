@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import re
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -16,6 +15,7 @@ from sklearn.cluster import KMeans
 from sklearn.utils.validation import check_is_fitted
 
 from dec_mlflow.callbacks import Callback
+from dec_mlflow.checkpoint import load_tensors, save_tensors
 from dec_mlflow.model import Autoencoder, DECNet
 from dec_mlflow.objectives import kl_divergence, target_distribution
 from dec_mlflow.training import embed, pretrain_end_to_end, pretrain_layerwise, reconstruction_error, self_train
@@ -42,24 +42,24 @@ class PretrainedAutoencoder:
         return self.autoencoder.dims[0]
 
     def save(self, path: str | Path) -> None:
-        """Write a self-contained checkpoint (dims, weights, scaling, loss) to ``path``."""
-        state = {
-            "dims": list(self.autoencoder.dims),
-            "state_dict": self.autoencoder.state_dict(),
-            "offset": self.offset,
-            "scale": self.scale,
-            "loss": self.loss,
-        }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        Path(path).write_bytes(buf.getvalue())
+        """Write dims, weights, scaling and loss to ``path`` as tensors + JSON (no pickle, see ``load``)."""
+        tensors = {f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()}
+        tensors.update(offset=torch.from_numpy(np.asarray(self.offset)), scale=torch.from_numpy(np.asarray(self.scale)))
+        save_tensors(path, tensors, {"dims": list(self.autoencoder.dims), "loss": float(self.loss)})
 
     @classmethod
     def load(cls, path: str | Path) -> "PretrainedAutoencoder":
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        ae = Autoencoder(state["dims"])
-        ae.load_state_dict(state["state_dict"])
-        return cls(ae, np.asarray(state["offset"]), np.asarray(state["scale"]), float(state["loss"]))
+        """Read a checkpoint written by ``save``; a file that needs pickle to load is refused (ValueError)."""
+        tensors, settings = load_tensors(path)
+        prefix = "autoencoder."
+        try:
+            ae = Autoencoder(settings["dims"])
+            ae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            offset, scale, loss = tensors["offset"].numpy(), tensors["scale"].numpy(), float(settings["loss"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a checkpoint of something else
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path} is not a pretrained autoencoder checkpoint: {detail}") from None
+        return cls(ae, offset, scale, loss)
 
 
 def _cpu_has_bf16() -> bool:

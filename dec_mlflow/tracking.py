@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dec_mlflow.callbacks import Callback, SelfTrainRecorder
+from dec_mlflow.checkpoint import load_tensors, save_tensors
 from dec_mlflow.data import Dataset
 from dec_mlflow.estimator import PretrainedAutoencoder
 from dec_mlflow.metrics import clustering_scores
@@ -218,7 +219,8 @@ def log_network(network: DECNet) -> None:
     """Save the trained DEC network checkpoint as an artifact of the active run."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(NETWORK_ARTIFACT).name
-        torch.save(network.checkpoint(), path)
+        settings = {k: v for k, v in network.checkpoint().items() if k != "state_dict"}
+        save_tensors(path, network.state_dict(), settings)  # tensors + JSON: loading runs no code
         mlflow.log_artifact(str(path), artifact_path=str(Path(NETWORK_ARTIFACT).parent))
 
 
@@ -228,7 +230,11 @@ def load_network(run_id: str) -> DECNet:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=NETWORK_ARTIFACT)
     except MlflowException as e:
         raise ValueError(f"run_id {run_id!r} has no {NETWORK_ARTIFACT} (is it a cluster run?): {e.message.splitlines()[0]}") from e
-    return DECNet.from_checkpoint(torch.load(local, map_location="cpu", weights_only=False))
+    tensors, settings = load_tensors(local)  # refuses a file that needs pickle code execution
+    try:
+        return DECNet.from_checkpoint({**settings, "state_dict": tensors})
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"run_id {run_id!r}: {NETWORK_ARTIFACT} is not a DEC network checkpoint: {str(e).splitlines()[0]}") from None
 
 
 def set_model_version_tags(name: str, version: str, tags: dict[str, object]) -> None:
