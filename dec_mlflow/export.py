@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,13 @@ INPUT_NAME = "x"
 OUTPUT_NAMES = ("q", "labels", "embedding")
 # Largest |q_onnx - q_torch| accepted; float32 round-off of this network is ~1e-7.
 MAX_ABS_DQ = 1e-5
+CUDA = "CUDAExecutionProvider"
 # torch.export specialises a dimension of size 1 to a constant, so trace with a larger batch.
 _EXAMPLE_ROWS = 2
 
 
-def export_onnx(network: DECNet, path: str | Path, X_check: np.ndarray) -> dict[str, float]:
+def export_onnx(network: DECNet, path: str | Path, X_check: np.ndarray, *,
+                open_sessions: Callable[[str], list] | None = None) -> dict[str, float]:
     """Export ``network`` to ONNX at ``path`` after checking onnxruntime agrees with PyTorch.
 
     The graph is written to a temporary file in the directory of ``path`` and renamed to ``path``
@@ -38,20 +41,27 @@ def export_onnx(network: DECNet, path: str | Path, X_check: np.ndarray) -> dict[
     path : str or Path
         Destination ``.onnx`` file; its directory must exist.
     X_check : ndarray of shape (n_samples, n_features)
-        Raw features on which onnxruntime (CPU) and PyTorch must agree; a few thousand rows suffice.
+        Raw features on which onnxruntime and PyTorch must agree; a few thousand rows suffice.
+    open_sessions : callable, optional
+        ``open_sessions(onnx_path) -> [onnxruntime.InferenceSession, ...]``: the sessions to check,
+        i.e. the execution providers the model will be served on (``serving.model_io`` passes the
+        CPU plus CUDA where CUDA is usable). Default: one CPU session.
 
     Returns
     -------
     dict
-        ``onnx_max_abs_dq`` (max |q_onnx - q_torch|), ``onnx_labels_match`` (fraction of equal
-        labels) and ``onnx_check_rows`` (n_samples), ready to log as metrics.
+        ``onnx_max_abs_dq`` (max |q_onnx - q_torch| over all sessions), ``onnx_labels_match``
+        (smallest fraction of equal labels), ``onnx_check_rows`` (n_samples) and
+        ``onnx_checked_on_cuda`` (1.0 if a CUDAExecutionProvider session was among those checked),
+        ready to log as metrics.
 
     Raises
     ------
     ValueError
         If ``X_check`` is not a finite 2-D array with the network's number of features.
     RuntimeError
-        If max |dq| exceeds ``MAX_ABS_DQ`` or any label differs.
+        If PyTorch or onnxruntime output NaN or infinite values, max |dq| exceeds ``MAX_ABS_DQ``
+        or any label differs.
     """
     path = Path(path)
     X_check = _check_features(X_check, n_features=network.offset.shape[0])
@@ -60,15 +70,16 @@ def export_onnx(network: DECNet, path: str | Path, X_check: np.ndarray) -> dict[
     tmp = Path(tmp_name)
     try:
         _write_onnx(network, tmp)
-        check = verify_onnx(network, tmp, X_check)
+        check = verify_onnx(network, tmp, X_check, open_sessions=open_sessions)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return check
 
 
-def verify_onnx(network: DECNet, path: str | Path, X_check: np.ndarray) -> dict[str, float]:
-    """Compare onnxruntime (CPU) on the graph at ``path`` with ``network`` on ``X_check``.
+def verify_onnx(network: DECNet, path: str | Path, X_check: np.ndarray, *,
+                open_sessions: Callable[[str], list] | None = None) -> dict[str, float]:
+    """Compare onnxruntime on the graph at ``path`` with ``network`` on ``X_check``.
 
     Parameters
     ----------
@@ -76,6 +87,8 @@ def verify_onnx(network: DECNet, path: str | Path, X_check: np.ndarray) -> dict[
     path : str or Path
         An ONNX file with the input and outputs written by ``export_onnx``.
     X_check : ndarray of shape (n_samples, n_features)
+    open_sessions : callable, optional
+        As for ``export_onnx``; default one CPU session.
 
     Returns
     -------
@@ -85,26 +98,50 @@ def verify_onnx(network: DECNet, path: str | Path, X_check: np.ndarray) -> dict[
     Raises
     ------
     RuntimeError
-        If max |dq| exceeds ``MAX_ABS_DQ`` or any label differs; the message gives the figures.
+        If either side outputs NaN or infinite values (a comparison with NaN is False, so this is
+        checked first), max |dq| exceeds ``MAX_ABS_DQ`` or any label differs; the message names the
+        execution provider and gives the figures.
     """
     X_check = _check_features(X_check, n_features=network.offset.shape[0])
-    ort = _require("onnxruntime", pip_name="onnxruntime-gpu (or onnxruntime; never both)")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    q_onnx, labels_onnx, _ = session.run(list(OUTPUT_NAMES), {INPUT_NAME: X_check})
     with torch.no_grad():
-        q_torch, labels_torch, _ = network(torch.from_numpy(X_check))
-    check = {
-        "onnx_max_abs_dq": float(np.abs(q_onnx - q_torch.numpy()).max()),
-        "onnx_labels_match": float((labels_onnx == labels_torch.numpy()).mean()),
-        "onnx_check_rows": float(len(X_check)),
-    }
-    if check["onnx_max_abs_dq"] > MAX_ABS_DQ or check["onnx_labels_match"] < 1.0:
-        raise RuntimeError(
-            f"ONNX graph disagrees with PyTorch on {len(X_check)} rows: max |dq| = "
-            f"{check['onnx_max_abs_dq']:.3g} (must be <= {MAX_ABS_DQ:g}), labels match on "
-            f"{check['onnx_labels_match']:.2%} of rows (must be 100%)"
-        )
+        q_torch, labels_torch, z_torch = (t.numpy() for t in network(torch.from_numpy(X_check)))
+    _refuse_non_finite("the PyTorch network", len(X_check), q=q_torch, embedding=z_torch)
+    sessions = (open_sessions or _cpu_sessions)(str(path))
+    if not sessions:
+        raise ValueError("open_sessions returned no onnxruntime session to check")
+    check = {"onnx_max_abs_dq": 0.0, "onnx_labels_match": 1.0, "onnx_check_rows": float(len(X_check)),
+             "onnx_checked_on_cuda": 0.0}
+    for session in sessions:
+        provider = session.get_providers()[0]
+        q_onnx, labels_onnx, z_onnx = session.run(list(OUTPUT_NAMES), {INPUT_NAME: X_check})
+        _refuse_non_finite(f"the ONNX graph on {provider}", len(X_check), q=q_onnx, embedding=z_onnx)
+        dq = float(np.abs(q_onnx - q_torch).max())
+        match = float((labels_onnx == labels_torch).mean())
+        if not dq <= MAX_ABS_DQ or match < 1.0:
+            raise RuntimeError(
+                f"ONNX graph on {provider} disagrees with PyTorch on {len(X_check)} rows: max |dq| = "
+                f"{dq:.3g} (must be <= {MAX_ABS_DQ:g}), labels match on {match:.2%} of rows (must be 100%)"
+            )
+        check["onnx_max_abs_dq"] = max(check["onnx_max_abs_dq"], dq)
+        check["onnx_labels_match"] = min(check["onnx_labels_match"], match)
+        check["onnx_checked_on_cuda"] = max(check["onnx_checked_on_cuda"], float(provider == CUDA))
     return check
+
+
+def _refuse_non_finite(what: str, n_rows: int, **outputs: np.ndarray) -> None:
+    """RuntimeError naming ``what`` if any of ``outputs`` holds NaN or infinite values."""
+    bad = {name: int((~np.isfinite(a)).sum()) for name, a in outputs.items()}
+    if any(bad.values()):
+        counts = ", ".join(f"{n} in {name}" for name, n in bad.items() if n)
+        raise RuntimeError(
+            f"{what} outputs NaN or infinite values on the {n_rows} check rows ({counts}); refusing to "
+            "export a model that cannot score (did training diverge?)"
+        )
+
+
+def _cpu_sessions(path: str) -> list:
+    ort = _require("onnxruntime", pip_name="onnxruntime-gpu (or onnxruntime; never both)")
+    return [ort.InferenceSession(path, providers=["CPUExecutionProvider"])]
 
 
 def _write_onnx(network: DECNet, path: Path) -> None:

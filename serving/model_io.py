@@ -17,6 +17,8 @@ from mlflow.types import DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from dec_mlflow.export import export_onnx
 from dec_mlflow.model import DECNet
+from serving import onnx_pyfunc
+from serving.onnx_pyfunc import CUDA, open_session
 
 PYFUNC_PATH = Path(__file__).with_name("onnx_pyfunc.py")
 DEFAULT_MAX_BATCH_ROWS = 100_000
@@ -71,7 +73,7 @@ def log_dec_model(
     n_features, n_clusters = network.offset.shape[0], network.centroids.shape[0]
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "dec.onnx"
-        check = export_onnx(network, onnx_path, X_sample)
+        check = export_onnx(network, onnx_path, X_sample, open_sessions=parity_sessions)
         model_info = mlflow.pyfunc.log_model(
             name=name,
             python_model=str(PYFUNC_PATH),
@@ -90,6 +92,21 @@ def log_dec_model(
         )
     mlflow.log_metrics(check, model_id=model_info.model_id)
     return model_info, check
+
+
+def parity_sessions(path: str) -> list:
+    """The onnxruntime sessions the export check runs on: those a served model can run on.
+
+    The CPU always (every served model falls back to it), and also CUDA when ``device='auto'``
+    picks it here (``open_session`` decides exactly as at serving time), so a model trained on a
+    GPU machine is verified on the provider that will serve it.
+    """
+    sessions = [open_session(path, "cpu")]
+    if CUDA in onnx_pyfunc.ort.get_available_providers():
+        auto = open_session(path, "auto")
+        if auto.get_providers()[0] == CUDA:
+            sessions.append(auto)
+    return sessions
 
 
 def feature_signature(n_features: int) -> ModelSignature:

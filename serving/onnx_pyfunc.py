@@ -41,6 +41,9 @@ _CHUNK_ROWS = 8192
 # onnxruntime severities: 2 warning (its default), 3 error, 4 fatal. A failed CUDA provider load
 # is logged at error level, so only 4 keeps a CPU-only machine quiet while probing.
 _ORT_QUIET, _ORT_DEFAULT = 4, 2
+# TF32 matmuls (Ampere and later) keep ~10 mantissa bits; the export's parity check (max |dq| <= 1e-5)
+# and the served answers assume true float32, so the CUDA provider runs without them.
+CUDA_OPTIONS = {"use_tf32": "0"}
 
 _logger = logging.getLogger("serving.onnx_pyfunc")  # __name__ is random under models-from-code
 
@@ -73,7 +76,7 @@ def open_session(path: str, device: str = "auto") -> "ort.InferenceSession":
     if device != "cpu" and CUDA in ort.get_available_providers():
         ort.set_default_logger_severity(_ORT_QUIET)
         try:
-            session = ort.InferenceSession(path, sess_options=options, providers=[CUDA, CPU])
+            session = ort.InferenceSession(path, sess_options=options, providers=[(CUDA, CUDA_OPTIONS), CPU])
         finally:
             ort.set_default_logger_severity(_ORT_DEFAULT)
         if session.get_providers()[0] == CUDA or device == "auto":

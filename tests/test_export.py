@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -43,7 +44,8 @@ class _ShiftWhenExported(nn.Module):
 def test_export_writes_one_file_and_returns_parity_figures(exported):
     path, check = exported
     assert sorted(p.name for p in path.parent.iterdir()) == ["dec.onnx"]  # no .data file, no temp file
-    assert set(check) == {"onnx_max_abs_dq", "onnx_labels_match", "onnx_check_rows"}
+    assert set(check) == {"onnx_max_abs_dq", "onnx_labels_match", "onnx_check_rows", "onnx_checked_on_cuda"}
+    assert check["onnx_checked_on_cuda"] == 0.0  # the default check runs on the CPU
     assert check["onnx_max_abs_dq"] <= MAX_ABS_DQ
     assert check["onnx_labels_match"] == 1.0
     assert check["onnx_check_rows"] == 500
@@ -92,3 +94,36 @@ def test_export_rejects_bad_check_data_before_writing(fitted, tmp_path, X, messa
     with pytest.raises(ValueError, match=message):
         export_onnx(fitted.network_, tmp_path / "dec.onnx", X)
     assert list(tmp_path.iterdir()) == []
+
+
+def _with_nan(network: DECNet, where: str) -> DECNet:
+    """A copy of ``network`` with one NaN in its first encoder weight or in its centroids."""
+    net = DECNet.from_checkpoint(network.checkpoint())
+    with torch.no_grad():
+        (net.encoder[0].weight if where == "encoder" else net.centroids)[0, 0] = float("nan")
+    return net
+
+
+@pytest.mark.parametrize(
+    ("where", "counts"),
+    [("encoder", r"\(1200 in q, 1200 in embedding\)"), ("centroids", r"\(1200 in q\)")],  # 300 rows x 4 clusters / dims
+    ids=["encoder", "centroids"],
+)
+def test_export_refuses_a_network_with_nan_weights_and_leaves_no_file(fitted, X_new, tmp_path, where, counts):
+    # before the fix, max |dq| = NaN passed the gate: NaN > 1e-5 is False
+    with pytest.raises(RuntimeError, match=r"^the PyTorch network outputs NaN or infinite values on the 300 check rows "
+                                           rf"{counts}; refusing to export a model that cannot score"):
+        export_onnx(_with_nan(fitted.network_, where), tmp_path / "dec.onnx", X_new[:300])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_refuses_an_exported_graph_with_nan_injected(fitted, exported, X_new, tmp_path):
+    model = onnx.load(str(exported[0]))
+    weight = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))  # the largest weight matrix
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[0] = np.nan
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save(model, str(tmp_path / "nan.onnx"))
+    with pytest.raises(RuntimeError, match=r"^the ONNX graph on CPUExecutionProvider outputs NaN or infinite values "
+                                           r"on the 200 check rows \(\d+ in q, \d+ in embedding\)"):
+        verify_onnx(fitted.network_, tmp_path / "nan.onnx", X_new[:200])

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import onnxruntime as ort
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from serving.model_io import log_dec_model
+from dec_mlflow.export import export_onnx
+from serving.model_io import log_dec_model, parity_sessions
 from serving.onnx_pyfunc import check_batch, open_session
 
 from conftest import BLOB_CLUSTERS as N_CLUSTERS, BLOB_FEATURES as N_FEATURES
@@ -204,6 +206,66 @@ def test_open_session_cuda_raises_when_cuda_is_not_usable(onnx_file):
         pytest.skip("CUDA is usable on this machine")
     with pytest.raises(RuntimeError, match=r"device='cuda' but CUDAExecutionProvider is not usable"):
         open_session(onnx_file, "cuda")
+
+
+class _FakeCudaSession:
+    """Stands in for onnxruntime.InferenceSession on a machine where CUDA is listed (as onnxruntime-gpu
+    lists it) and either works (``works``) or silently falls back; it computes on the CPU, adding
+    ``shift`` to q when it claims CUDA (a GPU path that computes something else)."""
+
+    created: list = []
+    works, shift = True, 0.0
+
+    def __init__(self, path, sess_options=None, providers=()):
+        self.requested = [p[0] if isinstance(p, tuple) else p for p in providers]
+        self.options = dict(p for p in providers if isinstance(p, tuple))
+        self.on_cuda = self.requested[0] == "CUDAExecutionProvider" and self.works
+        self._cpu = _REAL_SESSION(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+        self.runs = 0
+        _FakeCudaSession.created.append(self)
+
+    def get_providers(self):
+        return self.requested if self.on_cuda else ["CPUExecutionProvider"]
+
+    def get_inputs(self):
+        return self._cpu.get_inputs()
+
+    def run(self, outputs, feed):
+        self.runs += 1
+        result = self._cpu.run(outputs, feed)
+        if self.on_cuda and outputs[0] == "q":
+            result[0] = result[0] + np.float32(self.shift)
+        return result
+
+
+_REAL_SESSION = ort.InferenceSession
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", _FakeCudaSession)
+    monkeypatch.setattr(_FakeCudaSession, "created", [])
+    return _FakeCudaSession
+
+
+@pytest.mark.parametrize("cuda_works", [True, False], ids=["cuda-usable", "cuda-falls-back"])
+def test_parity_check_runs_on_the_provider_that_will_serve(fake_cuda, monkeypatch, fitted, X, tmp_path, cuda_works):
+    monkeypatch.setattr(fake_cuda, "works", cuda_works)
+    check = export_onnx(fitted.network_, tmp_path / "dec.onnx", X[:100], open_sessions=parity_sessions)
+    assert check["onnx_checked_on_cuda"] == float(cuda_works)
+    ran = [s.get_providers()[0] for s in fake_cuda.created if s.runs]
+    assert ran == (["CPUExecutionProvider", "CUDAExecutionProvider"] if cuda_works else ["CPUExecutionProvider"])
+    cuda_attempt = next(s for s in fake_cuda.created if s.requested[0] == "CUDAExecutionProvider")
+    assert cuda_attempt.options == {"CUDAExecutionProvider": {"use_tf32": "0"}}  # full float32 on the GPU
+
+
+def test_parity_check_refuses_a_graph_that_is_wrong_only_on_cuda(fake_cuda, monkeypatch, fitted, X, tmp_path):
+    monkeypatch.setattr(fake_cuda, "shift", 1e-3)
+    with pytest.raises(RuntimeError, match=r"^ONNX graph on CUDAExecutionProvider disagrees with PyTorch on 100 rows: "
+                                           r"max \|dq\| = 0\.001 \(must be <= 1e-05\)"):
+        export_onnx(fitted.network_, tmp_path / "dec.onnx", X[:100], open_sessions=parity_sessions)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_open_session_rejects_unknown_device(onnx_file):
