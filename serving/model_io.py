@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow.models import ModelSignature
-from mlflow.types import DataType, ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from dec_mlflow.export import export_onnx
 from dec_mlflow.model import DECNet
@@ -84,7 +84,7 @@ def log_dec_model(
                 "max_batch_rows": max_batch_rows,
                 "device": "auto",
             },
-            signature=feature_signature(n_features),
+            signature=feature_signature(n_clusters, network.centroids.shape[1]),
             input_example=X_sample[:_EXAMPLE_ROWS],
             pip_requirements=pinned_requirements(),
             registered_model_name=registered_model_name,
@@ -109,16 +109,24 @@ def parity_sessions(path: str) -> list:
     return sessions
 
 
-def feature_signature(n_features: int) -> ModelSignature:
-    """One float64 tensor of shape (-1, n_features) in; the ``include_embedding`` flag as a parameter.
+def feature_signature(n_clusters: int, embedding_dim: int) -> ModelSignature:
+    """Outputs ``label``, ``q_0..`` (and, on request, ``z_0..``); the ``include_embedding`` parameter; no input schema.
 
-    A tensor, not ``n_features`` columns: MLflow checks a column signature column by column in
-    pandas, which costs ~150 ms per request at 784 features; an ``inputs`` request against a tensor
-    skips that (``dataframe_split`` bodies are still parsed per column). float64, because that is what JSON numbers and most user data arrive as; MLflow
-    checks a tensor's dtype exactly, and the model casts to float32 itself.
+    No input schema, on purpose: MLflow enforces a tensor input's dtype exactly, so a float64
+    tensor refuses float32 arrays (the natural dtype of features) and a float32 one refuses
+    float64 (what pandas and JSON numbers give), while a column schema costs ~150 ms per request at
+    784 features. Without it, MLflow passes arrays and DataFrames of any dtype to the model, and
+    JSON ``inputs`` go straight into one numpy array; ``onnx_pyfunc.check_batch`` then checks
+    everything the schema did (2-D, width, numeric, finite, batch size) with short messages and
+    casts to float32 once. The input contract is in the model config (``n_features``) and the
+    logged input example.
     """
+    outputs = [ColSpec(DataType.long, "label")]
+    outputs += [ColSpec(DataType.float, f"q_{j}") for j in range(n_clusters)]
+    outputs += [ColSpec(DataType.float, f"z_{j}", required=False) for j in range(embedding_dim)]
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float64), (-1, n_features))]),
+        inputs=None,
+        outputs=Schema(outputs),
         params=ParamSchema([ParamSpec("include_embedding", DataType.boolean, False)]),
     )
 

@@ -92,12 +92,15 @@ def open_session(path: str, device: str = "auto") -> "ort.InferenceSession":
 def check_batch(model_input, *, n_features: int, max_batch_rows: int) -> np.ndarray:
     """Validate a request batch and return it as float32 features.
 
-    Messages are short and never repeat the data.
+    The logged signature has no input schema (see ``serving.model_io.feature_signature``), so this is
+    the only check a batch gets: float32, float64 and integer arrays or DataFrames are accepted, and
+    JSON nulls (which arrive as None in an object array) count as NaN. Messages are short and never
+    repeat the data.
 
     Parameters
     ----------
     model_input : pandas.DataFrame or ndarray of shape (n_rows, n_features)
-        Numeric features, float32 or float64 (any real or integer dtype is cast).
+        Numeric features of any real or integer dtype.
     n_features : int
     max_batch_rows : int
 
@@ -122,17 +125,33 @@ def check_batch(model_input, *, n_features: int, max_batch_rows: int) -> np.ndar
         _reject(f"batch has {n_rows} rows; at most {max_batch_rows} are accepted per request (max_batch_rows)")
     if width != n_features:
         _reject(f"expected {n_features} features per row; got {width}")
-    dtypes = model_input.dtypes if isinstance(model_input, pd.DataFrame) else pd.Series([model_input.dtype])
-    for column, dtype in dtypes.items():
-        if not pd.api.types.is_numeric_dtype(dtype):
-            where = f"column {column!r}" if isinstance(model_input, pd.DataFrame) else "array"
-            _reject(f"{where} is not numeric (dtype {dtype}); all features must be numbers")
+    if isinstance(model_input, pd.DataFrame):
+        dtypes = model_input.dtypes
+        for dtype in set(dtypes):  # a handful of distinct dtypes, not one check per column
+            columns = dtypes.index[dtypes == dtype]
+            if dtype != object:
+                _check_numeric(None, dtype, f"column {columns[0]!r}")
+            for column in columns if dtype == object else ():
+                _check_numeric(model_input[column].to_numpy(), dtype, f"column {column!r}")
+    else:
+        _check_numeric(model_input if model_input.dtype == object else None, model_input.dtype, "array")
     with np.errstate(over="ignore"):  # values beyond float32 become inf, reported just below
-        x = np.ascontiguousarray(model_input, dtype=np.float32)  # (n_rows, n_features)
+        x = np.ascontiguousarray(model_input, dtype=np.float32)  # (n_rows, n_features); None -> NaN
     n_bad = int((~np.isfinite(x)).sum())
     if n_bad:
         _reject(f"batch has {n_bad} NaN or infinite values (after casting to float32); all features must be finite")
     return x
+
+
+def _check_numeric(objects: np.ndarray | None, dtype, where: str) -> None:
+    """Reject a non-numeric dtype; an object array passes only if it holds numbers and None (JSON null)."""
+    if objects is None:
+        if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)):
+            _reject(f"{where} is not numeric (dtype {dtype}); all features must be numbers")
+        return
+    # numpy would turn the text "1.5" into 1.5 without a word: refuse text explicitly
+    if any(not (v is None or isinstance(v, (int, float, np.number))) for v in objects.ravel()):
+        _reject(f"{where} holds values that are not numbers (dtype object); all features must be numbers")
 
 
 def _reject(message: str):

@@ -88,6 +88,19 @@ def test_log_dec_model_logs_parity_metrics_and_pinned_requirements(logged):
                       "max_batch_rows": MAX_BATCH_ROWS, "device": "auto"}
 
 
+def test_signature_has_an_output_schema_and_no_dtype_bound_input(logged, loaded, X):
+    signature = mlflow.models.get_model_info(logged[0].model_uri).signature
+    assert signature.inputs is None  # float32, float64 and ints all reach the model's own checks
+    q_names = [f"q_{j}" for j in range(N_CLUSTERS)]
+    outputs = {spec.name: (spec.type.name, spec.required) for spec in signature.outputs.inputs}
+    assert list(outputs) == ["label", *q_names, "z_0", "z_1", "z_2", "z_3"]
+    assert outputs["label"] == ("long", True) and outputs["q_0"] == ("float", True) and outputs["z_0"] == ("float", False)
+    plain, with_z = loaded.predict(X[:3]), loaded.predict(X[:3], params={"include_embedding": True})
+    assert list(plain.columns) == [n for n, (_, required) in outputs.items() if required]
+    assert list(with_z.columns) == list(outputs)
+    assert plain["label"].dtype == np.int64 and plain["q_0"].dtype == np.float32
+
+
 def test_registered_version_is_ready_and_aliased(logged):
     info = logged[0]
     client = MlflowClient()
@@ -102,6 +115,8 @@ def test_registered_version_is_ready_and_aliased(logged):
     [
         pytest.param(lambda X: pd.DataFrame(X, columns=[f"x{i}" for i in range(X.shape[1])]), id="dataframe"),
         pytest.param(lambda X: X, id="numpy-float64"),
+        pytest.param(lambda X: X.astype(np.float32), id="numpy-float32"),
+        pytest.param(lambda X: pd.DataFrame(X.astype(np.float32)), id="dataframe-float32"),
     ],
 )
 def test_pyfunc_predicts_like_the_estimator(loaded, fitted, X, to_input):
@@ -144,14 +159,13 @@ def _with_text_column(X):
     [
         (lambda X: _with(X, 1, 3, np.nan), r"batch has 1 NaN or infinite values"),
         (lambda X: _with(_with(X, 0, 0, np.inf), 2, 2, np.nan), r"batch has 2 NaN or infinite values"),
-        (lambda X: X[:5, :-1], r"Shape of input \(5, 19\) does not match expected shape \(-1, 20\)"),
-        (_with_text_column, r"dtype of input object does not match expected dtype float64"),
-        (lambda X: X[:5].astype(np.float32), r"dtype of input float32 does not match expected dtype float64"),
+        (lambda X: X[:5, :-1], r"^expected 20 features per row; got 19$"),
+        (_with_text_column, r"^column 3 is not numeric \(dtype (str|object)\); all features must be numbers$"),
         (lambda X: X[:0], r"^empty batch: send at least one row$"),
         (lambda X: X[: MAX_BATCH_ROWS + 1],
          r"^batch has 101 rows; at most 100 are accepted per request \(max_batch_rows\)$"),
     ],
-    ids=["nan", "inf", "too-narrow", "strings", "float32", "empty", "oversized"],
+    ids=["nan", "inf", "too-narrow", "strings", "empty", "oversized"],
 )
 def test_pyfunc_refuses_bad_input(loaded, X, make_input, message):
     with pytest.raises(MlflowException, match=message) as info:
@@ -368,14 +382,17 @@ def _split(rows) -> bytes:
     [
         (lambda X: _split([[None] + _rows(X)[0][1:]]), "batch has 1 NaN or infinite values"),
         (lambda X: _split([[float("inf")] + _rows(X)[0][1:]]), "batch has 1 NaN or infinite values"),
-        (lambda X: json.dumps({"inputs": _rows(X[:2, :-1])}).encode(),
-         "Shape of input (2, 19) does not match expected shape (-1, 20)"),
-        (lambda X: _split([["abc"] + _rows(X)[0][1:]]), "Failed to convert column x0 to type 'float64'"),
-        (lambda X: _split([]), "Invalid input. Data is not compatible with model signature"),  # MLflow parses before the model sees it
+        (lambda X: json.dumps({"inputs": [[None] + _rows(X)[0][1:]]}).encode(), "batch has 1 NaN or infinite values"),
+        (lambda X: json.dumps({"inputs": _rows(X[:2, :-1])}).encode(), "expected 20 features per row; got 19"),
+        (lambda X: json.dumps({"inputs": [_rows(X)[0], _rows(X)[1][:-1]]}).encode(), "inhomogeneous"),
+        (lambda X: _split([["abc"] + _rows(X)[0][1:]]), "column 'x0' is not numeric"),
+        (lambda X: json.dumps({"inputs": [["abc"] + _rows(X)[0][1:]]}).encode(), "array is not numeric (dtype <U"),
+        (lambda X: _split([]), "empty batch: send at least one row"),
         (lambda X: b'{"dataframe_split": {"data": [[1.0, 2.0', "Ensure that input is a valid JSON formatted string"),
         (lambda X: _split(_rows(X[: MAX_BATCH_ROWS + 1])), "batch has 101 rows; at most 100 are accepted per request"),
     ],
-    ids=["nan", "inf", "wrong-width", "strings", "empty", "malformed-json", "oversized"],
+    ids=["nan", "inf", "inputs-null", "wrong-width", "ragged", "strings", "inputs-strings", "empty", "malformed-json",
+         "oversized"],
 )
 def test_server_answers_bad_requests_with_a_short_400(server, X, make_body, message):
     status, body = _request(f"{server}/invocations", make_body(X))
@@ -383,6 +400,17 @@ def test_server_answers_bad_requests_with_a_short_400(server, X, make_body, mess
     error = json.loads(body)
     assert message in error["message"]
     assert len(body) < 3000, f"{len(body)} characters"  # MLflow prefixes a truncated repr of the data
+
+
+def test_server_scores_json_of_integers_and_csv(server, fitted, X):
+    pixels = np.rint(X[:4] * 10).astype(np.int64)  # integer JSON numbers reach the model as int64
+    status, body = _request(f"{server}/invocations", json.dumps({"inputs": pixels.tolist()}).encode())
+    assert status == 200, body
+    assert [p["label"] for p in json.loads(body)["predictions"]] == fitted.predict(pixels).tolist()
+    csv = pd.DataFrame(X[:4], columns=[f"x{i}" for i in range(N_FEATURES)]).to_csv(index=False).encode()
+    status, body = _request(f"{server}/invocations", csv, content_type="text/csv")
+    assert status == 200, body
+    assert [p["label"] for p in json.loads(body)["predictions"]] == fitted.predict(X[:4]).tolist()
 
 
 def test_server_still_answers_after_bad_requests(server, fitted, X):
