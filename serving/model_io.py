@@ -23,6 +23,11 @@ from serving.onnx_pyfunc import CUDA, open_session
 PYFUNC_PATH = Path(__file__).with_name("onnx_pyfunc.py")
 DEFAULT_MAX_BATCH_ROWS = 100_000
 _EXAMPLE_ROWS = 3
+# PEP 508 environment markers (the same in pyproject.toml and conda.yaml): where onnxruntime-gpu has
+# wheels (Linux and Windows on x86_64; Windows reports AMD64), and the exact complement (markers
+# have no `not`).
+GPU_WHEEL_MARKER = '(sys_platform == "linux" or sys_platform == "win32") and (platform_machine == "x86_64" or platform_machine == "AMD64")'
+CPU_WHEEL_MARKER = '(sys_platform != "linux" and sys_platform != "win32") or (platform_machine != "x86_64" and platform_machine != "AMD64")'
 
 
 def log_dec_model(
@@ -134,10 +139,12 @@ def feature_signature(n_clusters: int, embedding_dim: int) -> ModelSignature:
 def pinned_requirements() -> list[str]:
     """The served model's pip requirements, pinned at the versions running here.
 
-    onnxruntime-gpu runs on CPU-only machines too, and the plain onnxruntime wheel must never be
-    installed beside it (both use the import name ``onnxruntime``), so only the gpu wheel is listed,
-    at the version of whichever onnxruntime is installed here.
+    onnxruntime-gpu (which also runs on CPU-only machines) where its wheels exist, Linux and Windows
+    on x86_64, and the plain onnxruntime wheel everywhere else (macOS, aarch64), chosen by
+    environment markers so that exactly one of the two is installed: both use the import name
+    ``onnxruntime`` and break each other. Both are pinned at the version of whichever one is
+    installed here (the two are released together with the same version numbers).
     """
     ort_version = importlib.import_module("onnxruntime").__version__
     pins = [f"{dist}=={importlib.metadata.version(dist)}" for dist in ("mlflow", "numpy", "pandas")]
-    return pins + [f"onnxruntime-gpu=={ort_version}"]
+    return pins + [f"onnxruntime-gpu=={ort_version}; {GPU_WHEEL_MARKER}", f"onnxruntime=={ort_version}; {CPU_WHEEL_MARKER}"]

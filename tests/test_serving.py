@@ -21,12 +21,14 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from packaging.requirements import Requirement
 
 from dec_mlflow.export import export_onnx
 from serving.model_io import log_dec_model, parity_sessions
 from serving.onnx_pyfunc import check_batch, open_session
 
 from conftest import BLOB_CLUSTERS as N_CLUSTERS, BLOB_FEATURES as N_FEATURES
+from test_install import PLATFORMS, installed_ort_wheels
 
 NAME = "dec-serving-test"
 MAX_BATCH_ROWS = 100  # small, so an oversized request is cheap to send
@@ -80,9 +82,13 @@ def test_log_dec_model_logs_parity_metrics_and_pinned_requirements(logged):
     assert check["onnx_max_abs_dq"] <= ATOL_Q and check["onnx_labels_match"] == 1.0
     metrics = MlflowClient().get_run(run_id).data.metrics
     assert {k: metrics[k] for k in check} == pytest.approx(check)
-    requirements = Path(mlflow.pyfunc.get_model_dependencies(info.model_uri)).read_text().split()
-    assert {r.split("==")[0] for r in requirements} == {"mlflow", "numpy", "pandas", "onnxruntime-gpu"}
-    assert all("==" in r for r in requirements)
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(info.model_uri)).read_text().splitlines()
+    parsed = [Requirement(line) for line in requirements if line.strip()]
+    assert sorted(r.name for r in parsed) == ["mlflow", "numpy", "onnxruntime", "onnxruntime-gpu", "pandas"]
+    assert all(str(r.specifier).startswith("==") for r in parsed)
+    # the logged file, markers included, picks exactly one onnxruntime wheel per platform
+    for platform, (environment, expected) in PLATFORMS.items():
+        assert installed_ort_wheels(requirements, environment) == [expected], platform
     config = mlflow.models.get_model_info(info.model_uri).flavors["python_function"]["config"]
     assert config == {"n_features": N_FEATURES, "n_clusters": N_CLUSTERS,
                       "max_batch_rows": MAX_BATCH_ROWS, "device": "auto"}
