@@ -88,6 +88,7 @@ def log_dec_model(
                 "n_clusters": n_clusters,
                 "max_batch_rows": max_batch_rows,
                 "device": "auto",
+                "intra_op_threads": 0,
             },
             signature=feature_signature(n_clusters, network.centroids.shape[1]),
             input_example=X_sample[:_EXAMPLE_ROWS],

@@ -12,6 +12,8 @@ Model config (``model_config`` at log time; override at load time with
 - ``n_clusters`` : int, number of ``q_*`` output columns.
 - ``max_batch_rows`` : int, largest number of rows accepted in one request.
 - ``device`` : {'auto', 'cuda', 'cpu'}, see ``open_session``.
+- ``intra_op_threads`` : int, onnxruntime threads per call; 0 (default) lets onnxruntime choose (one
+  per core). With several server worker processes, cores // workers avoids oversubscription.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ CUDA_OPTIONS = {"use_tf32": "0"}
 _logger = logging.getLogger("serving.onnx_pyfunc")  # __name__ is random under models-from-code
 
 
-def open_session(path: str, device: str = "auto") -> "ort.InferenceSession":
+def open_session(path: str, device: str = "auto", intra_op_threads: int = 0) -> "ort.InferenceSession":
     """Open the ONNX graph at ``path`` on CUDA when it really works there, else on the CPU.
 
     onnxruntime-gpu lists CUDAExecutionProvider whenever the build supports it, and falls back to
@@ -61,6 +63,8 @@ def open_session(path: str, device: str = "auto") -> "ort.InferenceSession":
         ONNX file.
     device : {'auto', 'cuda', 'cpu'}
         'auto' takes CUDA when usable, else the CPU; 'cuda' raises when CUDA is not usable.
+    intra_op_threads : int, default=0
+        Threads of one call on the CPU; 0 lets onnxruntime choose.
 
     Returns
     -------
@@ -69,7 +73,10 @@ def open_session(path: str, device: str = "auto") -> "ort.InferenceSession":
     """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+    if isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int) or intra_op_threads < 0:
+        raise ValueError(f"intra_op_threads must be an integer >= 0; got {intra_op_threads!r}")
     options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
     # Idle worker threads spin by default; on a busy or shared host that steals the cores the next
     # request needs (bench/bench_serving.py measured ~2x at batch 1 and 64 under load without it).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -183,7 +190,8 @@ class DECOnnxModel(mlflow.pyfunc.PythonModel):
         self.n_features = int(config["n_features"])
         self.n_clusters = int(config["n_clusters"])
         self.max_batch_rows = int(config["max_batch_rows"])
-        self.session = open_session(context.artifacts["onnx"], config.get("device", "auto"))
+        self.session = open_session(context.artifacts["onnx"], config.get("device", "auto"),
+                                    int(config.get("intra_op_threads", 0)))
         self.provider = self.session.get_providers()[0]
         _logger.info("DEC ONNX model (%d features, %d clusters) runs on %s",
                      self.n_features, self.n_clusters, self.provider)
@@ -196,14 +204,21 @@ class DECOnnxModel(mlflow.pyfunc.PythonModel):
         With ``params={"include_embedding": True}`` the embedding follows as ``z_0 .. z_{e-1}``.
         """
         x = check_batch(model_input, n_features=self.n_features, max_batch_rows=self.max_batch_rows)
-        outputs = [_Q, _LABELS, _EMBEDDING] if (params or {}).get("include_embedding") else [_Q, _LABELS]
+        return predictions_frame(*self.predict_arrays(x, bool((params or {}).get("include_embedding"))))
+
+    def predict_arrays(self, x: np.ndarray, include_embedding: bool = False) -> list[np.ndarray]:
+        """Checked float32 features (n, n_features) -> [q (n, k), labels (n,)] and the embedding (n, e) if asked.
+
+        The arrays behind ``predict``'s DataFrame; ``serving.server`` encodes them to JSON directly.
+        """
+        outputs = [_Q, _LABELS, _EMBEDDING] if include_embedding else [_Q, _LABELS]
         chunks = [
             self.session.run(outputs, {_INPUT: x[start:start + _CHUNK_ROWS]})
             for start in range(0, len(x), _CHUNK_ROWS)
         ]
-        # q (n, n_clusters), labels (n,), embedding (n, e) when asked for
-        joined = [np.concatenate([c[i] for c in chunks]) for i in range(len(outputs))]
-        return predictions_frame(*joined)
+        if len(chunks) == 1:
+            return chunks[0]
+        return [np.concatenate([c[i] for c in chunks]) for i in range(len(outputs))]
 
 
 mlflow.models.set_model(DECOnnxModel())

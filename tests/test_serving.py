@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -19,13 +20,17 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 import pytest
+import yaml
+from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from packaging.requirements import Requirement
 
 from dec_mlflow.export import export_onnx
+from serving.loading import load_dec_model
 from serving.model_io import log_dec_model, parity_sessions
 from serving.onnx_pyfunc import check_batch, open_session
+from serving.server import main as server_main
 
 from conftest import BLOB_CLUSTERS as N_CLUSTERS, BLOB_FEATURES as N_FEATURES
 from test_install import PLATFORMS, installed_ort_wheels
@@ -34,6 +39,7 @@ NAME = "dec-serving-test"
 MAX_BATCH_ROWS = 100  # small, so an oversized request is cheap to send
 ATOL_Q = 1e-5
 VENV_BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +97,7 @@ def test_log_dec_model_logs_parity_metrics_and_pinned_requirements(logged):
         assert installed_ort_wheels(requirements, environment) == [expected], platform
     config = mlflow.models.get_model_info(info.model_uri).flavors["python_function"]["config"]
     assert config == {"n_features": N_FEATURES, "n_clusters": N_CLUSTERS,
-                      "max_batch_rows": MAX_BATCH_ROWS, "device": "auto"}
+                      "max_batch_rows": MAX_BATCH_ROWS, "device": "auto", "intra_op_threads": 0}
 
 
 def test_signature_has_an_output_schema_and_no_dtype_bound_input(logged, loaded, X):
@@ -424,3 +430,211 @@ def test_server_still_answers_after_bad_requests(server, fitted, X):
     status, body = _request(f"{server}/invocations", json.dumps({"inputs": _rows(X[:3])}).encode())
     assert status == 200
     assert [p["label"] for p in json.loads(body)["predictions"]] == fitted.predict(X[:3]).tolist()
+
+
+# ------------------------------------------------------------------ loading without running the artifact's code
+@pytest.fixture
+def tampered_model(logged, tmp_path):
+    """A copy of the logged model whose onnx_pyfunc.py creates a marker file when MLflow executes it."""
+    model_dir = Path(mlflow.artifacts.download_artifacts(logged[0].model_uri, dst_path=str(tmp_path / "copy")))
+    marker = tmp_path / "artifact-code-ran"
+    code = model_dir / "onnx_pyfunc.py"
+    code.write_text(code.read_text() + f"\nopen({str(marker)!r}, 'w').close()\n")
+    return model_dir, marker
+
+
+def test_mlflow_load_model_runs_the_code_stored_with_the_model(tampered_model):
+    # the control: this is what a teammate runs when loading a model someone altered on a shared server
+    model_dir, marker = tampered_model
+    mlflow.pyfunc.load_model(str(model_dir))
+    assert marker.exists()
+
+
+def test_load_dec_model_runs_no_code_from_the_artifact(tampered_model, fitted, X):
+    model_dir, marker = tampered_model
+    model = load_dec_model(str(model_dir))
+    out = model.predict(X[:10].astype(np.float32))
+    np.testing.assert_array_equal(out["label"].to_numpy(), fitted.predict(X[:10]))
+    assert not marker.exists()
+    assert type(model.unwrap_python_model()).__module__ == "serving.onnx_pyfunc"  # the installed class
+
+
+def test_load_dec_model_ignores_a_pickled_python_model_written_into_mlmodel(logged, tmp_path):
+    model_dir = Path(mlflow.artifacts.download_artifacts(logged[0].model_uri, dst_path=str(tmp_path / "copy")))
+    marker = tmp_path / "pickle-ran"
+    (model_dir / "python_model.pkl").write_bytes(pickle.dumps(_RunsOnUnpickle(marker)))
+    meta = yaml.safe_load((model_dir / "MLmodel").read_text())
+    flavor = meta["flavors"]["python_function"]
+    flavor.pop("model_code_path")
+    flavor["python_model"] = "python_model.pkl"  # what a cloudpickled pyfunc's MLmodel says
+    (model_dir / "MLmodel").write_text(yaml.safe_dump(meta))
+    load_dec_model(str(model_dir)).predict(np.zeros((1, N_FEATURES)))
+    assert not marker.exists()
+
+
+class _RunsOnUnpickle:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [("models:/no-such-model/1", r"^model 'models:/no-such-model/1' could not be loaded: "),
+     ("/nonexistent/model", r"^model '/nonexistent/model' could not be loaded: ")],
+)
+def test_load_dec_model_names_a_model_that_cannot_be_found(store, uri, message):
+    with pytest.raises(ValueError, match=message):
+        load_dec_model(uri)
+
+
+# ------------------------------------------------------------------ python -m serving.server
+SMALL_BODY_LIMIT_MB = 0.05  # 52,428 bytes: ~150 rows of this data
+
+
+@pytest.fixture(scope="module")
+def dec_server(logged, store, tmp_path_factory):
+    """Base URL of `python -m serving.server` (2 workers) for the registered version; always stopped."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("dec-server") / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store[0], "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "serving.server", "-m", f"models:/{NAME}/{logged[0].registered_model_version}",
+           "-p", str(port), "--workers", "2", "--max-body-mb", str(SMALL_BODY_LIMIT_MB)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield _wait_for_ping(proc, port, log)
+    finally:
+        _stop(proc)
+
+
+def _wait_for_ping(proc, port, log) -> str:
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if _request(f"{url}/ping")[0] == 200:
+                return url
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"server did not answer /ping (exit code {proc.poll()}):\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _stop(proc):
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        pytest.param(lambda X: json.dumps({"inputs": _rows(X)}).encode(), "application/json", id="inputs"),
+        pytest.param(lambda X: json.dumps({"inputs": _rows(X), "params": {"include_embedding": True}}).encode(),
+                     "application/json; charset=utf-8", id="inputs-embedding"),
+        pytest.param(lambda X: _split(_rows(X)), "application/json", id="dataframe_split"),
+        pytest.param(lambda X: json.dumps({"dataframe_records": pd.DataFrame(X).to_dict("records")}).encode(),
+                     "application/json", id="dataframe_records"),
+        pytest.param(lambda X: pd.DataFrame(X).to_csv(index=False).encode(), "text/csv", id="csv"),
+    ],
+)
+def test_dec_server_answers_as_mlflow_models_serve(server, dec_server, X, body, content_type):
+    request = body(X[:7])
+    ours, theirs = (_request(f"{url}/invocations", request, content_type) for url in (dec_server, server))
+    assert ours[0] == theirs[0] == 200, (ours, theirs)
+    ours, theirs = pd.DataFrame(json.loads(ours[1])["predictions"]), pd.DataFrame(json.loads(theirs[1])["predictions"])
+    assert list(ours.columns) == list(theirs.columns)
+    np.testing.assert_array_equal(ours["label"], theirs["label"])
+    np.testing.assert_allclose(ours.drop(columns="label"), theirs.drop(columns="label"), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b'{"inputs": [[1.0, 2.0', 400, "request body is not valid JSON: "),
+        (lambda X: json.dumps({"inputs": [[None] + _rows(X)[0][1:]]}).encode(), 400, "batch has 1 NaN or infinite values"),
+        (lambda X: json.dumps({"inputs": _rows(X[:2, :-1])}).encode(), 400, "expected 20 features per row; got 19"),
+        (lambda X: json.dumps({"inputs": [_rows(X)[0], _rows(X)[1][:-1]]}).encode(), 400,
+         "inputs must be a list of equally long rows of numbers"),
+        (lambda X: json.dumps({"inputs": _rows(X[:2]), "params": {"include_embedding": "yes"}}).encode(), 400,
+         "params must be an object whose include_embedding is true or false"),
+        (lambda X: json.dumps({"inputs": _rows(X[: MAX_BATCH_ROWS + 1])[:101]}).encode(), 400,
+         "batch has 101 rows; at most 100 are accepted per request"),
+        (lambda X: json.dumps({"rows": []}).encode(), 400, "The input must be a JSON dictionary with exactly one of"),
+    ],
+    ids=["malformed-json", "null", "wrong-width", "ragged", "bad-param", "too-many-rows", "no-format-key"],
+)
+def test_dec_server_answers_bad_requests_with_a_short_400(dec_server, X, body, status, message):
+    answer = _request(f"{dec_server}/invocations", body if isinstance(body, bytes) else body(X))
+    assert answer[0] == status, answer
+    assert message in json.loads(answer[1])["message"]
+    assert len(answer[1]) < 3000
+
+
+def _raw_exchange(url: str, head: bytes, chunks=(), pause: float = 0.0) -> tuple[bytes, float]:
+    """Send ``head`` then ``chunks`` on a raw socket, reading concurrently; (reply, seconds to the first reply byte)."""
+    host, port = url.removeprefix("http://").split(":")
+    reply, first = bytearray(), []
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        start = time.perf_counter()
+        sock.sendall(head)
+        for chunk in chunks:
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break  # the server answered and closed
+            time.sleep(pause)
+        sock.settimeout(10)
+        try:
+            while data := sock.recv(65536):
+                first = first or [time.perf_counter() - start]
+                reply.extend(data)
+        except OSError:
+            pass
+    return bytes(reply), first[0] if first else float("inf")
+
+
+def test_dec_server_refuses_a_declared_oversized_body_without_reading_it(dec_server):
+    # 1 GB announced, nothing sent: a server that reads before refusing would wait here
+    head = (b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000000\r\n\r\n")
+    reply, seconds = _raw_exchange(dec_server, head)
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    assert b"connection: close" in reply.lower()
+    assert b"request body of 1000000000 bytes; at most 52428 bytes are accepted (--max-body-mb 0.05)" in reply
+    assert seconds < 1.0
+    assert _request(f"{dec_server}/ping")[0] == 200
+
+
+def test_dec_server_refuses_a_chunked_body_once_it_passes_the_limit(dec_server):
+    head = (b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"%x\r\n%s\r\n" % (10_000, b"1" * 10_000)
+    reply, _ = _raw_exchange(dec_server, head, [chunk] * 200, pause=0.005)  # 2 MB offered, 52 kB allowed
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    assert b"request body passed 6" in reply  # refused at the first chunk beyond 52,428 bytes: 60,000
+    assert _request(f"{dec_server}/ping")[0] == 200
+
+
+def test_dec_server_accepts_a_body_just_under_the_limit(dec_server, fitted, X):
+    rows = []
+    while len(json.dumps({"inputs": rows + [_rows(X)[len(rows) % len(X)]]})) <= SMALL_BODY_LIMIT_MB * 2**20:
+        rows.append(_rows(X)[len(rows) % len(X)])
+    rows = rows[:MAX_BATCH_ROWS]
+    status, body = _request(f"{dec_server}/invocations", json.dumps({"inputs": rows}).encode())
+    assert status == 200, body[:300]
+    assert [p["label"] for p in json.loads(body)["predictions"]] == fitted.predict(np.array(rows)).tolist()
+
+
+def test_dec_server_cli_names_a_missing_model_in_one_line(store):
+    result = CliRunner().invoke(server_main, ["-m", "models:/no-such-model/1"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: model 'models:/no-such-model/1' could not be loaded: ")
+    assert len(result.output.strip().splitlines()) == 1
