@@ -62,6 +62,7 @@ MAX_CALLS = 1_000_000
 SCENARIOS = (("inputs", 1), ("inputs", 256), ("dataframe_split", 1))
 MAX_REQUESTS_PER_CLIENT = 1_000_000
 PING_TIMEOUT, REQUEST_TIMEOUT, ABUSE_TIMEOUT = 180.0, 60.0, 600.0
+DEFAULT_SERVERS = ["mlflow", "mlflow-w2", "dec-w1", "dec"]
 WARM_UP_SECONDS = 3.0  # of 1-row load after a server starts, not measured
 VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin holds mlflow and uvicorn
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +74,8 @@ SERVERS = {
     "mlflow-w2": ("`mlflow models serve --workers 2` with httptools/uvloop and "
                   "`MLFLOW_PYFUNC_INFERENCE_CONFIG='{\"intra_op_threads\": 1}'`: its knobs turned as far as they go",
                   "mlflow-w2", {"MLFLOW_PYFUNC_INFERENCE_CONFIG": '{"intra_op_threads": 1}'}),
+    "mlflow-httptools": ("`mlflow models serve`, 1 worker, with httptools and uvloop (what uvicorn picks when they are "
+                         "installed)", "mlflow", {}),
     "dec-w1": ("`python -m serving.server -w 1` (2 onnxruntime threads)", "dec-w1", {}),
     "dec": ("`python -m serving.server` (defaults: 2 workers, 1 onnxruntime thread each, 16 MiB body limit)", "dec", {}),
 }
@@ -309,6 +312,8 @@ def oversized(proc: subprocess.Popen, port: int, rows: int) -> dict:
     """Send one `inputs` body of ``rows`` rows over a raw socket; time to the answer and server memory around it."""
     row = json.dumps(mnist_like(1)[0].tolist()).encode()
     body = b'{"inputs": [' + b", ".join([row] * rows) + b"]}"
+    request = (b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # built before the clock starts
     idle = tree_rss_mib(proc.pid)[0]
     peak, answered, reply = [idle], threading.Event(), bytearray()
     sock = socket.create_connection(("127.0.0.1", port), timeout=ABUSE_TIMEOUT)
@@ -330,8 +335,7 @@ def oversized(proc: subprocess.Popen, port: int, rows: int) -> dict:
     start = time.perf_counter()
     reader.start()
     try:
-        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(request)
     except OSError:
         pass  # the server stopped reading: it answered already
     while not answered.wait(0.2):
@@ -448,8 +452,11 @@ def predict_section(args, load_start, times, peaks, shipped, path_times) -> str:
 
 
 def load_section(args, model_uri, servers, abuse, soak) -> str:
-    body = [f"Command: `PYTHONPATH=. python bench/bench_serving.py --repeats {args.repeats} --duration {args.duration:g} "
-            f"--clients {args.clients} --abuse-rows {args.abuse_rows} --soak {args.soak:g}` (parts 3-5 of the script)\n",
+    command = (f"PYTHONPATH=. python bench/bench_serving.py --parts {args.parts} --repeats {args.repeats} --duration "
+               f"{args.duration:g} --clients {args.clients} --abuse-rows {args.abuse_rows} --soak {args.soak:g}")
+    if args.servers != DEFAULT_SERVERS or args.section != "Serving under load and abuse":
+        command += f" --servers {' '.join(args.servers)} --section '{args.section}'"
+    body = [f"Command: `{command}`\n",
             f"Machine: {machine()}, uvicorn {_version('uvicorn')}, httptools {_version('httptools')}, uvloop {_version('uvloop')}, "
             f"mlflow {mlflow.__version__}. {os.cpu_count()} cores shared with other people's CPU-heavy training: the "
             "load average (1 min) before each measurement is in the tables; the servers take turns within each repeat, in "
@@ -516,10 +523,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of parts 1-3 (default 3)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of load per scenario in part 3 (default 10)")
     ap.add_argument("--clients", type=int, default=4, help="concurrent client processes (default 4)")
-    ap.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS), help="server configurations of part 3")
+    ap.add_argument("--servers", nargs="+", default=DEFAULT_SERVERS, choices=list(SERVERS), help="server configurations of part 3")
     ap.add_argument("--abuse-rows", type=int, default=100_001, help="rows of the oversized request of part 4 (default 100,001)")
     ap.add_argument("--soak", type=float, default=300.0, help="seconds of the soak of part 5 (default 300; 0 skips it)")
     ap.add_argument("--parts", default="12345", help="which parts to run, e.g. 345 (default all)")
+    ap.add_argument("--section", default="Serving under load and abuse", help="BENCHMARKS.md section of parts 3-5")
     args = ap.parse_args()
     load_start, network = os.getloadavg()[0], untrained_network()
     pool = multiprocessing.get_context("fork").Pool(max(args.clients, 4)) if set(args.parts) & set("345") else None
@@ -543,7 +551,7 @@ def main() -> None:
     if servers or abuse or soak:
         text = load_section(args, "models:/dec-bench/1", servers, abuse, soak)
         print(text)
-        write_section("Serving under load and abuse", text)
+        write_section(args.section, text)
 
 
 if __name__ == "__main__":
