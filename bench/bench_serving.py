@@ -76,6 +76,11 @@ SERVERS = {
                   "mlflow-w2", {"MLFLOW_PYFUNC_INFERENCE_CONFIG": '{"intra_op_threads": 1}'}),
     "mlflow-httptools": ("`mlflow models serve`, 1 worker, with httptools and uvloop (what uvicorn picks when they are "
                          "installed)", "mlflow", {}),
+    "mlflow-w2-h11": ("`mlflow models serve --workers 2` with h11 and asyncio (a fresh install without httptools/uvloop) "
+                      "and one onnxruntime thread per worker", "mlflow-w2",
+                      {"UVICORN_HTTP": "h11", "UVICORN_LOOP": "asyncio", "MLFLOW_PYFUNC_INFERENCE_CONFIG": '{"intra_op_threads": 1}'}),
+    "dec-h11": ("`python -m serving.server --http h11 --loop asyncio` (what a fresh install without httptools/uvloop runs)",
+                "dec-h11", {}),
     "dec-w1": ("`python -m serving.server -w 1` (2 onnxruntime threads)", "dec-w1", {}),
     "dec": ("`python -m serving.server` (defaults: 2 workers, 1 onnxruntime thread each, 16 MiB body limit)", "dec", {}),
 }
@@ -267,10 +272,10 @@ def running_server(kind: str, model_uri: str, env: dict, log: Path):
     port = free_port()
     if kind.startswith("mlflow"):
         cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-        cmd += ["--workers", "2"] if kind == "mlflow-w2" else []
+        cmd += ["--workers", "2"] if kind.startswith("mlflow-w2") else []
     else:
         cmd = [sys.executable, "-m", "serving.server", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port)]
-        cmd += ["--workers", "1"] if kind == "dec-w1" else []
+        cmd += {"dec-w1": ["--workers", "1"], "dec-h11": ["--http", "h11", "--loop", "asyncio"]}.get(kind, [])
     full_env = {**os.environ, **env, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                 "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     with open(log, "w") as out:
@@ -455,7 +460,7 @@ def load_section(args, model_uri, servers, abuse, soak) -> str:
     command = (f"PYTHONPATH=. python bench/bench_serving.py --parts {args.parts} --repeats {args.repeats} --duration "
                f"{args.duration:g} --clients {args.clients} --abuse-rows {args.abuse_rows} --soak {args.soak:g}")
     if args.servers != DEFAULT_SERVERS or args.section != "Serving under load and abuse":
-        command += f" --servers {' '.join(args.servers)} --section '{args.section}'"
+        command += f" --servers {' '.join(args.servers)} --section \"{args.section}\""
     body = [f"Command: `{command}`\n",
             f"Machine: {machine()}, uvicorn {_version('uvicorn')}, httptools {_version('httptools')}, uvloop {_version('uvloop')}, "
             f"mlflow {mlflow.__version__}. {os.cpu_count()} cores shared with other people's CPU-heavy training: the "
@@ -484,6 +489,11 @@ def load_section(args, model_uri, servers, abuse, soak) -> str:
             p50, p99 = median([x["p50"] for x in one]), median([x["p99"] for x in one])
             body.append(f"- `{kind}`, 1-row `inputs`, {args.clients} clients: p50 <= 10 ms {met(p50 <= 10)} ({p50:.1f}); "
                         f"p99 <= 50 ms {met(p99 <= 50)} ({p99:.1f}); errors {sum(x['errors'] for x in one)}.")
+        if "mlflow-w2-h11" in servers:
+            body.append("- `mlflow-w2-h11`: with several workers uvicorn gives each a listening socket whose `proto` is 0, "
+                        "so asyncio does not set TCP_NODELAY on its connections, and each response body waits for the "
+                        "client's delayed ACK of the headers (~40 ms). uvloop sets TCP_NODELAY itself; "
+                        "`serving.server` sets it in its uvicorn protocol (`dec-h11` runs without uvloop).")
     if abuse:
         body += ["", f"**Oversized body.** One `inputs` request of {args.abuse_rows:,} MNIST rows "
                  f"({next(iter(abuse.values()))['mb']:.0f} MiB of JSON) over a raw socket that reads while it sends; "

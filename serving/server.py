@@ -26,10 +26,12 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import click
 import numpy as np
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PyFuncModel, scoring_server
@@ -188,6 +190,33 @@ async def _respond(send, status: int, payload: bytes, media: str, close: bool = 
     await send({"type": "http.response.body", "body": payload})
 
 
+class _NoDelay:
+    """Turns Nagle's algorithm off on each connection (uvicorn protocol mixin).
+
+    With several workers uvicorn hands them a listening socket whose ``proto`` is 0, and asyncio then
+    skips the TCP_NODELAY it sets on TCP connections; the response headers and body, written
+    separately, then meet the client's delayed ACK: bench/bench_serving.py saw every request take
+    44 ms with the h11 parser and the asyncio loop (uvloop sets TCP_NODELAY itself).
+    """
+
+    def connection_made(self, transport):
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
+
+
+class H11NoDelayProtocol(_NoDelay, H11Protocol):
+    """uvicorn's h11 protocol with TCP_NODELAY."""
+
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools is optional: uvicorn then parses HTTP with h11
+    HttpToolsNoDelayProtocol = None
+else:
+    class HttpToolsNoDelayProtocol(_NoDelay, HttpToolsProtocol):
+        """uvicorn's httptools protocol with TCP_NODELAY."""
+
+
 def create_app() -> ScoringApp:
     """The app of one worker process, configured by the environment ``main`` sets (uvicorn's factory)."""
     threads = os.environ.get(_ENV["threads"])
@@ -208,7 +237,11 @@ def create_app() -> ScoringApp:
 @click.option("--limit-concurrency", type=click.IntRange(min=1), default=DEFAULT_LIMIT_CONCURRENCY, show_default=True,
               help="Open connections per worker before new ones are answered 503.")
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
-def main(model_uri, host, port, workers, intra_op_threads, max_body_mb, limit_concurrency, access_log):
+@click.option("--http", type=click.Choice(["auto", "h11", "httptools"]), default="auto", show_default=True,
+              help="uvicorn's HTTP parser; 'auto' takes httptools when installed.")
+@click.option("--loop", type=click.Choice(["auto", "asyncio", "uvloop"]), default="auto", show_default=True,
+              help="uvicorn's event loop; 'auto' takes uvloop when installed.")
+def main(model_uri, host, port, workers, intra_op_threads, max_body_mb, limit_concurrency, access_log, http, loop):
     """Serve the DEC model MODEL_URI over HTTP with the same API as `mlflow models serve`."""
     import uvicorn
 
@@ -223,7 +256,12 @@ def main(model_uri, host, port, workers, intra_op_threads, max_body_mb, limit_co
         raise click.ClickException(str(e)) from e
     click.echo(f"Serving {model_uri} on http://{host}:{port} with {workers} worker(s), {intra_op_threads} "
                f"onnxruntime thread(s) each, on {app.python_model.provider}; bodies up to {max_body_bytes} bytes", err=True)
-    options = dict(host=host, port=port, limit_concurrency=limit_concurrency, access_log=access_log, log_level="warning")
+    if http == "httptools" and HttpToolsNoDelayProtocol is None:
+        raise click.BadParameter("httptools is not installed: pip install httptools", param_hint="--http")
+    use_httptools = http == "httptools" or (http == "auto" and HttpToolsNoDelayProtocol is not None)
+    protocol = f"serving.server:{'HttpToolsNoDelayProtocol' if use_httptools else 'H11NoDelayProtocol'}"  # importable by workers
+    options = dict(host=host, port=port, limit_concurrency=limit_concurrency, access_log=access_log, log_level="warning",
+                   http=protocol, loop=loop)
     if workers == 1:
         uvicorn.run(app, **options)
     else:
