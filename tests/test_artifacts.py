@@ -115,9 +115,10 @@ def test_pretrained_autoencoder_round_trip_is_exact(blobs, tmp_path):
 
 @pytest.fixture
 def tmp_store(tmp_path):
+    """A fresh sqlite store (runs go to its Default experiment); the previous tracking URI comes back after."""
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_experiment("artifacts")
+    mlflow.search_experiments()  # creates the tables now, so their log lines do not mix with a command's output
     yield tmp_path
     mlflow.set_tracking_uri(previous)
 
