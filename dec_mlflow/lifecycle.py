@@ -27,6 +27,7 @@ from sklearn.base import clone
 
 from dec_mlflow import tracking
 from dec_mlflow.callbacks import CallbackList, ProgressBar
+from dec_mlflow.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from dec_mlflow.data import Dataset, load_dataset
 from dec_mlflow.estimator import DEC, PretrainedAutoencoder, selection_criteria
 from dec_mlflow.metrics import clustering_scores
@@ -110,9 +111,14 @@ def fmt_scores(scores: dict) -> str:
 
 
 def _pretrain_key(est: DEC, digest: str) -> str:
-    """Fingerprint of what decides a pretrained autoencoder: data content plus pretraining settings."""
+    """Fingerprint of what decides a pretrained autoencoder: data content, pretraining settings, checkpoint format.
+
+    The format is part of it so that runs whose artifact this version refuses to load (pickled
+    checkpoints of older versions) are not picked for reuse.
+    """
     params = est.get_params()
-    return tracking.fingerprint({"data_digest": digest, **{k: params[k] for k in PRETRAIN_PARAMS}})
+    return tracking.fingerprint({"data_digest": digest, "checkpoint_format": CHECKPOINT_FORMAT,
+                                 **{k: params[k] for k in PRETRAIN_PARAMS}})
 
 
 # ------------------------------------------------------------------------------------ pretrain
@@ -374,8 +380,8 @@ def evaluate(model: str, dataset: str, *, label_column: str = "", sample_size: i
 def predict_in_batches(pyfunc: mlflow.pyfunc.PyFuncModel, x: np.ndarray, params: dict | None = None) -> pd.DataFrame:
     """``pyfunc.predict`` over all rows of ``x``, in calls of at most the model's ``max_batch_rows`` rows.
 
-    The served signature is a float64 tensor (what JSON numbers parse to) and MLflow checks dtypes
-    exactly, so rows are sent as float64.
+    Rows are sent as float64: current models take any numeric dtype, but those logged before had a
+    float64 tensor signature, whose dtype MLflow checks exactly.
     """
     limit = int((pyfunc.model_config or {}).get("max_batch_rows") or len(x))
     frames = [pyfunc.predict(x[start:start + limit].astype(np.float64), params=params)

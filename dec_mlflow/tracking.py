@@ -253,12 +253,11 @@ def describe_model(name: str, version: str, *, model_description: str, version_d
 
 
 def load_pyfunc(uri: str) -> mlflow.pyfunc.PyFuncModel:
-    """The pyfunc model at ``uri``; ValueError naming the URI when it cannot be loaded."""
-    try:
-        return mlflow.pyfunc.load_model(uri)
-    except (MlflowException, OSError) as e:
-        detail = e.message if isinstance(e, MlflowException) else str(e)
-        raise ValueError(f"model {uri!r} could not be loaded: {detail.splitlines()[0]}") from e
+    """The DEC model at ``uri``, run by the installed serving code: nothing stored with the model is
+    executed (``serving.loading``); ValueError naming the URI when it cannot be loaded."""
+    from serving.loading import load_dec_model  # onnxruntime: import on use
+
+    return load_dec_model(uri)
 
 
 def run_metrics(run_id: str) -> dict[str, float]:

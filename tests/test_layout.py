@@ -9,18 +9,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # A module may import only modules of a lower layer. A new module gets a layer here.
 LAYERS = {
-    "dec_mlflow.cli": 7,  # entry points: parse options, call one stage
+    "dec_mlflow.cli": 7, "serving.server": 7,  # entry points: parse options, call one stage / serve
     "dec_mlflow.lifecycle_experiments": 6,  # the paper's experiments as stages
     "dec_mlflow.lifecycle": 5,  # the lifecycle's stages
     "dec_mlflow.tracking": 4, "dec_mlflow.experiments": 4, "serving.model_io": 4,
     "dec_mlflow.estimator": 3, "dec_mlflow.export": 3,
     "dec_mlflow.training": 2,
+    "serving.loading": 2,  # loads a logged model with the installed serving code
     "dec_mlflow.model": 1, "dec_mlflow.callbacks": 1, "dec_mlflow.data": 1, "dec_mlflow.plots": 1,
+    "dec_mlflow.checkpoint": 1,
     "dec_mlflow.objectives": 0, "dec_mlflow.metrics": 0, "dec_mlflow.corpora": 0, "dec_mlflow.paper": 0,
     "serving.onnx_pyfunc": 0,  # runs in the serving environment: imports nothing of ours
 }
 MLFLOW_IMPORTERS = {"dec_mlflow.tracking", "dec_mlflow.lifecycle", "dec_mlflow.lifecycle_experiments",
-                    "serving.model_io", "serving.onnx_pyfunc"}
+                    "serving.model_io", "serving.onnx_pyfunc", "serving.loading", "serving.server"}
 
 
 def imports(path: Path) -> set[str]:
