@@ -203,6 +203,26 @@ def promote(model_name, metric, mode, alias):
 
 
 @main.command()
+@_stage_options(lifecycle.score, {
+    "model": "Model to score with: models:/<name>@<alias>, models:/<name>/<version> or runs:/<id>/model.",
+    "input": "A .parquet or .csv table (numeric feature columns, optionally the id column) or a 2-D .npy array of raw features.",
+    "output": "Parquet to write (a file with engine local, a directory of part files with spark); must not exist.",
+    "engine": (click.Choice(("local", "spark")), "'local': this process, in chunks; 'spark': mlflow.pyfunc.spark_udf on a Spark session."),
+    "id_column": "Input column carried to the output as the row key; without it the key is 'row', the row's position.",
+    "chunk_size": (click.INT, "Rows per model call (capped at the model's max_batch_rows); Spark's Arrow batch size."),
+    "spark_master": "Spark master URL (engine spark); default $SPARK_MASTER, else local[*].",
+    **_EXPERIMENT_HELP,
+})
+@_user_errors
+def score(**options):
+    """Batch scoring: write the label and q_0..q_{k-1} of every INPUT row to OUTPUT, keyed by id or row."""
+    r = lifecycle.score(**options)
+    master = f", {r['spark_master']}" if r["spark_master"] else ""
+    click.echo(f"Scored {r['n_rows']} rows in {r['seconds']:.1f} s ({r['rows_per_s']:,.0f} rows/s, "
+               f"engine {r['engine']}{master}) -> {r['output']}")
+
+
+@main.command()
 @_stage_options(lifecycle_experiments.compare, {
     **_DATA_HELP,
     "seeds": "Comma-separated seeds; each pretrains (or reuses) its own autoencoder.",

@@ -1,4 +1,4 @@
-"""The lifecycle's stages as plain functions: pretrain, cluster, evaluate, export, promote.
+"""The lifecycle's stages as plain functions: pretrain, cluster, evaluate, export, promote, score.
 
 Each stage takes parameters, does its work in one MLflow run (promote starts none) and returns a
 dict with the run id and what the run made (model URI, registered version, metrics). ``cli.py``
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from dec_mlflow import tracking
+from dec_mlflow import scoring, tracking
 from dec_mlflow.callbacks import CallbackList, ProgressBar
 from dec_mlflow.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from dec_mlflow.data import Dataset, load_dataset
@@ -429,3 +429,37 @@ def promote(model_name: str, *, metric: str = "final_acc", mode: str = "max", al
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min'; got {mode!r}")
     return tracking.promote(model_name, metric, greater_is_better=mode == "max", alias=alias)
+
+
+def score(model: str, input: str, output: str, *, engine: str = "local", id_column: str = "id",  # noqa: A002
+          chunk_size: int = scoring.DEFAULT_CHUNK_ROWS, spark_master: str = "", experiment: str = "") -> dict:
+    """Batch scoring: every row of ``input`` through the logged model ``model``, into ``output``, in a new run.
+
+    Reads a model URI and a ``.parquet``, ``.csv`` or ``.npy`` file of raw features; writes the
+    parquet ``output`` (one row per input row: the id column or ``row``, ``label``, ``q_0..q_{k-1}``)
+    with ``engine`` 'local' (this process, ``chunk_size`` rows at a time) or 'spark'
+    (``mlflow.pyfunc.spark_udf`` on ``spark_master``, default ``$SPARK_MASTER`` else ``local[*]``);
+    see :mod:`dec_mlflow.scoring`. The run logs the parameters, ``n_rows``, ``seconds``,
+    ``rows_per_s`` and ``cluster_sizes.json``. Everything is checked, and the model loaded, before
+    the run starts.
+
+    Returns
+    -------
+    dict with ``run_id``, ``output``, ``n_rows``, ``seconds``, ``rows_per_s``, ``cluster_sizes``,
+    ``engine`` and ``spark_master`` (the master used, None for the local engine).
+    """
+    check_int("chunk_size", chunk_size, low=1)
+    job = scoring.plan(model, input, output, engine=engine, id_column=id_column, chunk_rows=chunk_size,
+                       spark_master=spark_master or None)
+    with tracking.stage_run(f"score-{engine}", experiment) as run:
+        mlflow.set_tags({tracking.STAGE_TAG: "score", "model_uri": model})
+        tracking.log_params_once({"model": model, "input": input, "output": output, "engine": engine,
+                                  "id_column": id_column, "chunk_size": chunk_size, "spark_master": spark_master})
+        result = scoring.execute(job)
+        mlflow.log_metrics({"n_rows": result.n_rows, "seconds": result.seconds, "rows_per_s": result.rows_per_second})
+        mlflow.log_dict({"cluster_sizes": result.cluster_sizes}, "cluster_sizes.json")
+        if result.spark_master:
+            mlflow.set_tag("spark_master", result.spark_master)
+    return {"run_id": run.info.run_id, "output": str(result.output), "n_rows": result.n_rows, "seconds": result.seconds,
+            "rows_per_s": result.rows_per_second, "cluster_sizes": result.cluster_sizes, "engine": result.engine,
+            "spark_master": result.spark_master}

@@ -13,6 +13,7 @@ LAYERS = {
     "dec_mlflow.lifecycle_experiments": 6,  # the paper's experiments as stages
     "dec_mlflow.lifecycle": 5,  # the lifecycle's stages
     "dec_mlflow.tracking": 4, "dec_mlflow.experiments": 4, "serving.model_io": 4,
+    "dec_mlflow.scoring": 4,  # batch scoring of a logged model (mlflow.pyfunc, spark_udf); nothing of ours
     "dec_mlflow.estimator": 3, "dec_mlflow.export": 3,
     "dec_mlflow.training": 2,
     "serving.loading": 2,  # loads a logged model with the installed serving code
@@ -22,7 +23,8 @@ LAYERS = {
     "serving.onnx_pyfunc": 0,  # runs in the serving environment: imports nothing of ours
 }
 MLFLOW_IMPORTERS = {"dec_mlflow.tracking", "dec_mlflow.lifecycle", "dec_mlflow.lifecycle_experiments",
-                    "serving.model_io", "serving.onnx_pyfunc", "serving.loading", "serving.server"}
+                    "serving.model_io", "serving.onnx_pyfunc", "serving.loading", "serving.server",
+                    "dec_mlflow.scoring"}
 
 
 def imports(path: Path) -> set[str]:
