@@ -42,7 +42,6 @@ dir="$(cd "$dir" && pwd)"
 pgdir="$dir/postgres"      # owned by the PostgreSQL user: data/ and postgres.log
 pgdata="$pgdir/data"
 mlflow_pid="$dir/mlflow.pid"
-export PGPASSFILE="$dir/pgpass"  # libpq (psql, psycopg in mlflow server) reads the password here
 
 find_pg_bin() {
     local d
@@ -137,6 +136,7 @@ uri="http://127.0.0.1:$mlflow_port"
 local_pg=1
 [[ -n "${DEC_BACKEND_STORE_URI:-}" ]] && local_pg=0
 if [[ $local_pg -eq 1 ]]; then
+    export PGPASSFILE="$dir/pgpass"  # libpq (psql, psycopg in mlflow server) reads the password here
     pg_bin="$(find_pg_bin)"
     setup_pg_user
 fi
@@ -150,10 +150,11 @@ start)
         artifacts="${DEC_ARTIFACTS_DESTINATION:-$dir/artifacts}"
         [[ "$artifacts" == *://* ]] || mkdir -p "$artifacts"
         "$python" -c "import mlflow" 2>/dev/null || die "$python cannot import mlflow: activate the project's environment or set PYTHON"
-        if [[ $local_pg -eq 1 ]]; then
-            "$python" -c "import psycopg" 2>/dev/null || die "$python cannot import psycopg: pip install 'dec-mlflow[server]'"
-            start_postgres
-        fi
+        case "$backend" in
+            postgresql+psycopg://*) "$python" -c "import psycopg" 2>/dev/null || die "$python cannot import psycopg: pip install 'dec-mlflow[server]'" ;;
+            postgresql+psycopg2://*) "$python" -c "import psycopg2" 2>/dev/null || die "$python cannot import psycopg2: pip install psycopg2-binary" ;;
+        esac
+        if [[ $local_pg -eq 1 ]]; then start_postgres; fi
         start_mlflow "$backend" "$artifacts"
         echo "tracking-server: mlflow server on $uri (backend ${backend%%://*}, artifacts $artifacts); logs in $dir" >&2
     fi
