@@ -82,8 +82,9 @@ def main() -> None:
         model_uri = "models:/dec-bench-score/1"
         started = time.perf_counter()
         inputs = write_inputs(work, args.rows)
+        sizes = {k: p.stat().st_size / 2**20 for k, p in inputs.items()}
         print(f"inputs written in {time.perf_counter() - started:.0f} s: " + ", ".join(
-            f"{k} {p.stat().st_size / 2**20:,.0f} MiB" for k, p in inputs.items()), flush=True)
+            f"{k} {size:,.0f} MiB" for k, size in sizes.items()), flush=True)
 
         started = time.perf_counter()
         spark, _ = scoring.spark_session(args.master, args.chunk_rows)
@@ -110,10 +111,16 @@ def main() -> None:
             agreement.append(compare(outputs[("local", "parquet")], outputs[("spark", "parquet")]))
             for out in outputs.values():
                 shutil.rmtree(out) if out.is_dir() else out.unlink()
+            # after every repeat, so that a run cut short leaves the repeats it completed
+            report(args, seconds, agreement, sizes, spark_info, spark_start, load_at_start)
         spark.stop()
-        sizes = {k: p.stat().st_size / 2**20 for k, p in inputs.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def report(args, seconds: dict, agreement: list, sizes: dict, spark_info: str, spark_start: float, load: float) -> None:
+    """Print and write the BENCHMARKS.md section for the repeats completed so far."""
+    import onnxruntime
 
     lines = ["| engine | input | median s | rows/s (median) | slowest / fastest s | speed vs local parquet |", "|---|---|---|---|---|---|"]
     for (engine, kind), times in seconds.items():
@@ -122,13 +129,11 @@ def main() -> None:
                      f"{max(times):.1f} / {min(times):.1f} | {ratio:.2f}x |")
     labels_equal = all(a for a, _ in agreement)
     max_dq = max(d for _, d in agreement)
-    import onnxruntime
-
     body = f"""Command: `python bench/bench_score.py --rows {args.rows} --repeats {args.repeats} --master "{args.master}"`
 
-Machine: {machine()}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}, mlflow {mlflow.__version__}, Python {platform.python_version()}. Load average at the start {load_at_start:.1f} on {os.cpu_count()} cores (other jobs shared the machine): compare rows measured side by side.
+Machine: {machine()}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}, mlflow {mlflow.__version__}, Python {platform.python_version()}. Load average {load:.1f} at the start and {os.getloadavg()[0]:.1f} after the last repeat, on {os.cpu_count()} cores (other jobs shared the machine): compare rows measured side by side.
 
-What is timed: `dec_mlflow.scoring.execute` of a `score` job, i.e. reading the input, scoring every row and writing the output parquet, model loading excluded. {args.rows:,} MNIST-like rows (784 integer pixels 0..255, ~19% non-zero), default DEC network 784-500-500-2000-10 with 10 clusters and untrained random weights (speed does not depend on them), logged with `log_dec_model`; chunk_rows {args.chunk_rows:,}. Inputs: parquet with 784 uint8 columns in row groups of {ROW_GROUP:,} rows ({sizes['parquet']:,.0f} MiB), and a uint8 `.npy` ({sizes['npy']:,.0f} MiB). Medians over {args.repeats} repeats, the three cases interleaved in every repeat (order reversed every other repeat).
+What is timed: `dec_mlflow.scoring.execute` of a `score` job, i.e. reading the input, scoring every row and writing the output parquet, model loading excluded. {args.rows:,} MNIST-like rows (784 integer pixels 0..255, ~19% non-zero), default DEC network 784-500-500-2000-10 with 10 clusters and untrained random weights (speed does not depend on them), logged with `log_dec_model`; chunk_rows {args.chunk_rows:,}. Inputs: parquet with 784 uint8 columns in row groups of {ROW_GROUP:,} rows ({sizes['parquet']:,.0f} MiB), and a uint8 `.npy` ({sizes['npy']:,.0f} MiB). Medians over {len(agreement)} completed repeats (of {args.repeats} asked for), the three cases interleaved in every repeat (order reversed every other repeat).
 
 Spark: {spark_info}; Python workers run this interpreter, `mlflow.pyfunc.spark_udf(..., env_manager="local")`, Arrow batches of {args.chunk_rows:,} rows. The session was started once ({spark_start:.1f} s, not in the figures) and reused, so the first repeat's Spark job also pays the JVM's warm-up.
 

@@ -102,14 +102,12 @@ class ScoreResult:
         return self.n_rows / self.seconds if self.seconds > 0 else float("inf")
 
 
-def output_columns(key: str, n_clusters: int) -> list[str]:
-    """Column names of a scoring output: the key, ``label``, ``q_0 .. q_{k-1}``."""
-    return [key, "label", *(f"q_{j}" for j in range(n_clusters))]
-
-
 # ------------------------------------------------------------------------------------ inputs
 def open_input(path: str | os.PathLike, id_column: str = "id") -> ScoringInput:
-    """Check an input file and describe it: format, feature columns, key, size. Reads no data rows.
+    """Check an input file and describe it: format, feature columns, key, size.
+
+    Reads the parquet footer, the ``.npy`` header, or the first 1,000 rows of a CSV (to refuse a
+    non-numeric column before any work; later chunks are checked as they are read).
 
     Raises
     ------
