@@ -407,8 +407,8 @@ def spark_session(master: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROW
     """The active Spark session, or a new one on ``master`` (default ``$SPARK_MASTER``, else ``local[*]``).
 
     Returns ``(session, created)``; stop the session when ``created``. A new local session binds
-    the driver to 127.0.0.1, runs its Python workers on this interpreter (unless ``PYSPARK_PYTHON``
-    says otherwise) and has no web UI. Either way the session's Arrow batches for Python UDFs are
+    to 127.0.0.1 (unless ``SPARK_LOCAL_IP`` says otherwise), runs its Python workers on this
+    interpreter (unless ``PYSPARK_PYTHON`` does) and has no web UI. Either way the session's Arrow batches for Python UDFs are
     set to ``chunk_rows`` rows (``_ARROW_BATCH_CONF``).
     """
     from pyspark.sql import SparkSession
@@ -418,12 +418,16 @@ def spark_session(master: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROW
     if created:
         master = master or os.environ.get("SPARK_MASTER") or DEFAULT_SPARK_MASTER
         builder = SparkSession.builder.master(master).appName("dec-mlflow score")
-        if master.startswith("local"):
+        local = master.startswith("local")
+        if local:
             builder = (builder.config("spark.driver.bindAddress", "127.0.0.1").config("spark.driver.host", "127.0.0.1")
                        .config("spark.ui.enabled", "false"))
-            if not os.environ.get("PYSPARK_PYTHON"):
-                builder = builder.config("spark.pyspark.python", sys.executable)
-        session = builder.getOrCreate()
+        # Read when the context starts: PYSPARK_PYTHON is the workers' interpreter (default: whatever
+        # `python3` is on PATH), SPARK_LOCAL_IP the JVM's address (default: the host's interface).
+        # Locally: this interpreter, and loopback only.
+        environ = {"PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"} if local else {}
+        with _environ({k: v for k, v in environ.items() if not os.environ.get(k)}):
+            session = builder.getOrCreate()
         session.sparkContext.setLogLevel("WARN")
     for key, value in _ARROW_BATCH_CONF.items():
         session.conf.set(key, value if value is not None else str(chunk_rows))
@@ -485,6 +489,21 @@ def _stage_as_parquet(inp: ScoringInput, staging: Path, chunk_rows: int) -> tupl
         for start, keys, x in iter_chunks(inp, chunk_rows):
             writer.write(start, pa.table({inp.key: keys, **{name: x[:, j] for j, name in enumerate(features)}}))
     return features
+
+
+@contextmanager
+def _environ(values: dict[str, str]):
+    """Set these environment variables for the block, then restore the previous environment."""
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _quote(column: str) -> str:
