@@ -167,8 +167,9 @@ def test_promote_points_champion_at_the_best_version(store, first_cluster):
     assert result.exit_code == 1 and "metric 'nope' was not logged" in result.output
 
 
+# `path` (score's input): mlflow run checks it exists and passes it on absolute; the option is a string
 _MLPROJECT_TYPES = {"int": click.types.IntParamType, "float": click.types.FloatParamType,
-                    "string": (click.types.StringParamType, click.Choice)}
+                    "string": (click.types.StringParamType, click.Choice), "path": click.types.StringParamType}
 
 
 def test_every_mlproject_entry_point_mirrors_its_command():
