@@ -78,7 +78,8 @@ def team_runs(server, tmp_path_factory):
     work = tmp_path_factory.mktemp("team")
     x, y = make_blobs(300, n_features=12, centers=3, cluster_std=1.0, random_state=0)
     np.savez(work / "blobs.npz", x=x.astype(np.float32), y=y)
-    env = {**server["env"], "MLFLOW_TRACKING_URI": server["uri"]}
+    # one torch thread in each `mlflow run` process, as conftest.one_torch_thread does in this one
+    env = {**server["env"], "MLFLOW_TRACKING_URI": server["uri"], "OMP_NUM_THREADS": "1"}
 
     def mlflow_run(entry_point: str, **params) -> subprocess.Popen:
         args = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
