@@ -18,7 +18,9 @@ The key: a table (parquet, CSV) whose column named ``id_column`` (default ``id``
 that column to the output unchanged; every other column is a feature. Without such a column, and
 always for ``.npy``, the key is ``row``, the 0-based position of the row in the input file.
 
-This module imports mlflow (model loading) and, for the spark engine only, pyspark.
+This module imports mlflow and, for the spark engine only, pyspark. The local engine loads the model
+with ``serving.loading`` (no code stored with the model runs); ``spark_udf`` loads it in each
+executor with ``mlflow.pyfunc.load_model``, which runs the model's logged ``onnx_pyfunc.py``.
 """
 
 from __future__ import annotations
@@ -192,27 +194,19 @@ def _raw_chunks(inp: ScoringInput, chunk_rows: int):
 
 # ------------------------------------------------------------------------------------ model
 def load_model(uri: str) -> ScoringModel:
-    """Load a DEC pyfunc (``serving/onnx_pyfunc.py``) and read its width, k and request limit.
+    """Load a DEC model with ``serving.loading`` (the installed pyfunc class; no code stored with the
+    model runs in this process) and read its width, k and request limit.
 
     Raises
     ------
     ValueError
-        If the URI does not load, or the model is not a DEC pyfunc (no ``n_clusters`` in its config).
+        If the URI does not load or is not a DEC ONNX model, naming it.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    from serving.loading import load_dec_model
 
-    try:
-        pyfunc = mlflow.pyfunc.load_model(uri)
-    except (MlflowException, OSError) as e:
-        message = getattr(e, "message", str(e)).splitlines()[0]
-        raise ValueError(f"model {uri!r} could not be loaded: {message}") from None
-    config = pyfunc.model_config or {}
-    inputs = pyfunc.metadata.get_input_schema()
-    if "n_clusters" not in config or inputs is None or not inputs.is_tensor_spec():
-        raise ValueError(f"model {uri!r} is not a DEC model (logged by serving.model_io.log_dec_model)")
-    return ScoringModel(uri, pyfunc, int(inputs.inputs[0].shape[1]), int(config["n_clusters"]),
-                        int(config.get("max_batch_rows", DEFAULT_CHUNK_ROWS)))
+    pyfunc = load_dec_model(uri)
+    dec = pyfunc.unwrap_python_model()  # serving.onnx_pyfunc.DECOnnxModel
+    return ScoringModel(uri, pyfunc, dec.n_features, dec.n_clusters, dec.max_batch_rows)
 
 
 # ------------------------------------------------------------------------------------ scoring

@@ -13,7 +13,7 @@ LAYERS = {
     "dec_mlflow.lifecycle_experiments": 6,  # the paper's experiments as stages
     "dec_mlflow.lifecycle": 5,  # the lifecycle's stages
     "dec_mlflow.tracking": 4, "dec_mlflow.experiments": 4, "serving.model_io": 4,
-    "dec_mlflow.scoring": 4,  # batch scoring of a logged model (mlflow.pyfunc, spark_udf); nothing of ours
+    "dec_mlflow.scoring": 4,  # batch scoring of a logged model (serving.loading, spark_udf)
     "dec_mlflow.estimator": 3, "dec_mlflow.export": 3,
     "dec_mlflow.training": 2,
     "serving.loading": 2,  # loads a logged model with the installed serving code
