@@ -140,7 +140,7 @@ Spark: {spark_info}; Python workers run this interpreter, `mlflow.pyfunc.spark_u
 {chr(10).join(lines)}
 
 - Agreement of the two engines on every repeat, compared by row: labels identical {'yes' if labels_equal else '**NO**'}, max |dq| {max_dq:.1e} (requirement: identical labels, |dq| <= 1e-6).
-- Where Spark's time goes on one machine: the JVM reads the 784 parquet columns and builds the `array<double>` column, ships Arrow batches to two Python workers (local[2]), each of which converts them to a float64 matrix and runs its own onnxruntime session, which by default also asks for both cores. On 2 cores that is overhead around the same model calls; the Spark engine is for data and clusters beyond one machine (`spark_master` pointing at the cluster), the local engine for one machine.
+- Where Spark's time goes on one machine: the JVM reads the 784 parquet columns and builds the features column, ships Arrow batches to two Python workers (local[2]), each of which converts them to a float32 matrix and runs its own onnxruntime session, which by default also asks for both cores. On 2 cores that is overhead around the same model calls; the Spark engine is for data and clusters beyond one machine (`spark_master` pointing at the cluster), the local engine for one machine.
 """
     print(body)
     write_section("Batch scoring (`score`): local and Spark engines", body)

@@ -453,10 +453,12 @@ def _score_spark(model: ScoringModel, inp: ScoringInput, path: Path, chunk_rows:
         else:
             features = _stage_as_parquet(inp, staging, chunk_rows)
             frame = spark.read.parquet(str(staging))
-        # The model's signature is one float64 tensor (-1, n_features): spark_udf takes it as one
-        # array<double> column and reshapes each Arrow batch to (rows, n_features). Nulls become
-        # NaN, which the model refuses with its own message, as in the local engine.
-        x = F.array(*(F.coalesce(F.col(_quote(c)).cast("double"), F.lit(float("nan"))) for c in features))
+        # The features go to the model as a struct, which spark_udf hands over as a pandas DataFrame
+        # of n_features numeric columns per Arrow batch: what the DEC pyfunc takes whether it was
+        # logged with a float64 tensor signature or without an input schema. Nulls become NaN, which
+        # the model refuses with its own message, as in the local engine.
+        x = F.struct(*(F.coalesce(F.col(_quote(c)).cast("double"), F.lit(float("nan"))).alias(f"f{j}")
+                       for j, c in enumerate(features)))
         result_type = ", ".join(["label long", *(f"q_{j} double" for j in range(model.n_clusters))])
         predict = mlflow.pyfunc.spark_udf(spark, model.uri, result_type=result_type, env_manager="local")
         scored = frame.select(F.col(_quote(inp.key)), predict(x).alias("p")).select(_quote(inp.key), "p.*")
