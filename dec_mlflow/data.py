@@ -53,8 +53,8 @@ class Dataset:
     image_shape : tuple of int or None
         Shape of one sample as an image, ``(28, 28)`` for MNIST, else None.
     default_scaling : str
-        ``'max'`` for MNIST (divide by the global max), ``'none'`` for REUTERS (tf-idf as the
-        paper fed it), ``'standard'`` for STL-10 and user data.
+        ``'max'`` for MNIST and REUTERS (one factor for every feature), ``'standard'`` for STL-10,
+        ``'auto'`` for user data (the estimator's rule, :func:`dec_mlflow.scaling.auto_scaling`).
     source : str
         Where the data came from: the absolute path of a user file, or the first download mirror
         of a known dataset ('' when unknown).
@@ -156,9 +156,10 @@ _REUTERS = _KnownDataset(
     mirrors=lambda: REUTERS_MIRRORS,
     parse=corpora.parse_reuters,
     image_shape=None,
-    # 'none': the paper fed the tf-idf rows as they are (unit norm times sqrt(2000)); standardising
-    # would inflate rare words, and 'max' would hang the scale on the corpus' single largest value
-    default_scaling="none",
+    # 'max': one factor for every word, so the tf-idf rows keep their shape as the paper fed them (unit norm
+    # times sqrt(2000)) and only their overall scale is brought to the learning rates'; standardising would
+    # inflate rare words
+    default_scaling="max",
     features_cache=f"reuters-tfidf-v{corpora.REUTERS_FEATURES_VERSION}.npz",
 )
 _REGISTRY: dict[str, _KnownDataset] = {
@@ -474,4 +475,4 @@ def load_dataset(
     except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"dataset {dataset!r}: cannot read {path.suffix} file ({exc})") from exc
     x, y = _validated(dataset, x, y, n_clusters, columns)
-    return Dataset(path.stem, x, y, None, "standard", str(path.resolve()))
+    return Dataset(path.stem, x, y, None, "auto", str(path.resolve()))

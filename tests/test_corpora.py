@@ -152,7 +152,7 @@ def test_tfidf_equals_the_authors_scikit_learn_pipeline():
 
 def test_reuters_keeps_single_label_documents_in_file_order(reuters_dir):
     ds = load_dataset("REUTERS")
-    assert ds.name == "reuters" and ds.image_shape is None and ds.default_scaling == "none"
+    assert ds.name == "reuters" and ds.image_shape is None and ds.default_scaling == "max"
     np.testing.assert_array_equal(ds.y, [0, 2, 3, 1])  # documents 1, 4, 5, 6
     # the vocabulary of the kept documents only: bank elect oil price rate rise stock vote
     assert ds.x.shape == (4, 8) and ds.x.dtype == np.float32

@@ -52,7 +52,7 @@ def test_csv_string_label_column_is_removed_and_encoded_in_sorted_order(tmp_path
     frame = pd.DataFrame({"a": [1, 2, 3, 4], "kind": ["dog", "cat", "emu", "cat"], "b": [0.5, 1.5, 2.5, 3.5]})
     frame.to_csv(path, index=False)
     ds = load_dataset(str(path), label_column="kind")
-    assert ds.name == "blobs" and ds.image_shape is None and ds.default_scaling == "standard"
+    assert ds.name == "blobs" and ds.image_shape is None and ds.default_scaling == "auto"
     assert ds.x.dtype == np.float32 and ds.x.shape == (4, 2)
     np.testing.assert_array_equal(ds.x[:, 1], [0.5, 1.5, 2.5, 3.5])
     assert ds.y.dtype == np.int64
