@@ -48,6 +48,9 @@ class Callback:
     def on_stage_end(self, stage: str) -> None:
         """The stage finished."""
 
+    def on_retry(self, stage: str, attempt: int, message: str) -> None:
+        """The stage failed and starts again (``attempt`` = 1, 2, ...); ``message`` says why and how."""
+
 
 class CallbackList(Callback):
     """Fans each hook out to several callbacks."""
@@ -74,6 +77,10 @@ class CallbackList(Callback):
     def on_stage_end(self, stage):
         for cb in self.callbacks:
             cb.on_stage_end(stage)
+
+    def on_retry(self, stage, attempt, message):
+        for cb in self.callbacks:
+            cb.on_retry(stage, attempt, message)
 
 
 class ProgressBar(Callback):
@@ -103,6 +110,10 @@ class ProgressBar(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    def on_retry(self, stage, attempt, message):
+        self.on_stage_end(stage)
+        tqdm.write(f"{stage}: retry {attempt}: {message}", file=self.file)
 
 
 class SelfTrainRecorder(Callback):

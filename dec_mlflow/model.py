@@ -20,6 +20,21 @@ def _mlp(dims: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def scale_embedding(encoder: nn.Sequential, factor: float, decoder: nn.Sequential | None = None) -> None:
+    """Multiply the embedding an encoder produces by ``factor``, in place, by scaling its last linear layer.
+
+    The embedding is linear (no ReLU after the last layer), so this is exact; a ``decoder`` reading
+    that embedding gets its first layer divided by ``factor`` and reconstructs exactly as before.
+    """
+    last = [m for m in encoder if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(factor)
+        last.bias.mul_(factor)
+        if decoder is not None:
+            first = [m for m in decoder if isinstance(m, nn.Linear)][0]
+            first.weight.div_(factor)
+
+
 class Autoencoder(nn.Module):
     """Symmetric autoencoder ``d - h1 - ... - e - ... - h1 - d`` (paper section 3.2).
 

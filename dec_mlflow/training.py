@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,11 +19,16 @@ from dec_mlflow.callbacks import Callback
 from dec_mlflow.model import Autoencoder
 from dec_mlflow.objectives import kl_divergence, soft_assignment, target_distribution
 
+Transform = Callable[[torch.Tensor], torch.Tensor]  # a batch (b, n_features) -> the same shape
+# An autoencoder whose loss is this many times that of outputting zeros has blown up even if it is still
+# finite (SGD overshoots into dead ReLUs and huge weights); pretraining then restarts at a lower rate.
+BLOWUP = 10.0
 
-def _autocast(precision: str):
-    """bf16 autocast on CPU for the matmuls, or nothing for fp32."""
+
+def _autocast(precision: str, device: torch.device):
+    """bf16 autocast for the matmuls on ``device`` (CPU or CUDA), or nothing for fp32."""
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -45,15 +51,22 @@ def _train_reconstruction(
     precision: str,
     stage: str,
     callback: Callback,
-    target: torch.Tensor | None = None,
+    transform: Transform | None = None,
 ) -> float:
-    """Minimise the mean squared reconstruction error of ``net`` with SGD + momentum.
+    """Minimise the mean squared reconstruction error of ``net`` on ``x`` with SGD + momentum.
 
-    ``target`` defaults to ``x``; a denoising layer feeds a corrupted ``x`` through its own dropout.
-    Returns the last epoch's mean loss.
+    A denoising layer corrupts its input through its own dropout; ``transform`` (augmentation)
+    changes each batch before the network sees it, and the network then reconstructs the changed
+    batch, as DEC-DA pretrains. Returns the last epoch's mean loss.
+
+    Raises
+    ------
+    FloatingPointError
+        When an epoch's loss is not finite, or more than ``BLOWUP`` times the loss of reconstructing
+        every input as zeros: the learning rate is too large for the data.
     """
-    target = x if target is None else target
     params = [p for p in net.parameters() if p.requires_grad]
+    zeros_loss = sum(float(x[s : s + 4096].float().pow(2).sum()) for s in range(0, x.shape[0], 4096)) / x.numel()
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
     n = x.shape[0]
     callback.on_stage_begin(stage, epochs)
@@ -63,21 +76,20 @@ def _train_reconstruction(
         for group in opt.param_groups:
             group["lr"] = _lr_at(epoch, epochs, lr, lr_schedule)
         perm = torch.randperm(n)
-        total = torch.zeros(())
+        total = torch.zeros((), device=x.device)
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
-            with _autocast(precision):
-                loss = nn.functional.mse_loss(net(x[idx]).float(), target[idx])
+            batch = x[idx] if transform is None else transform(x[idx])
+            with _autocast(precision, x.device):
+                loss = nn.functional.mse_loss(net(batch).float(), batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.detach() * idx.numel()
         epoch_loss = float(total) / n
-        if not math.isfinite(epoch_loss):
-            raise FloatingPointError(
-                f"{stage}: reconstruction loss became {epoch_loss} at epoch {epoch + 1}; "
-                f"lower the learning rate (pretrain_lr={lr})"
-            )
+        if not math.isfinite(epoch_loss) or epoch_loss > BLOWUP * zeros_loss:
+            what = epoch_loss if not math.isfinite(epoch_loss) else f"{epoch_loss:.3g}, {epoch_loss / zeros_loss:.0f} times that of reconstructing zeros"
+            raise FloatingPointError(f"{stage}: reconstruction loss became {what} at epoch {epoch + 1} (learning rate {lr:g})")
         callback.on_step(stage, epoch + 1, {"loss": epoch_loss})
     callback.on_stage_end(stage)
     return epoch_loss
@@ -129,7 +141,7 @@ def pretrain_layerwise(ae: Autoencoder, x: torch.Tensor, *, dropout: float, call
             dec[i],
             *([] if i == 0 else [nn.ReLU()]),
         )
-        losses.append(_train_reconstruction(dae, h, target=h, stage=f"pretrain/layer{i + 1}", callback=callback, **opt))
+        losses.append(_train_reconstruction(dae, h, stage=f"pretrain/layer{i + 1}", callback=callback, **opt))
         if not last:
             with torch.no_grad():
                 h = _batched(lambda b, layer=enc[i]: torch.relu(layer(b)), h)
@@ -162,6 +174,75 @@ def _chunks(fn, x: torch.Tensor, batch_size: int = 4096):
             yield s, fn(x[s : s + batch_size])
 
 
+def _batch_indices(n: int, batch_size: int):
+    """Endless mini-batch indices: a fresh permutation each epoch, never a tiny trailing batch."""
+    batch_size = min(batch_size, n)
+    while True:
+        perm = torch.randperm(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield perm[start : start + batch_size]
+
+
+def distill(
+    encoder: nn.Module,
+    centroids: nn.Parameter,
+    x: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    alpha: float,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    n_iter: int,
+    callback: Callback,
+    transform: Transform | None = None,
+) -> float:
+    """Train encoder and centroids so that the soft assignments Q follow a fixed ``teacher``.
+
+    Minimises KL(teacher || Q) with Q the Student's t assignment of eq. 1: the DEC objective with
+    the target P replaced by the posteriors of another clustering (the manifold initialisation's),
+    so the deployable encoder + centroid network learns a partition it could not find from k-means.
+    ``encoder`` and ``centroids`` are updated in place.
+
+    Parameters
+    ----------
+    teacher : Tensor of shape (n_samples, n_clusters), rows sum to 1
+    n_iter : int, SGD iterations
+
+    Returns
+    -------
+    float, the KL over the last 50 batches (a progress figure, not a full-data loss).
+    """
+    if teacher.shape != (x.shape[0], centroids.shape[0]):
+        raise ValueError(f"teacher must have shape (n_samples, n_clusters) = ({x.shape[0]}, {centroids.shape[0]}); "
+                         f"got {tuple(teacher.shape)}")
+    opt = torch.optim.SGD([*encoder.parameters(), centroids], lr=lr, momentum=momentum, foreach=True)
+    callback.on_stage_begin("distill", n_iter)
+    encoder.train()
+    recent: list[torch.Tensor] = []
+    batches = _batch_indices(x.shape[0], batch_size)
+    for it in range(1, n_iter + 1):
+        idx = next(batches)
+        batch = x[idx] if transform is None else transform(x[idx])
+        loss = kl_divergence(teacher[idx], soft_assignment(encoder(batch), centroids, alpha))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        recent = [*recent[-49:], loss.detach()]
+        if it % 50 == 0 or it == n_iter:
+            value = float(torch.stack(recent).mean())
+            _check_finite("distill", "KL(teacher || Q)", value, it, lr)
+            callback.on_step("distill", it, {"kl_loss": value})
+    callback.on_stage_end("distill")
+    encoder.eval()
+    return float(torch.stack(recent).mean()) if recent else float("nan")
+
+
+def _check_finite(stage: str, what: str, value: float, it: int, lr: float) -> None:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{stage}: {what} became {value} at iteration {it}; lower the learning rate (lr={lr})")
+
+
 @dataclass
 class SelfTrainResult:
     """Outcome of :func:`self_train`."""
@@ -171,6 +252,7 @@ class SelfTrainResult:
     converged: bool  # True if the label change fell below tol before max_iter
     delta_label: float  # fraction of labels changed at the last update
     kl_loss: float  # KL(P || Q) over the whole data at the last update
+    q: torch.Tensor  # (n_samples, n_clusters) soft assignments at the last update
 
 
 def self_train(
@@ -189,6 +271,7 @@ def self_train(
     train_encoder: bool = True,
     decoder: nn.Module | None = None,
     gamma: float = 0.1,
+    transform: Transform | None = None,
 ) -> SelfTrainResult:
     """DEC self-training: minimise KL(P || Q) over encoder weights and centroids (paper section 3.1.2).
 
@@ -206,6 +289,14 @@ def self_train(
         IDEC (Guo et al., IJCAI 2017): the decoder is kept and trained too, and each step minimises
         ``L_r + gamma * KL`` with ``L_r`` the mean squared reconstruction error, so the clustering
         loss cannot distort the embedding freely.
+    transform given
+        DEC-DA (Guo et al., ACML 2018): P comes from the clean data, Q of each training step from
+        the transformed (augmented) batch.
+
+    Raises
+    ------
+    FloatingPointError
+        When Q, P or the loss stop being finite.
     """
     if decoder is not None and not train_encoder:
         raise ValueError("IDEC (a decoder) needs train_encoder=True")
@@ -218,8 +309,7 @@ def self_train(
         z_fixed = embed(encoder, x)  # (n, d); the encoder never changes
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
     prev = None
-    perm = torch.randperm(n)
-    cursor = 0
+    batches = _batch_indices(n, batch_size)
     it = 0
     callback.on_stage_begin("self_train", max_iter)
     while True:
@@ -228,8 +318,9 @@ def self_train(
                 z_all = z_fixed if z_fixed is not None else embed(encoder, x)
                 q_all = soft_assignment(z_all, centroids, alpha)  # (n, k)
                 p_all = target_distribution(q_all)
-                labels = q_all.argmax(1).cpu().numpy()
                 kl = float(kl_divergence(p_all, q_all))
+                _check_finite("self_train", "KL(P || Q) over the data", kl, it, lr)
+                labels = q_all.argmax(1).cpu().numpy()
             delta = 1.0 if prev is None else float((labels != prev).mean())
             prev = labels
             metrics = {"kl_loss": kl, "delta_label": delta}
@@ -240,17 +331,20 @@ def self_train(
                 break
             if z_fixed is None:
                 encoder.train()
-        if cursor + batch_size > n:  # new epoch: reshuffle, never a tiny trailing batch
-            perm, cursor = torch.randperm(n), 0
-        idx = perm[cursor : cursor + batch_size]
-        cursor += batch_size
-        z = z_fixed[idx] if z_fixed is not None else encoder(x[idx])
+        idx = next(batches)
+        if z_fixed is not None:
+            z = z_fixed[idx]
+            batch = None
+        else:
+            batch = x[idx] if transform is None else transform(x[idx])
+            z = encoder(batch)
         loss = kl_divergence(p_all[idx], soft_assignment(z, centroids, alpha))
         if decoder is not None:
-            loss = nn.functional.mse_loss(decoder(z), x[idx]) + gamma * loss
+            loss = nn.functional.mse_loss(decoder(z), batch) + gamma * loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         it += 1
     callback.on_stage_end("self_train")
-    return SelfTrainResult(labels=prev, n_iter=it, converged=it > 0 and delta < tol, delta_label=delta, kl_loss=kl)
+    encoder.eval()
+    return SelfTrainResult(labels=prev, n_iter=it, converged=it > 0 and delta < tol, delta_label=delta, kl_loss=kl, q=q_all)

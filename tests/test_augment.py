@@ -1,0 +1,67 @@
+"""Augmentation: image batches keep their shape; tabular data is never augmented."""
+
+import numpy as np
+import pytest
+import torch
+
+from dec_mlflow import DEC
+from dec_mlflow.augment import check_image_shape, random_shift_rotate
+
+
+def test_shapes_and_dtype_are_kept():
+    x = torch.rand(5, 28 * 28)
+    out = random_shift_rotate(x, (28, 28, 1), torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype
+
+
+def test_colour_images_keep_channels_apart():
+    x = torch.zeros(3, 8 * 8 * 3)
+    x.view(3, 8, 8, 3)[..., 1] = 1.0  # only the green channel is lit, everywhere
+    out = random_shift_rotate(x, (8, 8, 3), torch.Generator().manual_seed(0))
+    img = out.view(3, 8, 8, 3)
+    torch.testing.assert_close(img[..., 1], torch.ones(3, 8, 8))  # the border repeats, so it stays lit
+    assert img[..., 0].abs().max() == 0 and img[..., 2].abs().max() == 0
+
+
+def test_no_shift_no_rotation_is_the_identity():
+    x = torch.rand(4, 10 * 12)
+    out = random_shift_rotate(x, (10, 12, 1), torch.Generator().manual_seed(0), max_shift=0.0, max_rotation=0.0)
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+
+
+def test_a_shift_moves_the_image_and_the_seed_fixes_it():
+    x = torch.zeros(64, 28 * 28)
+    x.view(64, 28, 28)[:, 10:18, 10:18] = 1.0
+    a = random_shift_rotate(x, (28, 28, 1), torch.Generator().manual_seed(1))
+    b = random_shift_rotate(x, (28, 28, 1), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    moved = (a - x).abs().sum(1)
+    assert (moved > 1.0).float().mean() > 0.9  # nearly every image moved
+    # the mass of a shifted square stays about the same (bilinear resampling, no clipping at the edge)
+    torch.testing.assert_close(a.sum(1), x.sum(1), rtol=0.1, atol=0)
+
+
+def test_image_shape_must_cover_the_features():
+    with pytest.raises(ValueError, match=r"image_shape \(28, 28\) holds 784 values per sample, but the data has 64 features"):
+        check_image_shape((28, 28), 64)
+    with pytest.raises(ValueError, match="image_shape must be .height, width. or .height, width, channels."):
+        check_image_shape((28,), 28)
+
+
+def test_augment_without_image_shape_is_refused_for_tabular_data():
+    x = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match="augment=True needs image_shape.*never to tabular data"):
+        DEC(n_clusters=2, augment=True).fit(x)
+
+
+def test_augment_with_per_feature_scaling_is_refused():
+    with pytest.raises(ValueError, match="scaling must be 'auto', 'max' or 'none', not 'standard'"):
+        DEC(n_clusters=2, augment=True, image_shape=(2, 3), scaling="standard").validate_params()
+
+
+def test_augment_refuses_data_that_auto_scales_per_feature():
+    # a 'picture' with negative values gets 'standard' from the auto rule: shifting it would be wrong
+    x = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    est = DEC(n_clusters=2, augment=True, image_shape=(2, 3), hidden_dims=(8, 2), pretrain_epochs=1)
+    with pytest.raises(ValueError, match="augment=True needs one scale for every pixel"):
+        est.pretrain(x)

@@ -1,0 +1,61 @@
+"""Training loops: distillation towards a teacher, and no silent NaN in self-training."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dec_mlflow.callbacks import Callback
+from dec_mlflow.objectives import soft_assignment
+from dec_mlflow.training import distill, self_train
+
+
+def _two_groups(n=200):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(n // 2, 4, generator=g) - 2.0, torch.randn(n // 2, 4, generator=g) + 2.0])
+    return x
+
+
+def test_distill_makes_q_follow_the_teacher():
+    torch.manual_seed(0)
+    x = _two_groups()
+    # the teacher splits the data the other way round from where the encoder starts
+    teacher = torch.zeros(200, 2)
+    teacher[:100, 1] = teacher[100:, 0] = 1.0
+    encoder = nn.Sequential(nn.Linear(4, 2))
+    centroids = nn.Parameter(torch.tensor([[-1.0, -1.0], [1.0, 1.0]]))
+    distill(encoder, centroids, x, teacher, alpha=1.0, batch_size=50, lr=0.1, momentum=0.9, n_iter=300, callback=Callback())
+    with torch.no_grad():
+        labels = soft_assignment(encoder(x), centroids).argmax(1)
+    assert (labels == teacher.argmax(1)).float().mean() > 0.98
+
+
+def test_distill_refuses_a_teacher_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"teacher must have shape \(n_samples, n_clusters\) = \(200, 2\); got \(200, 3\)"):
+        distill(nn.Sequential(nn.Linear(4, 2)), nn.Parameter(torch.zeros(2, 2)), _two_groups(), torch.ones(200, 3) / 3,
+                alpha=1.0, batch_size=50, lr=0.1, momentum=0.9, n_iter=1, callback=Callback())
+
+
+def test_self_training_stops_with_a_clear_error_when_q_is_not_finite():
+    encoder = nn.Sequential(nn.Linear(4, 2))
+    with torch.no_grad():
+        encoder[0].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"self_train: KL\(P \|\| Q\) over the data became nan at iteration 0; "
+                                                 r"lower the learning rate \(lr=0.01\)"):
+        self_train(encoder, nn.Parameter(torch.zeros(2, 2)), _two_groups(), alpha=1.0, batch_size=50, lr=0.01, momentum=0.9,
+                   update_interval=5, tol=0.0, max_iter=20, callback=Callback())
+
+
+def test_self_training_stops_when_training_drives_it_to_nan():
+    torch.manual_seed(0)
+    updates = []
+
+    class Updates(Callback):
+        def on_update(self, step, labels, metrics):
+            updates.append(step)
+
+    with pytest.raises(FloatingPointError, match="self_train: .* became nan at iteration"):
+        self_train(nn.Sequential(nn.Linear(4, 2)), nn.Parameter(torch.tensor([[-1.0, 0.0], [1.0, 0.0]])), _two_groups(),
+                   alpha=1.0, batch_size=50, lr=1e30, momentum=0.9, update_interval=2, tol=0.0, max_iter=200,
+                   callback=Updates())
+    assert updates and updates[0] == 0  # it ran, then stopped at the first update that was not finite
