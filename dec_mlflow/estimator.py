@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -14,18 +15,29 @@ from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
 from sklearn.cluster import KMeans
 from sklearn.utils.validation import check_is_fitted
 
+from dec_mlflow import trust
+from dec_mlflow.augment import check_image_shape, random_shift_rotate
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.checkpoint import load_tensors, save_tensors
-from dec_mlflow.model import Autoencoder, DECNet
+from dec_mlflow.initialisation import INITS, embedding_scale, kmeans_init, manifold_init
+from dec_mlflow.model import Autoencoder, DECNet, scale_embedding
 from dec_mlflow.objectives import kl_divergence, target_distribution
-from dec_mlflow.training import embed, pretrain_end_to_end, pretrain_layerwise, reconstruction_error, self_train
+from dec_mlflow.scaling import SCALINGS, auto_scaling, fit_scaling
+from dec_mlflow.training import distill, embed, pretrain_end_to_end, pretrain_layerwise, reconstruction_error, self_train
 
-SCALINGS = ("max", "standard", "none")
 PRETRAIN_MODES = ("end_to_end", "layerwise")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
 VARIANTS = ("dec", "frozen", "idec")
 SELECTIONS = ("reconstruction", "inertia")
+# 'auto' budgets. The paper's schedule is counted in SGD iterations; 75 epochs of MNIST are 20,500 of
+# them, and a small table at 75 epochs would get a few hundred: too few for the autoencoder to learn.
+PRETRAIN_EPOCHS = 75
+MIN_PRETRAIN_ITER = 5000
+UPDATE_INTERVAL = 140  # the paper's value on MNIST; small data updates P at least once per epoch
+DISTILL_EPOCHS = 2  # epochs of distillation towards the manifold clustering before self-training
+PRETRAIN_RETRIES = 3  # divergent pretraining restarts this many times, each at a quarter of the rate
+TRUST_SCORE = "silhouette"  # the label-free score that ranks runs best (BENCHMARKS.md, trust score section)
 
 
 @dataclass
@@ -36,16 +48,17 @@ class PretrainedAutoencoder:
     offset: np.ndarray  # (n_features,) subtracted from raw features
     scale: np.ndarray  # (n_features,) multiplied after the offset
     loss: float  # mean reconstruction loss of the last pretraining epoch
+    lr: float = float("nan")  # the pretraining learning rate that converged (after any restarts)
 
     @property
     def n_features(self) -> int:
         return self.autoencoder.dims[0]
 
     def save(self, path: str | Path) -> None:
-        """Write dims, weights, scaling and loss to ``path`` as tensors + JSON (no pickle, see ``load``)."""
+        """Write dims, weights, scaling, loss and rate to ``path`` as tensors + JSON (no pickle, see ``load``)."""
         tensors = {f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()}
         tensors.update(offset=torch.from_numpy(np.asarray(self.offset)), scale=torch.from_numpy(np.asarray(self.scale)))
-        save_tensors(path, tensors, {"dims": list(self.autoencoder.dims), "loss": float(self.loss)})
+        save_tensors(path, tensors, {"dims": list(self.autoencoder.dims), "loss": float(self.loss), "lr": float(self.lr)})
 
     @classmethod
     def load(cls, path: str | Path) -> "PretrainedAutoencoder":
@@ -59,7 +72,7 @@ class PretrainedAutoencoder:
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a checkpoint of something else
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"{path} is not a pretrained autoencoder checkpoint: {detail}") from None
-        return cls(ae, offset, scale, loss)
+        return cls(ae, offset, scale, loss, float(settings.get("lr", float("nan"))))
 
 
 def _cpu_has_bf16() -> bool:
@@ -74,28 +87,33 @@ def _cpu_has_bf16() -> bool:
 class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     """Deep Embedded Clustering (Xie, Girshick, Farhadi, ICML 2016).
 
-    Pretrains an autoencoder, runs k-means in its embedding to place the centroids, then refines
-    encoder and centroids together by minimising KL(P || Q) between the Student's t soft
-    assignments Q and their sharpened target P.
+    Pretrains an autoencoder, clusters its embedding to place the centroids, then refines encoder
+    and centroids together by minimising KL(P || Q) between the Student's t soft assignments Q and
+    their sharpened target P.
 
     Parameters
     ----------
     n_clusters : int, default=10
     hidden_dims : tuple of int, default=(500, 500, 2000, 10)
         Encoder widths after the input; the last one is the embedding dimension.
-    scaling : {'max', 'standard', 'none'}, default='standard'
+    scaling : {'auto', 'max', 'standard', 'none'}, default='auto'
         Input scaling learned at fit time and applied by predict / export: 'max' divides by the
-        global max |x| (pixels / 255 for MNIST), 'standard' standardises each feature.
+        global max |x| (pixels / 255 for MNIST), 'standard' standardises each feature, 'auto'
+        picks one from the data (:func:`dec_mlflow.scaling.auto_scaling`). Both are followed by
+        one global factor that brings the mean squared value to 0.1, the scale the learning
+        rates are tuned for; 'none' feeds the data as it is.
     pretrain_mode : {'end_to_end', 'layerwise'}, default='end_to_end'
         'layerwise' is the paper's greedy denoising pretraining followed by ``pretrain_epochs`` of
         end-to-end fine-tuning; 'end_to_end' trains the whole autoencoder from the start.
-    pretrain_epochs : int, default=75
-        End-to-end epochs (fine-tuning epochs in 'layerwise' mode).
+    pretrain_epochs : int or 'auto', default='auto'
+        End-to-end epochs (fine-tuning epochs in 'layerwise' mode). 'auto' is 75 epochs, or more
+        on small data so that pretraining makes at least 5,000 SGD iterations.
     layerwise_epochs : int, default=20
         Epochs per layer in 'layerwise' mode.
     pretrain_batch_size : int, default=256
     pretrain_lr : float, default=1.0
-        SGD learning rate of pretraining (MSE averaged over features, so the gradient is small).
+        SGD learning rate of pretraining (MSE averaged over features). If the loss stops being
+        finite, pretraining restarts from scratch at a quarter of the rate, up to 3 times.
     pretrain_momentum : float, default=0.9
     pretrain_lr_schedule : {'constant', 'cosine'}, default='constant'
     dropout : float, default=0.2
@@ -103,6 +121,13 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     precision : {'auto', 'fp32', 'bf16'}, default='auto'
         Matmul precision of pretraining; 'auto' picks bf16 on CPUs with native bf16 instructions.
         Self-training always runs in fp32.
+    augment : bool, default=False
+        DEC-DA (Guo et al., ACML 2018): random shifts (up to 10 %) and rotations (up to 10
+        degrees) of each training batch in pretraining, distillation and self-training; the
+        target P still comes from the clean data. Needs ``image_shape``; never for tabular data.
+    image_shape : tuple of int, optional
+        ``(height, width)`` or ``(height, width, channels)`` of one sample, channels last, as the
+        features are laid out; required by ``augment``.
     n_pretrain_init : int, default=1
         Autoencoders to pretrain, with seeds ``random_state``, ``random_state + 1``, ...; the one
         with the best ``pretrain_selection`` criterion is kept and its seed drives the rest of the
@@ -113,17 +138,24 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         reconstruction error over X; 'inertia' is the k-means (``n_init``) inertia in the
         embedding divided by the embedding's total sum of squares (scale-free, so embeddings of
         different autoencoders compare).
+    init : {'manifold', 'kmeans'}, default='manifold'
+        How the initial clusters are found in the pretrained embedding. 'kmeans' is the paper's
+        (``n_init`` restarts). 'manifold' is N2D's (McConville et al. 2020): UMAP of the
+        embedding, then a Gaussian mixture; encoder and centroids are then trained for 2 epochs
+        towards the mixture's posteriors (distillation) before self-training starts. Needs
+        umap-learn.
     n_init : int, default=20
-        k-means restarts for the initial centroids.
+        k-means restarts (``init='kmeans'`` and the 'inertia' criterion).
     alpha : float, default=1.0
         Degrees of freedom of the Student's t kernel.
     batch_size : int, default=256
         Self-training batch size.
     lr : float, default=0.01
     momentum : float, default=0.9
-        SGD settings of self-training.
-    update_interval : int, default=140
-        Iterations between recomputations of the target P over the whole data set.
+        SGD settings of distillation and self-training.
+    update_interval : int or 'auto', default='auto'
+        Iterations between recomputations of the target P over the whole data set; 'auto' is the
+        paper's 140, or one epoch when an epoch is shorter.
     tol : float, default=0.001
         Stop when fewer than this fraction of labels change between two target updates.
     max_iter : int, default=20000
@@ -143,13 +175,22 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     cluster_centers_ : ndarray of shape (n_clusters, embedding_dim)
     labels_ : ndarray of shape (n_samples,)
     init_labels_ : ndarray of shape (n_samples,)
-        k-means labels in the pretrained embedding (the AE+k-means baseline).
+        The initial clustering of the pretrained embedding (k-means: the AE+k-means baseline;
+        manifold: UMAP + GMM).
     n_iter_ : int
     converged_ : bool
     n_features_in_ : int
     pretrain_loss_ : float
     kl_loss_ : float
         KL(P || Q) over the training data at the last target update.
+    trust_scores_ : dict of str to float
+        Label-free scores of the result, higher is better (:mod:`dec_mlflow.trust`):
+        'balance', 'silhouette', 'init_agreement', 'confidence'.
+    trust_score_ : float
+        The one of them that ranks runs best, ``trust_scores_[TRUST_SCORE]``.
+    resolved_params_ : dict
+        What the 'auto' settings resolved to: scaling, pretrain_epochs, pretrain_lr (after any
+        restart), precision, update_interval.
     selected_seed_ : int
         Seed of the pretrained autoencoder used (``random_state`` unless ``n_pretrain_init > 1``).
     pretrain_candidates_ : list of dict
@@ -163,9 +204,9 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self,
         n_clusters=10,
         hidden_dims=(500, 500, 2000, 10),
-        scaling="standard",
+        scaling="auto",
         pretrain_mode="end_to_end",
-        pretrain_epochs=75,
+        pretrain_epochs="auto",
         layerwise_epochs=20,
         pretrain_batch_size=256,
         pretrain_lr=1.0,
@@ -173,14 +214,17 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         pretrain_lr_schedule="constant",
         dropout=0.2,
         precision="auto",
+        augment=False,
+        image_shape=None,
         n_pretrain_init=1,
         pretrain_selection="reconstruction",
+        init="manifold",
         n_init=20,
         alpha=1.0,
         batch_size=256,
         lr=0.01,
         momentum=0.9,
-        update_interval=140,
+        update_interval="auto",
         tol=0.001,
         max_iter=20000,
         variant="dec",
@@ -200,8 +244,11 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.pretrain_lr_schedule = pretrain_lr_schedule
         self.dropout = dropout
         self.precision = precision
+        self.augment = augment
+        self.image_shape = image_shape
         self.n_pretrain_init = n_pretrain_init
         self.pretrain_selection = pretrain_selection
+        self.init = init
         self.n_init = n_init
         self.alpha = alpha
         self.batch_size = batch_size
@@ -218,11 +265,14 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------ validation
     def validate_params(self) -> None:
         """Raise ValueError naming the first parameter that breaks its rule."""
-        positive_ints = ["n_clusters", "pretrain_batch_size", "n_pretrain_init", "n_init", "batch_size", "update_interval", "max_iter"]
+        positive_ints = ["n_clusters", "pretrain_batch_size", "n_pretrain_init", "n_init", "batch_size", "max_iter"]
         for name in positive_ints:
             _check_int(name, getattr(self, name), low=1)
-        for name in ["pretrain_epochs", "layerwise_epochs"]:
-            _check_int(name, getattr(self, name), low=0)
+        if self.update_interval != "auto":
+            _check_int("update_interval", self.update_interval, low=1, auto=True)
+        if self.pretrain_epochs != "auto":
+            _check_int("pretrain_epochs", self.pretrain_epochs, low=0, auto=True)
+        _check_int("layerwise_epochs", self.layerwise_epochs, low=0)
         _check_int("random_state", self.random_state, low=0)
         if self.n_clusters < 2:
             raise ValueError(f"n_clusters must be >= 2, got {self.n_clusters}")
@@ -232,12 +282,13 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             _check_real(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
         _check_real("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         for name, choices in [
-            ("scaling", SCALINGS),
+            ("scaling", ("auto", *SCALINGS)),
             ("pretrain_mode", PRETRAIN_MODES),
             ("pretrain_lr_schedule", LR_SCHEDULES),
             ("precision", PRECISIONS),
             ("variant", VARIANTS),
             ("pretrain_selection", SELECTIONS),
+            ("init", INITS),
         ]:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
@@ -247,6 +298,16 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         if self.pretrain_mode == "end_to_end" and self.pretrain_epochs == 0:
             raise ValueError("pretrain_epochs must be >= 1 when pretrain_mode='end_to_end'; got 0")
         _check_device(self.device)
+        if not isinstance(self.augment, (bool, np.bool_)):
+            raise ValueError(f"augment must be True or False; got {self.augment!r}")
+        if self.augment and self.image_shape is None:
+            raise ValueError("augment=True needs image_shape, the (height, width[, channels]) of one sample; "
+                             "augmentation only applies to images, never to tabular data")
+        if self.image_shape is not None:
+            check_image_shape(self.image_shape, int(np.prod(tuple(self.image_shape))))
+        if self.augment and self.scaling == "standard":
+            raise ValueError("augment=True needs one scale for every pixel: scaling must be 'auto', 'max' or 'none', "
+                             "not 'standard' (a shifted image would carry each pixel's own mean and deviation)")
 
     def _check_X(self, X, *, fitting: bool) -> np.ndarray:
         X = np.asarray(X, dtype=np.float32)
@@ -259,6 +320,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"X has {int(bad.sum())} NaN or infinite values (first at row {int(np.argwhere(bad)[0][0])})")
         if fitting and X.shape[0] < self.n_clusters:
             raise ValueError(f"n_samples={X.shape[0]} should be >= n_clusters={self.n_clusters}")
+        if fitting and self.image_shape is not None:
+            check_image_shape(self.image_shape, X.shape[1])
         if not fitting and X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, but DEC was fitted with {self.n_features_in_} features")
         return X
@@ -273,39 +336,94 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             return "bf16" if self._device().type == "cpu" and _cpu_has_bf16() else "fp32"
         return self.precision
 
+    def resolve(self, X) -> dict:
+        """What the 'auto' settings resolve to on raw ``X`` (n_samples, n_features).
+
+        Returns a dict with 'scaling', 'pretrain_epochs', 'update_interval' and 'precision'; the
+        pretraining rate actually used is known only after pretraining (``resolved_params_``).
+        """
+        X = np.asarray(X)
+        n = X.shape[0]
+        epochs = self.pretrain_epochs
+        if epochs == "auto":
+            iters_per_epoch = math.ceil(n / min(self.pretrain_batch_size, n))
+            epochs = max(PRETRAIN_EPOCHS, math.ceil(MIN_PRETRAIN_ITER / iters_per_epoch))
+        interval = self.update_interval
+        if interval == "auto":
+            interval = min(UPDATE_INTERVAL, max(1, n // min(self.batch_size, n)))
+        scaling = auto_scaling(X) if self.scaling == "auto" else self.scaling
+        return {"scaling": scaling, "pretrain_epochs": int(epochs), "update_interval": int(interval),
+                "precision": self._precision()}
+
+    def _transform(self, scale: np.ndarray, device: torch.device, seed: int):
+        """The augmentation of scaled batches (DEC-DA), or None; its randomness from its own generator.
+
+        Shifting and rotating the scaled image equals doing so to the raw one only when every pixel
+        has the same scale and no offset ('max' and 'none'), which is checked here.
+        """
+        if not self.augment:
+            return None
+        shape = check_image_shape(self.image_shape, scale.shape[0])
+        if not np.allclose(scale, scale[0]):
+            raise ValueError("augment=True needs one scale for every pixel (scaling 'max' or 'none'), but the "
+                             "input is scaled per feature ('standard', chosen by 'auto' for this data or given)")
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return lambda batch: random_shift_rotate(batch, shape, generator)
+
     # ------------------------------------------------------------------ stages
     def pretrain(self, X, callback: Callback | None = None, *, seed: int | None = None) -> PretrainedAutoencoder:
         """Stage 1: fit the input scaling and pretrain the autoencoder on ``X``.
 
         Does not fit the estimator; pass the result to ``fit(X, autoencoder=...)``. ``seed``
-        (default ``random_state``) seeds the weights and batches.
+        (default ``random_state``) seeds the weights and batches. A pretraining whose loss stops
+        being finite restarts from scratch at a quarter of the learning rate (up to 3 times,
+        reported through ``callback.on_retry``); the rate that worked is the result's ``lr``.
+
+        Raises
+        ------
+        FloatingPointError
+            When pretraining diverges at every rate tried.
         """
         self.validate_params()
         X = self._check_X(X, fitting=True)
         callback = callback or Callback()
-        offset, scale = _fit_scaling(X, self.scaling)
+        resolved = self.resolve(X)
+        offset, scale = fit_scaling(X, resolved["scaling"])
         device = self._device()
-        opt = dict(
-            batch_size=self.pretrain_batch_size,
-            lr=self.pretrain_lr,
-            momentum=self.pretrain_momentum,
-            lr_schedule=self.pretrain_lr_schedule,
-            precision=self._precision(),
-        )
+        seed = self.random_state if seed is None else seed
+        x = torch.from_numpy((X - offset) * scale).to(device)
+        lr = self.pretrain_lr
+        for attempt in range(PRETRAIN_RETRIES + 1):
+            try:
+                ae, loss = self._pretrain_once(x, lr, resolved, seed, self._transform(scale, device, seed), callback)
+                return PretrainedAutoencoder(ae.cpu(), offset, scale, loss, lr)
+            except FloatingPointError as e:
+                if attempt == PRETRAIN_RETRIES:
+                    raise FloatingPointError(
+                        f"{e}: pretraining diverged at pretrain_lr={self.pretrain_lr:g} and at each of {PRETRAIN_RETRIES} "
+                        f"restarts down to {lr:g}; lower pretrain_lr, or check the data for extreme values") from e
+                lr /= 4.0
+                callback.on_retry("pretrain", attempt + 1, f"{e}; restarting at pretrain_lr={lr:g}")
+        raise AssertionError("unreachable")
+
+    def _pretrain_once(self, x: torch.Tensor, lr: float, resolved: dict, seed: int, transform, callback: Callback):
+        """One pretraining from fresh weights seeded by ``seed``; returns (autoencoder, last loss)."""
+        opt = dict(batch_size=self.pretrain_batch_size, lr=lr, momentum=self.pretrain_momentum,
+                   lr_schedule=self.pretrain_lr_schedule, precision=resolved["precision"])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state if seed is None else seed)
-            ae = Autoencoder((X.shape[1], *self.hidden_dims)).to(device)
-            x = torch.from_numpy((X - offset) * scale).to(device)
+            torch.manual_seed(seed)
+            ae = Autoencoder((x.shape[1], *self.hidden_dims)).to(x.device)
             if self.pretrain_mode == "layerwise":
                 pretrain_layerwise(ae, x, dropout=self.dropout, callback=callback, epochs=self.layerwise_epochs, **opt)
             loss = float("nan")
-            if self.pretrain_epochs > 0:
+            epochs = resolved["pretrain_epochs"]
+            if epochs > 0:
                 stage = "pretrain/finetune" if self.pretrain_mode == "layerwise" else "pretrain"
-                loss = pretrain_end_to_end(ae, x, callback=callback, stage=stage, epochs=self.pretrain_epochs, **opt)
-        return PretrainedAutoencoder(ae.cpu(), offset, scale, loss)
+                loss = pretrain_end_to_end(ae, x, callback=callback, stage=stage, epochs=epochs, transform=transform, **opt)
+        return ae, loss
 
     def fit(self, X, y=None, *, autoencoder: PretrainedAutoencoder | None = None, callback: Callback | None = None):
-        """Pretrain (unless ``autoencoder`` is given), initialise centroids by k-means, self-train.
+        """Pretrain (unless ``autoencoder`` is given), find the initial clusters, self-train.
 
         Parameters
         ----------
@@ -329,31 +447,69 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             raise ValueError(
                 f"autoencoder expects {autoencoder.n_features} features, but X has {X.shape[1]}"
             )
+        resolved = self.resolve(X)
         device = self._device()
         encoder = copy.deepcopy(autoencoder.autoencoder.encoder).to(device)
         decoder = copy.deepcopy(autoencoder.autoencoder.decoder).to(device) if self.variant == "idec" else None
         x = torch.from_numpy((X - autoencoder.offset) * autoencoder.scale).to(device)
+        transform = self._transform(autoencoder.scale, device, self.selected_seed_)
+        train = dict(alpha=self.alpha, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+                     callback=callback, transform=transform)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.selected_seed_)
-            centroids, self.init_labels_ = self._init_centroids(encoder, x, callback)
+            init, scale = self._initial_clusters(encoder, decoder, x, callback)
+            centroids = torch.nn.Parameter(torch.from_numpy(init.centroids * scale).to(device))
+            if init.posteriors is not None and self.variant != "frozen":
+                n_iter = DISTILL_EPOCHS * max(1, x.shape[0] // min(self.batch_size, x.shape[0]))
+                distill(encoder, centroids, x, torch.from_numpy(init.posteriors).to(device), n_iter=n_iter, **train)
             result = self_train(
-                encoder, centroids, x, alpha=self.alpha, batch_size=self.batch_size, lr=self.lr,
-                momentum=self.momentum, update_interval=self.update_interval, tol=self.tol,
-                max_iter=self.max_iter, callback=callback, train_encoder=self.variant != "frozen",
-                decoder=decoder, gamma=self.gamma,
+                encoder, centroids, x, update_interval=resolved["update_interval"], tol=self.tol,
+                max_iter=self.max_iter, train_encoder=self.variant != "frozen", decoder=decoder, gamma=self.gamma,
+                **train,
             )
         self.network_ = DECNet(
             encoder.cpu(), centroids.detach().cpu(), torch.from_numpy(autoencoder.offset),
             torch.from_numpy(autoencoder.scale), self.alpha,
         ).eval()
         self.cluster_centers_ = self.network_.centroids.detach().numpy().copy()
+        self.init_labels_ = init.labels
         self.labels_ = result.labels
         self.n_iter_ = result.n_iter
         self.converged_ = result.converged
         self.n_features_in_ = X.shape[1]
         self.pretrain_loss_ = autoencoder.loss
         self.kl_loss_ = result.kl_loss
+        self.resolved_params_ = {**resolved, "pretrain_lr": autoencoder.lr}
+        self.trust_scores_ = self._trust_scores(embed(self.network_.encoder, x.cpu()).numpy(), result.q.cpu().numpy())
+        self.trust_score_ = self.trust_scores_[TRUST_SCORE]
         return self
+
+    def _initial_clusters(self, encoder, decoder, x: torch.Tensor, callback: Callback):
+        """Stage 2: the initial clustering of the pretrained embedding (``init``), and the embedding's scale.
+
+        The encoder (and an IDEC decoder) are rescaled in place so that points lie at the squared
+        distance the Student's t kernel expects from their initial centroids; returns the clustering
+        (in the unscaled embedding) and the factor its centroids must be multiplied by.
+        """
+        callback.on_stage_begin("init", None)
+        z = embed(encoder, x).cpu().numpy()  # (n, embedding_dim)
+        if self.init == "manifold":
+            init = manifold_init(z, self.n_clusters, seed=self.selected_seed_)
+        else:
+            init = kmeans_init(z, self.n_clusters, n_init=self.n_init, seed=self.selected_seed_)
+        scale = embedding_scale(z, init)
+        scale_embedding(encoder, scale, decoder)
+        callback.on_stage_end("init")
+        return init, scale
+
+    def _trust_scores(self, z: np.ndarray, q: np.ndarray) -> dict[str, float]:
+        """Label-free scores of the fitted clustering (see ``trust_scores_``)."""
+        return {
+            "balance": trust.size_balance(self.labels_, self.n_clusters),
+            "silhouette": trust.silhouette(z, self.labels_, seed=self.selected_seed_),
+            "init_agreement": trust.agreement(self.labels_, self.init_labels_),
+            "confidence": trust.confidence(q),
+        }
 
     def _pretrain_and_select(self, X: np.ndarray, callback: Callback) -> PretrainedAutoencoder:
         """Pretrain ``n_pretrain_init`` candidates; keep the best by ``pretrain_selection``, set selected_seed_."""
@@ -368,15 +524,6 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
                 best = (criteria[self.pretrain_selection], seed, ae)
         _, self.selected_seed_, ae = best
         return ae
-
-    def _init_centroids(self, encoder, x, callback: Callback) -> tuple[torch.nn.Parameter, np.ndarray]:
-        """Stage 2: k-means (``n_init`` restarts) in the embedding places the initial centroids."""
-        callback.on_stage_begin("kmeans", None)
-        z = embed(encoder, x).cpu().numpy()
-        km = KMeans(self.n_clusters, n_init=self.n_init, random_state=self.selected_seed_).fit(z)
-        callback.on_stage_end("kmeans")
-        centers = torch.from_numpy(km.cluster_centers_.astype(np.float32)).to(x.device)
-        return torch.nn.Parameter(centers), km.labels_.astype(np.int64)
 
     # ------------------------------------------------------------------ inference
     def _forward(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -436,21 +583,6 @@ def embedding_kmeans(ae: PretrainedAutoencoder, X: np.ndarray, n_clusters: int, 
     return km.labels_.astype(np.int64), float(km.inertia_) / total
 
 
-def _fit_scaling(X: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature ``offset`` and ``scale`` such that ``(X - offset) * scale`` is the scaled input."""
-    n_features = X.shape[1]
-    offset = np.zeros(n_features, np.float32)
-    scale = np.ones(n_features, np.float32)
-    if scaling == "max":
-        peak = float(np.abs(X).max())
-        scale[:] = 1.0 / peak if peak > 0 else 1.0
-    elif scaling == "standard":
-        offset = X.mean(0, dtype=np.float64).astype(np.float32)
-        std = X.std(0, dtype=np.float64).astype(np.float32)
-        scale = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 1.0).astype(np.float32)
-    return offset, scale
-
-
 def _check_device(device) -> None:
     """'auto', 'cpu', 'cuda' or 'cuda:N' (a torch.device too), and CUDA only where torch can use it."""
     name = str(device) if isinstance(device, torch.device) else device
@@ -467,9 +599,10 @@ def _check_device(device) -> None:
         raise ValueError(f"device={device!r} but this machine has {n_gpus} CUDA device(s): cuda:0 to cuda:{n_gpus - 1}")
 
 
-def _check_int(name, value, *, low):
+def _check_int(name, value, *, low, auto=False):
     if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+        alternative = " or 'auto'" if auto else ""
+        raise ValueError(f"{name} must be an integer >= {low}{alternative}; got {value!r}")
 
 
 def _check_real(name, value, *, low, high=None, low_open=False, high_open=False):

@@ -56,7 +56,7 @@ def test_fit_reuses_given_autoencoder_without_pretraining(blobs, tmp_path):
             stages.append(stage)
 
     est.fit(blobs[0], autoencoder=loaded, callback=Stages())
-    assert stages == ["kmeans", "self_train"]
+    assert stages == ["init", "distill", "self_train"]
     assert est.pretrain_loss_ == pytest.approx(ae.loss)
     # the given autoencoder is copied, not trained in place
     np.testing.assert_array_equal(loaded.autoencoder.encoder[0].weight.detach(), ae.autoencoder.encoder[0].weight.detach())
@@ -111,11 +111,14 @@ def test_sklearn_clone_and_params_round_trip():
         ({"pretrain_lr": 0.0}, r"pretrain_lr must be a number > 0.0; got 0.0"),
         ({"momentum": 1.0}, r"momentum must be a number >= 0.0 and < 1.0; got 1.0"),
         ({"tol": -0.1}, r"tol must be a number >= 0.0 and < 1.0; got -0.1"),
-        ({"scaling": "minmax"}, "scaling must be one of max, standard, none; got 'minmax'"),
+        ({"scaling": "minmax"}, "scaling must be one of auto, max, standard, none; got 'minmax'"),
         ({"pretrain_mode": "greedy"}, "pretrain_mode must be one of end_to_end, layerwise; got 'greedy'"),
         ({"hidden_dims": (10, 0)}, r"hidden_dims must be a non-empty sequence of positive integers; got \(10, 0\)"),
-        ({"update_interval": 0}, "update_interval must be an integer >= 1; got 0"),
+        ({"update_interval": 0}, "update_interval must be an integer >= 1 or 'auto'; got 0"),
         ({"pretrain_epochs": 0}, "pretrain_epochs must be >= 1 when pretrain_mode='end_to_end'"),
+        ({"pretrain_epochs": "many"}, "pretrain_epochs must be an integer >= 0 or 'auto'; got 'many'"),
+        ({"init": "spectral"}, "init must be one of manifold, kmeans; got 'spectral'"),
+        ({"augment": "yes"}, "augment must be True or False; got 'yes'"),
     ],
 )
 def test_bad_params_are_named(blobs, params, message):

@@ -1,0 +1,35 @@
+"""Named recipes: bundles of estimator parameters behind the entry points' ``preset`` option.
+
+A preset only fills in parameters; anything given explicitly overrides it. The numbers behind each
+choice are in BENCHMARKS.md ("Clustering quality across data kinds") and REPRODUCING.md.
+"""
+
+from __future__ import annotations
+
+PRESETS = ("default", "best", "paper")
+
+# best: DEC-DA's augmentation (Guo et al., ACML 2018) on top of the default manifold initialisation.
+# Augmented pretraining learns more slowly, so it gets more epochs than the default 75.
+BEST_PRETRAIN_EPOCHS = 150
+DESCRIPTIONS = {
+    "default": "all defaults: manifold (UMAP + GMM) initialisation, distillation, DEC self-training",
+    "best": f"default + DEC-DA augmentation (shifts, rotations) in every training stage and {BEST_PRETRAIN_EPOCHS} "
+            "pretraining epochs; image data only (needs image_shape), elsewhere the same as default",
+    "paper": "the paper's algorithm: k-means initialisation, no distillation (this project's recipe before the "
+             "manifold initialisation; REPRODUCING.md regenerates the paper's tables with it)",
+}
+
+
+def preset_params(preset: str, *, image_shape: tuple[int, ...] | None = None) -> dict:
+    """The estimator parameters of ``preset`` for data whose samples have ``image_shape`` (None: not images).
+
+    Returns a dict of DEC keyword arguments, ``image_shape`` included.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+    params: dict = {"image_shape": image_shape}
+    if preset == "best" and image_shape is not None:
+        params.update(augment=True, pretrain_epochs=BEST_PRETRAIN_EPOCHS)
+    elif preset == "paper":
+        params.update(init="kmeans")
+    return params

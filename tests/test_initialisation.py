@@ -1,0 +1,49 @@
+"""Initial clusterings of an embedding: k-means and the manifold (UMAP + GMM) initialisation."""
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs, make_moons
+
+from dec_mlflow.initialisation import kmeans_init, manifold_init
+from dec_mlflow.metrics import cluster_accuracy
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    z, y = make_blobs(400, n_features=5, centers=4, cluster_std=0.5, random_state=0)
+    return z.astype(np.float32), y
+
+
+def test_kmeans_init_recovers_blobs_and_has_no_posteriors(blobs):
+    init = kmeans_init(blobs[0], 4, n_init=3, seed=0)
+    assert cluster_accuracy(blobs[1], init.labels) == 1.0
+    assert init.centroids.shape == (4, 5) and init.posteriors is None
+
+
+def test_manifold_init_recovers_blobs_with_posteriors(blobs):
+    init = manifold_init(blobs[0], 4, seed=0)
+    assert cluster_accuracy(blobs[1], init.labels) == 1.0
+    assert init.posteriors.shape == (400, 4)
+    np.testing.assert_allclose(init.posteriors.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(init.posteriors.argmax(1), init.labels)
+    # centroids are the mean embedding of each cluster
+    for j in range(4):
+        np.testing.assert_allclose(init.centroids[j], blobs[0][init.labels == j].mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_manifold_init_separates_moons_where_kmeans_cuts_them():
+    z, y = make_moons(600, noise=0.05, random_state=0)
+    z = z.astype(np.float32)
+    assert cluster_accuracy(y, kmeans_init(z, 2, n_init=10, seed=0).labels) < 0.9
+    assert cluster_accuracy(y, manifold_init(z, 2, seed=0).labels) > 0.99
+
+
+def test_manifold_init_same_seed_same_result(blobs):
+    a, b = manifold_init(blobs[0], 4, seed=3), manifold_init(blobs[0], 4, seed=3)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+
+
+def test_manifold_init_needs_more_samples_than_clusters():
+    with pytest.raises(ValueError, match="needs more samples than clusters; got n_samples=3, n_clusters=3"):
+        manifold_init(np.zeros((3, 2), np.float32), 3, seed=0)

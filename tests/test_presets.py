@@ -1,0 +1,26 @@
+"""Presets: named bundles of estimator parameters."""
+
+import pytest
+
+from dec_mlflow import DEC
+from dec_mlflow.presets import BEST_PRETRAIN_EPOCHS, PRESETS, preset_params
+
+
+def test_best_augments_images_only():
+    assert preset_params("best", image_shape=(28, 28)) == {"image_shape": (28, 28), "augment": True,
+                                                            "pretrain_epochs": BEST_PRETRAIN_EPOCHS}
+    assert preset_params("best", image_shape=None) == preset_params("default", image_shape=None) == {"image_shape": None}
+
+
+def test_paper_uses_kmeans_initialisation():
+    assert preset_params("paper")["init"] == "kmeans"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_is_a_valid_estimator(preset):
+    DEC(**preset_params(preset, image_shape=(28, 28))).validate_params()
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="preset must be one of default, best, paper; got 'fast'"):
+        preset_params("fast")
