@@ -17,30 +17,53 @@ import inspect
 import click
 
 from dec_mlflow import lifecycle, lifecycle_experiments
-from dec_mlflow.estimator import LR_SCHEDULES, PRECISIONS, PRETRAIN_MODES, SCALINGS, SELECTIONS, VARIANTS
+from dec_mlflow.estimator import LR_SCHEDULES, PRECISIONS, PRETRAIN_MODES, SCALINGS, SELECTIONS, TRUST_SCORE, VARIANTS
+from dec_mlflow.initialisation import INITS
+from dec_mlflow.presets import DESCRIPTIONS, PRESETS
+
+
+class _IntOrAuto(click.ParamType):
+    """An integer, or 'auto' for the estimator (or the preset) to choose from the data."""
+
+    name = "integer|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"must be an integer or 'auto'; got {value!r}", param, ctx)
+
+
+INT_OR_AUTO = _IntOrAuto()
 
 # name -> (click type, help) for each estimator parameter; defaults come from the estimator.
 ESTIMATOR_OPTIONS = {
     "n_clusters": (click.INT, "Number of clusters k."),
     "hidden_dims": (str, "Encoder widths after the input, comma-separated; the last is the embedding size."),
-    "scaling": (click.Choice(("auto", *SCALINGS)), "Input scaling; 'auto' = 'max' for images (pixels/max), else 'standard'."),
+    "scaling": (click.Choice(("auto", *SCALINGS)), "Input scaling; 'auto' = 'max' for images, counts and tf-idf, else 'standard'; both then scaled to mean square 0.1."),
     "pretrain_mode": (click.Choice(PRETRAIN_MODES), "'end_to_end', or the paper's greedy 'layerwise' denoising then fine-tuning."),
-    "pretrain_epochs": (click.INT, "End-to-end pretraining epochs (fine-tuning epochs in layerwise mode)."),
+    "pretrain_epochs": (INT_OR_AUTO, "End-to-end pretraining epochs (fine-tuning epochs in layerwise mode); 'auto' = the preset's, else 75 or more on small data (>= 5,000 iterations)."),
     "layerwise_epochs": (click.INT, "Epochs per layer in layerwise mode."),
     "pretrain_batch_size": (click.INT, "Pretraining batch size."),
-    "pretrain_lr": (click.FLOAT, "Pretraining SGD learning rate."),
+    "pretrain_lr": (click.FLOAT, "Pretraining SGD learning rate; on divergence pretraining restarts at a quarter of it (3 times at most)."),
     "pretrain_momentum": (click.FLOAT, "Pretraining SGD momentum."),
     "pretrain_lr_schedule": (click.Choice(LR_SCHEDULES), "Pretraining learning-rate schedule."),
     "dropout": (click.FLOAT, "Corruption (dropout) rate of the layerwise denoising stage."),
     "precision": (click.Choice(PRECISIONS), "Pretraining matmul precision; 'auto' = bf16 where the CPU has it natively."),
+    "augment": (click.Choice(("auto", "true", "false"), case_sensitive=False),
+                "DEC-DA: random shifts and rotations of images in every training stage (needs an image shape; never for tables); 'auto' = the preset's."),
+    "image_shape": (str, "Shape of one sample as an image, e.g. 28,28 or 32,32,3 (channels last); default: the dataset's (28,28 for mnist)."),
     "n_pretrain_init": (click.INT, "Autoencoders to pretrain (seeds random_state, +1, ...); the best by pretrain_selection is kept."),
     "pretrain_selection": (click.Choice(SELECTIONS), "Label-free criterion among pretrained candidates (lower is better)."),
-    "n_init": (click.INT, "k-means restarts for the initial centroids."),
+    "init": (click.Choice(("auto", *INITS)), "Initial clusters: 'manifold' (UMAP + Gaussian mixture, then distillation) or the paper's 'kmeans'; 'auto' = the preset's."),
+    "n_init": (click.INT, "k-means restarts (init=kmeans, and the 'inertia' selection)."),
     "alpha": (click.FLOAT, "Student's t degrees of freedom."),
     "batch_size": (click.INT, "Self-training batch size."),
-    "lr": (click.FLOAT, "Self-training SGD learning rate."),
-    "momentum": (click.FLOAT, "Self-training SGD momentum."),
-    "update_interval": (click.INT, "Iterations between target-distribution updates over the whole data."),
+    "lr": (click.FLOAT, "Distillation and self-training SGD learning rate."),
+    "momentum": (click.FLOAT, "Distillation and self-training SGD momentum."),
+    "update_interval": (INT_OR_AUTO, "Iterations between target-distribution updates over the whole data; 'auto' = 140, or one epoch if shorter."),
     "tol": (click.FLOAT, "Stop when fewer than this fraction of labels change between updates."),
     "max_iter": (click.INT, "Maximum self-training iterations."),
     "variant": (click.Choice(VARIANTS), "'dec'; 'frozen' (encoder fixed, centroids only: DEC w/o backprop); 'idec' (keeps the decoder)."),
@@ -100,6 +123,8 @@ _DATA_HELP = {
 }
 _EXPERIMENT_HELP = {"experiment": "MLflow experiment to log to (created if missing); default: MLFLOW_EXPERIMENT_NAME, else Default."}
 _REGISTRY_HELP = {"registered_model_name": "Registry name; default dec-<dataset>. 'none' skips registration."}
+_PRESET_HELP = {"preset": (click.Choice(PRESETS), "Named recipe for the options left at 'auto': "
+                           + "; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items()) + ".")}
 
 
 def _user_errors(fn):
@@ -132,7 +157,7 @@ def main():
 
 
 @main.command()
-@_stage_options(lifecycle.pretrain, {**_DATA_HELP, **_EXPERIMENT_HELP})
+@_stage_options(lifecycle.pretrain, {**_DATA_HELP, **_PRESET_HELP, **_EXPERIMENT_HELP})
 @_estimator_options(lifecycle.PRETRAIN_STAGE_PARAMS)
 @_user_errors
 def pretrain(**options):
@@ -146,19 +171,22 @@ def pretrain(**options):
     "autoencoder": "Pretrained autoencoder: a run id, runs:/ or models:/ URI, or a .pt file. Default: reuse a matching FINISHED pretrain run, else pretrain now.",
     **_REGISTRY_HELP,
     "figure_sample_size": (click.INT, "Points recorded for the self-training figures (t-SNE snapshots, gradient vs q); >= 10."),
+    **_PRESET_HELP,
     **_EXPERIMENT_HELP,
 })
 @_estimator_options(lifecycle.ESTIMATOR_PARAMS)
 @_user_errors
 def cluster(**options):
-    """The main job: pretrain or reuse an autoencoder, k-means init, DEC self-training, log and register.
+    """The main job: pretrain or reuse an autoencoder, initial clusters, DEC self-training, log and register.
 
     Reads DATASET; writes run artifacts network/dec_network.pt, cluster_sizes.json and the ONNX
     pyfunc model ``model``, registered as dec-<dataset>; a child run if it had to pretrain.
     """
     result = lifecycle.cluster(**options)
-    if result["metrics"]:
-        click.echo("AE+k-means " + _scores(result["metrics"], "ae_kmeans_") + "\nDEC        " + _scores(result["metrics"], "final_"))
+    metrics = result["metrics"]
+    click.echo(f"Trust score {metrics['trust_score']:.4f} ({TRUST_SCORE}; label-free, higher is better)")
+    if "final_acc" in metrics:
+        click.echo("Initial " + _scores(metrics, "init_") + "\nDEC     " + _scores(metrics, "final_"))
     _echo_model(result)
 
 
@@ -190,7 +218,7 @@ def export(**options):
 @main.command()
 @_stage_options(lifecycle.promote, {
     "model_name": "Registered model name, e.g. dec-mnist.",
-    "metric": "Metric of each version's source run to rank by.",
+    "metric": "Metric of each version's source run to rank by; 'auto' = final_acc when every run had labels, else the label-free trust_score.",
     "mode": (click.Choice(["max", "min"]), "Whether larger metric values are better."),
     "alias": "Alias to point at the best version.",
 })
@@ -199,7 +227,7 @@ def promote(model_name, metric, mode, alias):
     """Point ALIAS (default champion) at the registered version with the best METRIC."""
     result = lifecycle.promote(model_name, metric=metric, mode=mode, alias=alias)
     before = f"(was version {result['previous']})" if result["previous"] else "(no previous holder)"
-    click.echo(f"{model_name}@{alias} -> version {result['version']}, {metric}={result['value']:.4f} {before}")
+    click.echo(f"{model_name}@{alias} -> version {result['version']}, {result['metric']}={result['value']:.4f} {before}")
 
 
 @main.command()
@@ -230,6 +258,7 @@ def score(**options):
     "select_from": (click.INT, "Candidates per choice in the stability report: the spread of DEC when the autoencoder is picked among this many seeds by each label-free criterion."),
     "idec_lr": (click.FLOAT, "IDEC's SGD learning rate (IDEC paper: 0.1)."),
     "idec_momentum": (click.FLOAT, "IDEC's SGD momentum (IDEC paper: 0.99)."),
+    **_PRESET_HELP,
     **_EXPERIMENT_HELP,
 })
 @_estimator_options(lifecycle_experiments.COMPARE_PARAMS)
@@ -252,6 +281,7 @@ def compare(**options):
     "ks": "Comma-separated numbers of clusters to try.",
     "validation_fraction": (click.FLOAT, "Share of the data held out to measure KL_validation."),
     "autoencoder": "Pretrained autoencoder (run id, URI or .pt); default: pretrain on the training split (or reuse a matching run).",
+    **_PRESET_HELP,
     **_EXPERIMENT_HELP,
 })
 @_estimator_options(lifecycle_experiments.K_SWEEP_PARAMS)
@@ -273,6 +303,7 @@ def k_sweep(**options):
     **_DATA_HELP,
     "r_mins": "Comma-separated retention rates of the first class (the last keeps 1).",
     "autoencoder": "Pretrained autoencoder for every subsample (run id, URI or .pt); default: pretrain on each subsample (or reuse a matching run).",
+    **_PRESET_HELP,
     **_EXPERIMENT_HELP,
 })
 @_estimator_options(lifecycle_experiments.IMBALANCE_PARAMS)

@@ -59,7 +59,8 @@ def run_method(method: str, X: np.ndarray, ae: PretrainedAutoencoder, est: DEC, 
         return MethodResult(labels, time.perf_counter() - start, {"inertia": inertia})
     variant = {"dec_frozen": "frozen", "dec": "dec", "idec": "idec"}[method]
     fitted = DEC(**{**est.get_params(), **(overrides or {}), "variant": variant}).fit(X, autoencoder=ae, callback=callback)
-    info = {"n_iter": fitted.n_iter_, "converged": float(fitted.converged_), "kl_loss": fitted.kl_loss_}
+    info = {"n_iter": fitted.n_iter_, "converged": float(fitted.converged_), "kl_loss": fitted.kl_loss_,
+            "trust_score": fitted.trust_score_}
     return MethodResult(fitted.labels_, time.perf_counter() - start, info)
 
 
@@ -101,6 +102,35 @@ def scored_rows(y: np.ndarray | None, method: str, seed: int, result: MethodResu
     if y is not None:
         row.update(clustering_scores(y, result.labels))
     return row
+
+
+def run_choice(rows: list[dict], method: str) -> dict:
+    """Which seed's ``method`` run to keep: by the label-free trust score, and (with labels) by ACC.
+
+    ``rows`` are :func:`scored_rows` dicts. Returns ``label_free_seed`` (highest ``trust_score``)
+    and, when the rows carry ``acc``, ``by_labels_seed`` (highest ACC) and the ACC of both picks.
+    """
+    mine = [r for r in rows if r["method"] == method and "trust_score" in r]
+    if not mine:
+        return {}
+    free = max(mine, key=lambda r: r["trust_score"])
+    choice = {"method": method, "label_free_seed": int(free["seed"]), "label_free_trust_score": float(free["trust_score"])}
+    if "acc" in free:
+        best = max(mine, key=lambda r: r["acc"])
+        choice.update(label_free_acc=float(free["acc"]), by_labels_seed=int(best["seed"]), by_labels_acc=float(best["acc"]))
+    return choice
+
+
+def choice_markdown(choice: dict) -> str:
+    """One sentence naming the run kept without labels, next to the one labels would pick."""
+    if not choice:
+        return ""
+    text = (f"Without labels, keep seed {choice['label_free_seed']} of {METHODS[choice['method']]} "
+            f"(highest trust score, {choice['label_free_trust_score']:.3f})")
+    if "by_labels_seed" in choice:
+        text += (f": ACC {_pct(choice['label_free_acc'])}; labels would pick seed {choice['by_labels_seed']} "
+                 f"(ACC {_pct(choice['by_labels_acc'])})")
+    return text + ".\n"
 
 
 # ---------------------------------------------------------------------------- number of clusters

@@ -6,8 +6,10 @@ parses options and calls one stage; tests and notebooks call the stages directly
 experiments (compare, k_sweep, imbalance) are stages of :mod:`dec_mlflow.lifecycle_experiments`.
 
 Estimator parameters are the keyword arguments of :class:`~dec_mlflow.estimator.DEC` (one source
-of hyperparameters), with ``scaling='auto'`` meaning the dataset's own default. Parameters are
-checked before any data is loaded. Errors a user can cause raise ``ValueError`` naming the
+of hyperparameters), with ``scaling='auto'`` meaning the dataset's own default, an empty
+``image_shape`` the dataset's own, and ``augment``, ``init`` and ``pretrain_epochs`` left at 'auto'
+what the stage's ``preset`` chooses (:mod:`dec_mlflow.presets`). Parameters are checked before any
+data is loaded. Errors a user can cause raise ``ValueError`` naming the
 parameter or file and the rule (``DataError`` for data), or ``FloatingPointError`` when training
 diverges; a run ends FAILED on any error.
 """
@@ -29,24 +31,30 @@ from dec_mlflow import scoring, tracking
 from dec_mlflow.callbacks import CallbackList, ProgressBar
 from dec_mlflow.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from dec_mlflow.data import Dataset, load_dataset
-from dec_mlflow.estimator import DEC, PretrainedAutoencoder, selection_criteria
+from dec_mlflow.estimator import DEC, TRUST_SCORE, PretrainedAutoencoder, selection_criteria
 from dec_mlflow.metrics import clustering_scores
+from dec_mlflow.presets import preset_params
 
-# The estimator's parameters and their defaults; 'auto' scaling is resolved per dataset.
-ESTIMATOR_DEFAULTS = {**DEC().get_params(), "scaling": "auto"}
+# Options whose 'auto' the preset decides (else the estimator's default).
+PRESET_CHOICES = ("augment", "init", "pretrain_epochs")
+_DEC_DEFAULTS = DEC().get_params()
+# The estimator's parameters and their defaults at the stages: 'auto' scaling is resolved per dataset,
+# an empty image_shape is the dataset's, and 'auto' preset choices are the preset's.
+ESTIMATOR_DEFAULTS = {**_DEC_DEFAULTS, "scaling": "auto", "image_shape": "", **{n: "auto" for n in PRESET_CHOICES}}
 ESTIMATOR_PARAMS = tuple(ESTIMATOR_DEFAULTS)
 # The parameters that decide a pretrained autoencoder: with the data digest, the key under which a
 # finished pretrain run is reused.
 PRETRAIN_PARAMS = (
     "hidden_dims", "scaling", "pretrain_mode", "pretrain_epochs", "layerwise_epochs", "pretrain_batch_size",
-    "pretrain_lr", "pretrain_momentum", "pretrain_lr_schedule", "dropout", "precision", "random_state",
+    "pretrain_lr", "pretrain_momentum", "pretrain_lr_schedule", "dropout", "precision", "augment", "image_shape",
+    "random_state",
 )
 PRETRAIN_STAGE_PARAMS = PRETRAIN_PARAMS + ("device",)  # what the pretrain stage takes
 MODEL_ARTIFACT = "model"  # name of the logged pyfunc model in cluster and export runs
 ONNX_CHECK_ROWS = 2000  # rows on which the ONNX graph is compared with PyTorch before it is logged
 # The cluster run's summary metrics that tag and describe its registered version (a label-free
 # quality score logged by cluster belongs here too, so that the registry shows it without labels).
-VERSION_METRIC_PREFIXES = ("final_",)
+VERSION_METRIC_PREFIXES = ("final_", "trust_score")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -73,19 +81,52 @@ def estimator_params(params: dict, names: tuple[str, ...] = ESTIMATOR_PARAMS) ->
     return {name: params.get(name, ESTIMATOR_DEFAULTS[name]) for name in names}
 
 
-def build_estimator(params: dict, default_scaling: str = "standard") -> DEC:
-    """The validated estimator for ``params``, with 'auto' scaling resolved to ``default_scaling``.
+def build_estimator(params: dict, data: Dataset | None = None, *, preset: str = "default") -> DEC:
+    """The validated estimator for ``params``, its stage-level defaults filled in.
 
-    Called once before the data is loaded, so parameter errors come before any work, and again
-    with the dataset's own default scaling.
+    'auto' scaling becomes the dataset's own default (which may be 'auto', the estimator's rule),
+    an empty ``image_shape`` the dataset's (e.g. 28x28 for MNIST; a string such as '28,28' is
+    parsed), and ``augment``, ``init`` and ``pretrain_epochs`` left at 'auto' what ``preset``
+    chooses for that image shape, else the estimator's defaults. Called once before the data is
+    loaded (``data`` None), so parameter errors come before any work, and again with the dataset.
     """
     dims = params.get("hidden_dims", ESTIMATOR_DEFAULTS["hidden_dims"])
     params = {**params, "hidden_dims": dims if isinstance(dims, str) else tuple(dims)}  # a str is refused by validation
-    if params.get("scaling") == "auto":
-        params["scaling"] = default_scaling
+    image_shape = _image_shape(params.get("image_shape", ""))
+    if image_shape is None and data is not None:
+        image_shape = data.image_shape
+    chosen = preset_params(preset, image_shape=image_shape)
+    for name in PRESET_CHOICES:
+        if params.get(name, "auto") == "auto":
+            params[name] = chosen.get(name, _DEC_DEFAULTS[name])
+    if isinstance(params["augment"], str):
+        if params["augment"].lower() not in ("true", "false"):
+            raise ValueError(f"augment must be 'auto', 'true' or 'false'; got {params['augment']!r}")
+        params["augment"] = params["augment"].lower() == "true"
+    params["image_shape"] = image_shape
+    if params.get("scaling") == "auto" and data is not None:
+        params["scaling"] = data.default_scaling
     est = DEC().set_params(**params)
     est.validate_params()
     return est
+
+
+def _image_shape(value) -> tuple[int, ...] | None:
+    """``image_shape`` as given: '' or None (not given), '28,28', or a sequence of ints."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            return tuple(int(v) for v in value.split(","))
+        except ValueError:
+            raise ValueError(f"image_shape must be comma-separated integers such as 28,28 or 32,32,3; got {value!r}") from None
+    return tuple(value)
+
+
+def resolved_params(est: DEC, x: np.ndarray) -> dict:
+    """What the stage-level and estimator 'auto' settings resolved to, as params ``<name>_resolved``."""
+    values = {**{n: est.get_params()[n] for n in ("augment", "init", "image_shape")}, **est.resolve(x)}
+    return {f"{k}_resolved": ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 def load_data(dataset: str, label_column: str | None = "", n_clusters: int | None = None) -> Dataset:
@@ -122,7 +163,7 @@ def _pretrain_key(est: DEC, digest: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ pretrain
-def pretrain(dataset: str, *, label_column: str = "", experiment: str = "", **params) -> dict:
+def pretrain(dataset: str, *, label_column: str = "", preset: str = "default", experiment: str = "", **params) -> dict:
     """Pretrain the autoencoder on ``dataset`` in a new run.
 
     Reads the dataset; writes a run with the per-epoch ``pretrain_loss`` curve, the dataset as an
@@ -134,6 +175,8 @@ def pretrain(dataset: str, *, label_column: str = "", experiment: str = "", **pa
         A known dataset name or a path to a .npy/.npz/.csv/.parquet file.
     label_column : str
         Label column of a table (labels are not used by pretraining).
+    preset : {'default', 'best', 'paper'}
+        Named recipe for the parameters left at 'auto' (:mod:`dec_mlflow.presets`).
     experiment : str
         MLflow experiment name ('' : MLflow's choice, see ``tracking.stage_run``).
     **params
@@ -144,11 +187,12 @@ def pretrain(dataset: str, *, label_column: str = "", experiment: str = "", **pa
     dict with ``run_id``, ``autoencoder_uri`` and ``loss`` (last epoch's reconstruction loss).
     """
     params = estimator_params(params, PRETRAIN_STAGE_PARAMS)
-    build_estimator(params)
+    build_estimator(params, preset=preset)
     data = load_data(dataset, label_column)
-    est = build_estimator(params, data.default_scaling)
+    est = build_estimator(params, data, preset=preset)
     with tracking.stage_run(f"pretrain-{data.name}-s{est.random_state}", experiment) as run:
-        ae = _run_pretraining(est, data, {"dataset": dataset, "label_column": label_column, **params}, data_params(data))
+        ae = _run_pretraining(est, data, {"dataset": dataset, "label_column": label_column, "preset": preset, **params},
+                              data_params(data))
     run_id = run.info.run_id
     return {"run_id": run_id, "autoencoder_uri": f"runs:/{run_id}/{Path(tracking.AUTOENCODER_ARTIFACT).parent}", "loss": ae.loss}
 
@@ -157,10 +201,11 @@ def _run_pretraining(est: DEC, data: Dataset, stage_params: dict, data_params_: 
     """Pretrain inside the active run and log params, dataset, loss curve and the autoencoder artifact."""
     mlflow.set_tags({tracking.STAGE_TAG: "pretrain", tracking.KEY_TAG: _pretrain_key(est, data_params_["data_digest"]),
                      "dataset": data.name, "method": f"pretrain-{est.pretrain_mode}", "seed": est.random_state})
-    tracking.log_params_once({**stage_params, **data_params_, "scaling_resolved": est.scaling})
+    tracking.log_params_once({**stage_params, **data_params_, **resolved_params(est, data.x)})
     tracking.log_dataset(data, data_params_["data_digest"], context="training")
     with progress_bar() as bar:
         ae = est.pretrain(data.x, callback=CallbackList([bar, tracking.MlflowCallback(est.n_clusters)]))
+    tracking.log_params_once({"pretrain_lr_resolved": ae.lr})
     mlflow.log_metric("final_pretrain_loss", ae.loss)
     tracking.log_autoencoder(ae)
     return ae
@@ -184,7 +229,7 @@ def resolve_autoencoder(ref: str, est: DEC, data: Dataset, stage_params: dict, d
         report(f"Reusing autoencoder of FINISHED pretrain run {previous.info.run_id}")
         return tracking.load_autoencoder(previous.info.run_id), f"runs:/{previous.info.run_id}"
     with tracking.child_run(f"pretrain-{data.name}-s{est.random_state}") as child:
-        pretrain_params = {k: v for k, v in stage_params.items() if k in PRETRAIN_STAGE_PARAMS + ("dataset", "label_column")}
+        pretrain_params = {k: v for k, v in stage_params.items() if k in PRETRAIN_STAGE_PARAMS + ("dataset", "label_column", "preset")}
         pretrain_params["random_state"] = est.random_state
         ae = _run_pretraining(est, data, pretrain_params, data_params_)
     return ae, f"runs:/{child.info.run_id}"
@@ -214,8 +259,8 @@ def select_autoencoder(est: DEC, data: Dataset, stage_params: dict, data_params_
 
 # ------------------------------------------------------------------------------------ cluster
 def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", registered_model_name: str = "",
-            figure_sample_size: int = 1000, experiment: str = "", **params) -> dict:
-    """The main job: pretrain or reuse an autoencoder, k-means init, DEC self-training, log and register.
+            figure_sample_size: int = 1000, preset: str = "default", experiment: str = "", **params) -> dict:
+    """The main job: pretrain or reuse an autoencoder, initial clusters, DEC self-training, log and register.
 
     Reads the dataset; writes a run with the self-training curves, the dataset as an input,
     ``network/dec_network.pt``, ``cluster_sizes.json``, the self-training figures and the ONNX
@@ -232,6 +277,8 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
     registered_model_name : str
     figure_sample_size : int
         Points recorded for the self-training figures (>= 10).
+    preset : {'default', 'best', 'paper'}
+        Named recipe for the parameters left at 'auto' (:mod:`dec_mlflow.presets`).
     **params
         Estimator parameters (``ESTIMATOR_PARAMS``); the rest keep their defaults.
 
@@ -239,21 +286,22 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
     -------
     dict with ``run_id``, ``model_uri``, ``registered_model_name`` and ``registered_model_version``
     (None when not registered), ``autoencoder_source``, ``onnx_max_abs_dq`` and ``metrics``: the
-    run's summary scores (``final_*`` and ``ae_kmeans_*`` when the data has labels); those matching
-    ``VERSION_METRIC_PREFIXES`` also tag and describe the registered version.
+    run's summary scores (``trust_score`` and the ``trust_*`` scores it is chosen from, always;
+    ``final_*`` and ``init_*`` when the data has labels); those matching ``VERSION_METRIC_PREFIXES``
+    also tag and describe the registered version.
     """
     params = estimator_params(params)
     check_int("figure_sample_size", figure_sample_size, low=10)
-    build_estimator(params)
+    build_estimator(params, preset=preset)
     data = load_data(dataset, label_column, params["n_clusters"])
-    est = build_estimator(params, data.default_scaling)
+    est = build_estimator(params, data, preset=preset)
     name = registered_model_name or f"dec-{data.name}"
     with tracking.stage_run(f"cluster-{data.name}-k{est.n_clusters}-s{est.random_state}", experiment) as run:
         mlflow.set_tags({tracking.STAGE_TAG: "cluster", "dataset": data.name, "method": "dec", "seed": est.random_state})
-        stage_params = {"dataset": dataset, "label_column": label_column, **params}
+        stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
         data_params_ = data_params(data)
         tracking.log_params_once({**stage_params, "autoencoder": autoencoder, "registered_model_name": registered_model_name,
-                                  "figure_sample_size": figure_sample_size, **data_params_, "scaling_resolved": est.scaling})
+                                  "figure_sample_size": figure_sample_size, **data_params_, **resolved_params(est, data.x)})
         tracking.log_dataset(data, data_params_["data_digest"], context="training")
         if autoencoder or est.n_pretrain_init == 1:
             ae, source = resolve_autoencoder(autoencoder, est, data, stage_params, data_params_)
@@ -273,19 +321,20 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
 
 
 def _log_cluster_results(est: DEC, data: Dataset) -> dict:
-    """Log sizes, iterations and, with labels, the AE+k-means and final scores; return the scores logged.
+    """Log sizes, iterations, the label-free trust scores and, with labels, the initial and final scores.
 
-    The returned dict is the run's summary: it tags and describes the registered version, so a
-    label-free score added here reaches the registry too.
+    Returns the scores logged: the run's summary, which tags and describes the registered version.
     """
     sizes = np.bincount(est.labels_, minlength=est.n_clusters)
     mlflow.log_dict({"cluster_sizes": sizes.tolist()}, "cluster_sizes.json")
+    tracking.log_params_once({"pretrain_lr_resolved": est.resolved_params_["pretrain_lr"]})
     mlflow.log_metrics({"n_iter": est.n_iter_, "converged": float(est.converged_), "pretrain_loss": est.pretrain_loss_})
-    if data.y is None:
-        return {}
-    final = clustering_scores(data.y, est.labels_)
-    init = clustering_scores(data.y, est.init_labels_)
-    metrics = {**{f"final_{k}": v for k, v in final.items()}, **{f"ae_kmeans_{k}": v for k, v in init.items()}}
+    metrics = {"trust_score": est.trust_score_, **{f"trust_{k}": v for k, v in est.trust_scores_.items()}}
+    mlflow.set_tag("dec.trust_score", f"{TRUST_SCORE}: label-free, higher is better (README, 'How far to trust a run')")
+    if data.y is not None:
+        final = clustering_scores(data.y, est.labels_)
+        init = clustering_scores(data.y, est.init_labels_)
+        metrics.update({**{f"final_{k}": v for k, v in final.items()}, **{f"init_{k}": v for k, v in init.items()}})
     mlflow.log_metrics(metrics)
     return metrics
 
@@ -420,14 +469,20 @@ def export(run_id: str, dataset: str, *, label_column: str = "", registered_mode
 
 
 # ------------------------------------------------------------------------------------ promote
-def promote(model_name: str, *, metric: str = "final_acc", mode: str = "max", alias: str = "champion") -> dict:
+def promote(model_name: str, *, metric: str = "auto", mode: str = "max", alias: str = "champion") -> dict:
     """Point ``alias`` at the registered version of ``model_name`` whose source run has the best ``metric``.
 
-    Starts no run. Returns a dict with ``version``, ``metric``, ``value`` and ``previous`` (the
-    version the alias named before, or None).
+    ``metric='auto'`` ranks by ``final_acc`` when every version's run has labels to compute it,
+    else by the label-free ``trust_score`` (higher is better), so runs on unlabelled data are
+    promoted by the score that ranks runs without labels. Starts no run. Returns a dict with
+    ``version``, ``metric`` (the one used), ``value`` and ``previous`` (the version the alias
+    named before, or None).
     """
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min'; got {mode!r}")
+    if metric == "auto":
+        metric = "final_acc" if tracking.every_version_has_metric(model_name, "final_acc") else "trust_score"
+        mode = "max"
     return tracking.promote(model_name, metric, greater_is_better=mode == "max", alias=alias)
 
 

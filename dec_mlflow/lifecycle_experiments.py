@@ -76,7 +76,7 @@ def _log_frame(frame: pd.DataFrame, name: str) -> None:
 # ------------------------------------------------------------------------------------ compare
 def compare(dataset: str, *, label_column: str = "", seeds: Sequence[int] = (0, 1, 2),
             methods: Sequence[str] = tuple(experiments.METHODS), select_from: int = 2, idec_lr: float = 0.1,
-            idec_momentum: float = 0.99, experiment: str = "", **params) -> dict:
+            idec_momentum: float = 0.99, preset: str = "default", experiment: str = "", **params) -> dict:
     """The paper's comparison table: k-means, AE+k-means, DEC w/o backprop, DEC and IDEC over seeds.
 
     Reads the dataset; one child run per method and seed (plus a pretrain run per seed unless a
@@ -97,10 +97,10 @@ def compare(dataset: str, *, label_column: str = "", seeds: Sequence[int] = (0, 
         raise ValueError(f"methods must be a comma-separated subset of {', '.join(experiments.METHODS)}; got {','.join(methods)!r}")
     if not 1 <= select_from <= len(seeds):
         raise ValueError(f"select_from must be >= 1 and <= the number of seeds ({len(seeds)}); got {select_from}")
-    build_estimator({**params, "random_state": seeds[0], "lr": idec_lr, "momentum": idec_momentum})  # IDEC's optimiser too
-    build_estimator({**params, "random_state": seeds[0]})
+    build_estimator({**params, "random_state": seeds[0], "lr": idec_lr, "momentum": idec_momentum}, preset=preset)  # IDEC's too
+    build_estimator({**params, "random_state": seeds[0]}, preset=preset)
     data = load_data(dataset, label_column, params["n_clusters"])
-    stage_params = {"dataset": dataset, "label_column": label_column, **params}
+    stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
     idec_optimizer = {"lr": idec_lr, "momentum": idec_momentum}
     with tracking.stage_run(f"compare-{data.name}", experiment) as run:
         _start_parent("compare", data, {**stage_params, "seeds": seeds, "methods": methods, "select_from": select_from,
@@ -108,7 +108,7 @@ def compare(dataset: str, *, label_column: str = "", seeds: Sequence[int] = (0, 
         rows, criteria = [], []
         data_params_ = data_params(data)
         for seed in seeds:
-            est = build_estimator({**params, "random_state": seed}, data.default_scaling)
+            est = build_estimator({**params, "random_state": seed}, data, preset=preset)
             ae, source = resolve_autoencoder("", est, data, {**stage_params, "random_state": seed}, data_params_)
             criteria.append({"seed": seed, "autoencoder": source,
                              **selection_criteria(ae, data.x, est.n_clusters, n_init=est.n_init, seed=seed)})
@@ -140,24 +140,31 @@ def _log_comparison(data: Dataset, rows: list[dict], criteria: list[dict], selec
     _log_frame(runs, "comparison_runs")
     per_seed = pd.DataFrame(criteria).set_index("seed")
     summary, stability, markdown = None, {}, ""
+    main_method = "dec" if "dec" in set(runs["method"]) else runs["method"].iloc[-1]
+    choice = experiments.run_choice(rows, main_method)
+    if choice:
+        mlflow.log_dict(choice, "run_choice.json")
+        mlflow.log_metrics({k: float(v) for k, v in choice.items() if k != "method"})
+        report(experiments.choice_markdown(choice).strip())
     if data.y is not None:
         summary = experiments.summarize(rows)
         _log_frame(summary, "comparison_table")
         for _, r in summary.iterrows():
             mlflow.log_metrics({f"{r['method']}_{s}_{stat}": float(r[f"{s}_{stat}"]) for s in ("acc", "nmi", "ari") for stat in ("mean", "std")})
-        main_method = "dec" if "dec" in set(runs["method"]) else runs["method"].iloc[-1]
         per_seed = per_seed.join(runs[runs["method"] == main_method].set_index("seed")[["acc"]])
         stability = experiments.stability_report(per_seed, select_from, method=main_method)
         mlflow.log_dict(stability, "stability.json")
         markdown = experiments.comparison_markdown(data.name, summary, stability, per_seed)
+        markdown += "\n## Which run to keep\n\n" + experiments.choice_markdown(choice)
         mlflow.log_text(markdown, "comparison.md")
     mlflow.log_text(per_seed.reset_index().to_csv(index=False), "selection_criteria.csv")
-    return {"summary": summary, "stability": stability, "markdown": markdown}
+    return {"summary": summary, "stability": stability, "markdown": markdown, "choice": choice}
 
 
 # ------------------------------------------------------------------------------------ k sweep
 def k_sweep(dataset: str, *, label_column: str = "", ks: Sequence[int] = (6, 7, 8, 9, 10, 11, 12),
-            validation_fraction: float = 0.2, autoencoder: str = "", experiment: str = "", **params) -> dict:
+            validation_fraction: float = 0.2, autoencoder: str = "", preset: str = "default", experiment: str = "",
+            **params) -> dict:
     """Choose k by the paper's generalizability G = KL_train / KL_validation (section 5.3, Figure 5).
 
     Splits the dataset into training and validation parts (seeded by ``random_state``), pretrains
@@ -175,20 +182,20 @@ def k_sweep(dataset: str, *, label_column: str = "", ks: Sequence[int] = (6, 7, 
     params = estimator_params(params, K_SWEEP_PARAMS)
     ks = _check_distinct("ks", ks, "distinct integers >= 2", lambda k: _is_int(k) and k >= 2)
     experiments.train_validation_split(10, validation_fraction, 0)  # validates the fraction before any work
-    build_estimator({**params, "n_clusters": max(ks)})
+    build_estimator({**params, "n_clusters": max(ks)}, preset=preset)
     data = load_data(dataset, label_column, max(ks))
     train, val = experiments.train_validation_split(len(data.x), validation_fraction, params["random_state"])
     train_data = replace(data, name=f"{data.name}-train", x=data.x[train], y=None if data.y is None else data.y[train])
-    stage_params = {"dataset": dataset, "label_column": label_column, **params}
+    stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
     with tracking.stage_run(f"k_sweep-{data.name}", experiment) as run:
         _start_parent("k_sweep", data, {**stage_params, "ks": ks, "validation_fraction": validation_fraction,
                                         "autoencoder": autoencoder})
-        est = build_estimator({**params, "n_clusters": ks[0]}, data.default_scaling)
+        est = build_estimator({**params, "n_clusters": ks[0]}, data, preset=preset)
         ae, source = resolve_autoencoder(autoencoder, est, train_data, stage_params, data_params(train_data))
         mlflow.set_tag("dec.autoencoder_source", source)
         rows = []
         for k in sorted(ks):
-            est = build_estimator({**params, "n_clusters": k}, data.default_scaling)
+            est = build_estimator({**params, "n_clusters": k}, data, preset=preset)
             with _child(f"k{k}", {tracking.STAGE_TAG: "k_sweep/k", "n_clusters": k, "dataset": data.name}, {**est.get_params(), "autoencoder": source}):
                 with progress_bar() as bar:
                     est.fit(train_data.x, autoencoder=ae, callback=CallbackList([bar, tracking.MlflowCallback(k, train_data.y)]))
@@ -209,7 +216,7 @@ def k_sweep(dataset: str, *, label_column: str = "", ks: Sequence[int] = (6, 7, 
 
 # ------------------------------------------------------------------------------------ imbalance
 def imbalance(dataset: str, *, label_column: str = "", r_mins: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
-              autoencoder: str = "", experiment: str = "", **params) -> dict:
+              autoencoder: str = "", preset: str = "default", experiment: str = "", **params) -> dict:
     """The paper's Table 4: k-means, AE+k-means and DEC on subsamples with skewed class sizes.
 
     For each r_min, class c of the (labelled) dataset keeps a share r_min + (1 - r_min) c / (C - 1)
@@ -226,14 +233,14 @@ def imbalance(dataset: str, *, label_column: str = "", r_mins: Sequence[float] =
 
     params = estimator_params(params, IMBALANCE_PARAMS)
     r_mins = _check_distinct("r_mins", r_mins, "distinct numbers > 0 and <= 1", lambda r: isinstance(r, Real) and not isinstance(r, bool) and 0 < r <= 1)
-    build_estimator(params)
+    build_estimator(params, preset=preset)
     data = load_data(dataset, label_column, params["n_clusters"])
     if data.y is None:
         raise ValueError(f"dataset {dataset!r} has no labels; the subsampling is by class (give label_column)")
-    stage_params = {"dataset": dataset, "label_column": label_column, **params}
+    stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
     with tracking.stage_run(f"imbalance-{data.name}", experiment) as run:
         _start_parent("imbalance", data, {**stage_params, "r_mins": r_mins, "autoencoder": autoencoder})
-        est = build_estimator(params, data.default_scaling)
+        est = build_estimator(params, data, preset=preset)
         shared_ae = resolve_autoencoder(autoencoder, est, data, stage_params, data_params(data)) if autoencoder else None
         rows = []
         for r in sorted(r_mins):

@@ -113,6 +113,10 @@ class MlflowCallback(Callback):
         )
         mlflow.log_metric(name, metrics["loss"], step=step)
 
+    def on_retry(self, stage, attempt, message):
+        mlflow.log_metric(f"{stage.replace('/', '_')}_restarts", attempt)
+        mlflow.set_tag(f"dec.{stage.replace('/', '_')}_restart_{attempt}", message[:5000])
+
     def on_update(self, step, labels, metrics):
         mlflow.log_metrics({**metrics, **cluster_size_metrics(labels, self.n_clusters)}, step=step)
         if self.y_true is not None:
@@ -265,29 +269,47 @@ def run_metrics(run_id: str) -> dict[str, float]:
     return dict(MlflowClient().get_run(run_id).data.metrics)
 
 
+def _model_versions(name: str) -> list:
+    """Every registered version of model ``name``; ValueError if there is none."""
+    try:
+        escaped = name.replace("'", "\\'")  # the filter string quotes the name
+        versions = MlflowClient().search_model_versions(f"name = '{escaped}'")
+    except MlflowException as e:
+        raise ValueError(f"model_name {name!r}: {e.message.splitlines()[0]}") from e
+    if not versions:
+        raise ValueError(f"model_name {name!r} has no registered versions")
+    return versions
+
+
+def _version_metrics(versions, metric: str) -> list[tuple[float, int]]:
+    """(value, version) of each version whose source run logged a finite ``metric``."""
+    client = MlflowClient()
+    scored = []
+    for v in versions:
+        value = client.get_run(v.run_id).data.metrics.get(metric) if v.run_id else None
+        if value is not None and np.isfinite(value):
+            scored.append((value, int(v.version)))
+    return scored
+
+
+def every_version_has_metric(name: str, metric: str) -> bool:
+    """True when the source run of every registered version of ``name`` logged ``metric``."""
+    versions = _model_versions(name)
+    return len(_version_metrics(versions, metric)) == len(versions)
+
+
 def promote(name: str, metric: str, *, greater_is_better: bool = True, alias: str = "champion") -> dict:
     """Point ``alias`` at the version of registered model ``name`` with the best ``metric``.
 
     The metric is read from each version's source run. Returns a dict with the chosen version,
-    its metric value and the version the alias named before (or None).
+    the metric, its value and the version the alias named before (or None).
 
     Raises
     ------
     ValueError if the model does not exist or no version's run logged ``metric``.
     """
     client = MlflowClient()
-    try:
-        escaped = name.replace("'", "\\'")  # the filter string quotes the name
-        versions = client.search_model_versions(f"name = '{escaped}'")
-    except MlflowException as e:
-        raise ValueError(f"model_name {name!r}: {e.message.splitlines()[0]}") from e
-    if not versions:
-        raise ValueError(f"model_name {name!r} has no registered versions")
-    scored = []
-    for v in versions:
-        value = client.get_run(v.run_id).data.metrics.get(metric) if v.run_id else None
-        if value is not None and np.isfinite(value):
-            scored.append((value, int(v.version)))
+    scored = _version_metrics(_model_versions(name), metric)
     if not scored:
         raise ValueError(f"metric {metric!r} was not logged by any run behind model {name!r}")
     value, version = (max if greater_is_better else min)(scored)

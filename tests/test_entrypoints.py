@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.datasets import make_blobs
 
 from dec_mlflow import DEC
-from dec_mlflow.cli import main
+from dec_mlflow.cli import INT_OR_AUTO, main
 
 REPO = Path(__file__).resolve().parents[1]
 # Small network and short schedules so each run takes seconds; the same values are given to every
@@ -73,7 +73,12 @@ def test_cluster_logs_params_metrics_artifacts_and_registers(store, first_cluste
     assert run.data.tags["dataset"] == "blobs" and run.data.tags["seed"] == "0"
     assert run.data.tags["mlflow.runName"] == "cluster-blobs-k3-s0"
     m = run.data.metrics
-    assert m["final_acc"] > 0.95 and m["ae_kmeans_acc"] > 0.9 and m["converged"] == 1.0
+    assert m["final_acc"] > 0.95 and m["init_acc"] > 0.9 and m["converged"] == 1.0
+    # the label-free trust score and the scores it is chosen from, all "higher is better"
+    assert -1.0 <= m["trust_score"] <= 1.0 and m["trust_score"] == m["trust_silhouette"]
+    assert {"trust_balance", "trust_init_agreement", "trust_confidence"} <= set(m)
+    assert run.data.params["init_resolved"] == "manifold" and run.data.params["pretrain_lr_resolved"] == "0.1"
+    assert run.data.params["scaling_resolved"] == "standard" and run.data.params["update_interval_resolved"] == "10"
     # per-update curves with steps
     kl = client.get_metric_history(run.info.run_id, "kl_loss")
     acc = client.get_metric_history(run.info.run_id, "acc")
@@ -167,9 +172,29 @@ def test_promote_points_champion_at_the_best_version(store, first_cluster):
     assert result.exit_code == 1 and "metric 'nope' was not logged" in result.output
 
 
+def test_promote_without_labels_picks_the_highest_trust_score(store):
+    x = np.load(store["data"])["x"]
+    np.save(store["dir"] / "unlabelled.npy", x)
+    for seed in (0, 1):
+        args = ["cluster", "--dataset", str(store["dir"] / "unlabelled.npy"), "--registered_model_name", "dec-unlabelled",
+                "--random_state", str(seed), "--init", "kmeans", "--pretrain_epochs", "3"]
+        args += [a for k, v in SMALL.items() if k != "pretrain_epochs" for a in (f"--{k}", str(v))]
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        assert "Trust score" in result.output and "DEC " not in result.output  # no labels, no accuracy
+    result = CliRunner().invoke(main, ["promote", "--model_name", "dec-unlabelled"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    client = MlflowClient()
+    versions = client.search_model_versions("name = 'dec-unlabelled'")
+    scores = {v.version: client.get_run(v.run_id).data.metrics["trust_score"] for v in versions}
+    assert "final_acc" not in client.get_run(versions[0].run_id).data.metrics
+    assert client.get_model_version_by_alias("dec-unlabelled", "champion").version == max(scores, key=scores.get)
+    assert "trust_score=" in result.output
+
+
 # `path` (score's input): mlflow run checks it exists and passes it on absolute; the option is a string
 _MLPROJECT_TYPES = {"int": click.types.IntParamType, "float": click.types.FloatParamType,
-                    "string": (click.types.StringParamType, click.Choice), "path": click.types.StringParamType}
+                    "string": (click.types.StringParamType, click.Choice, type(INT_OR_AUTO)), "path": click.types.StringParamType}
 
 
 def test_every_mlproject_entry_point_mirrors_its_command():
@@ -200,8 +225,10 @@ def test_cli_defaults_are_the_estimator_defaults():
     defaults = DEC().get_params()
     options = {p.name: p for p in main.commands["cluster"].params}
     assert set(defaults) <= set(options)
+    # left to the dataset (scaling, image_shape) or to the preset (augment, init, pretrain_epochs)
+    stage_level = {"scaling": "auto", "image_shape": "", "augment": "auto", "init": "auto", "pretrain_epochs": "auto"}
     for name, default in defaults.items():
-        expected = ",".join(map(str, default)) if name == "hidden_dims" else "auto" if name == "scaling" else default
+        expected = ",".join(map(str, default)) if name == "hidden_dims" else stage_level.get(name, default)
         assert options[name].default == expected, name
 
 

@@ -19,7 +19,7 @@ from dec_mlflow.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--hidden_dims", "16,8,3", "--pretrain_epochs", "10", "--pretrain_lr", "0.1", "--pretrain_batch_size", "64",
-         "--batch_size", "64", "--update_interval", "10", "--n_init", "3", "--precision", "fp32"]
+         "--batch_size", "64", "--update_interval", "10", "--n_init", "3", "--precision", "fp32", "--init", "kmeans"]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,18 @@ def test_compare_parent_logs_table_markdown_and_stability(compared):
     assert stability["n_seeds"] == 2 and stability["selected_by_reconstruction"]["n_subsets"] == 1
     assert 0 <= parent.data.metrics["dec_acc_mean"] <= 1 and "dec_acc_std" in parent.data.metrics
     assert "| DEC |" in proc.stdout
+
+
+def test_compare_names_the_run_it_would_keep_without_labels(compared):
+    parent, _ = compared
+    choice = json.loads(artifact_text(parent.info.run_id, "run_choice.json"))
+    dec = {c.data.tags["seed"]: c.data.metrics for c in runs("compare/method") if c.data.tags["method"] == "dec"}
+    by_trust = max(dec, key=lambda s: dec[s]["trust_score"])
+    by_acc = max(dec, key=lambda s: dec[s]["acc"])
+    assert (str(choice["label_free_seed"]), str(choice["by_labels_seed"])) == (by_trust, by_acc)
+    assert parent.data.metrics["label_free_seed"] == float(by_trust)
+    md = artifact_text(parent.info.run_id, "comparison.md")
+    assert f"Without labels, keep seed {by_trust} of DEC" in md and f"labels would pick seed {by_acc}" in md
 
 
 def test_compare_rejects_unknown_methods_before_work(store):

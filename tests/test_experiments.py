@@ -29,7 +29,7 @@ def test_dec_method_equals_the_estimator_fit(blobs, pretrained):
     est, ae = pretrained
     result = ex.run_method("dec", blobs[0], ae, est)
     np.testing.assert_array_equal(result.labels, DEC(**SMALL).fit(blobs[0], autoencoder=ae).labels_)
-    assert set(result.info) == {"n_iter", "converged", "kl_loss"}
+    assert set(result.info) == {"n_iter", "converged", "kl_loss", "trust_score"}
 
 
 def test_unknown_method_is_named(blobs, pretrained):

@@ -24,7 +24,7 @@ from dec_mlflow.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"n_clusters": 3, "hidden_dims": (16, 8, 3), "pretrain_epochs": 3, "pretrain_lr": 0.1, "pretrain_batch_size": 64,
-         "batch_size": 64, "update_interval": 10, "n_init": 3, "precision": "fp32"}
+         "batch_size": 64, "update_interval": 10, "n_init": 3, "precision": "fp32", "init": "kmeans"}
 PRETRAIN_SMALL = {k: v for k, v in SMALL.items() if k in lifecycle.PRETRAIN_STAGE_PARAMS}
 
 
