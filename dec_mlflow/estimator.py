@@ -36,6 +36,9 @@ PRETRAIN_EPOCHS = 75
 MIN_PRETRAIN_ITER = 5000
 UPDATE_INTERVAL = 140  # the paper's value on MNIST; small data updates P at least once per epoch
 DISTILL_EPOCHS = 2  # epochs of distillation towards the manifold clustering before self-training
+# ... and at least this many steps: on small data 2 epochs are a handful of steps, too few to move the
+# embedding towards a manifold clustering it does not separate yet, and self-training then merges clusters
+DISTILL_MIN_ITER = 500
 PRETRAIN_RETRIES = 3  # divergent pretraining restarts this many times, each at a quarter of the rate
 TRUST_SCORE = "silhouette"  # the label-free score that ranks runs best (BENCHMARKS.md, trust score section)
 
@@ -460,7 +463,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             init, scale = self._initial_clusters(encoder, decoder, x, callback)
             centroids = torch.nn.Parameter(torch.from_numpy(init.centroids * scale).to(device))
             if init.posteriors is not None and self.variant != "frozen":
-                n_iter = DISTILL_EPOCHS * max(1, x.shape[0] // min(self.batch_size, x.shape[0]))
+                n_iter = max(DISTILL_MIN_ITER, DISTILL_EPOCHS * max(1, x.shape[0] // min(self.batch_size, x.shape[0])))
                 distill(encoder, centroids, x, torch.from_numpy(init.posteriors).to(device), n_iter=n_iter, **train)
             result = self_train(
                 encoder, centroids, x, update_interval=resolved["update_interval"], tol=self.tol,
