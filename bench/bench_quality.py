@@ -85,7 +85,8 @@ def recipe_params(recipe: str, dataset: str) -> dict:
 def pretrained(est: DEC, x: np.ndarray, dataset: str, seed: int, timer: StageTimer) -> tuple[PretrainedAutoencoder, float]:
     """The autoencoder for these settings: from bench/out/ae/ if an earlier fit made it, else pretrained now."""
     keys = ("scaling", "pretrain_epochs", "pretrain_lr", "precision", "augment", "hidden_dims")
-    tag = "-".join(f"{k}={est.get_params()[k]}" for k in keys).replace(" ", "").replace("/", "")
+    settings = {**est.get_params(), "augment": est.augment is True}  # "finetune" pretrains on clean images
+    tag = "-".join(f"{k}={settings[k]}" for k in keys).replace(" ", "").replace("/", "")
     path = OUT / "ae" / f"{dataset}-s{seed}-{tag}.pt"
     if path.exists():
         return PretrainedAutoencoder.load(path), float(json.loads(path.with_suffix(".json").read_text())["seconds"])

@@ -124,10 +124,11 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     precision : {'auto', 'fp32', 'bf16'}, default='auto'
         Matmul precision of pretraining; 'auto' picks bf16 on CPUs with native bf16 instructions.
         Self-training always runs in fp32.
-    augment : bool, default=False
+    augment : bool or 'finetune', default=False
         DEC-DA (Guo et al., ACML 2018): random shifts (up to 10 %) and rotations (up to 10
-        degrees) of each training batch in pretraining, distillation and self-training; the
-        target P still comes from the clean data. Needs ``image_shape``; never for tabular data.
+        degrees) of each training batch in pretraining, distillation and self-training (True),
+        or in distillation and self-training only ('finetune'); the target P still comes from
+        the clean data. Needs ``image_shape``; never for tabular data.
     image_shape : tuple of int, optional
         ``(height, width)`` or ``(height, width, channels)`` of one sample, channels last, as the
         features are laid out; required by ``augment``.
@@ -301,8 +302,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         if self.pretrain_mode == "end_to_end" and self.pretrain_epochs == 0:
             raise ValueError("pretrain_epochs must be >= 1 when pretrain_mode='end_to_end'; got 0")
         _check_device(self.device)
-        if not isinstance(self.augment, (bool, np.bool_)):
-            raise ValueError(f"augment must be True or False; got {self.augment!r}")
+        if not isinstance(self.augment, (bool, np.bool_)) and self.augment != "finetune":
+            raise ValueError(f"augment must be True, False or 'finetune'; got {self.augment!r}")
         if self.augment and self.image_shape is None:
             raise ValueError("augment=True needs image_shape, the (height, width[, channels]) of one sample; "
                              "augmentation only applies to images, never to tabular data")
@@ -398,7 +399,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         lr = self.pretrain_lr
         for attempt in range(PRETRAIN_RETRIES + 1):
             try:
-                ae, loss = self._pretrain_once(x, lr, resolved, seed, self._transform(scale, device, seed), callback)
+                transform = self._transform(scale, device, seed) if self.augment is True else None
+                ae, loss = self._pretrain_once(x, lr, resolved, seed, transform, callback)
                 return PretrainedAutoencoder(ae.cpu(), offset, scale, loss, lr)
             except FloatingPointError as e:
                 if attempt == PRETRAIN_RETRIES:

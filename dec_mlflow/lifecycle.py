@@ -100,9 +100,9 @@ def build_estimator(params: dict, data: Dataset | None = None, *, preset: str = 
         if params.get(name, "auto") == "auto":
             params[name] = chosen.get(name, _DEC_DEFAULTS[name])
     if isinstance(params["augment"], str):
-        if params["augment"].lower() not in ("true", "false"):
-            raise ValueError(f"augment must be 'auto', 'true' or 'false'; got {params['augment']!r}")
-        params["augment"] = params["augment"].lower() == "true"
+        if params["augment"].lower() not in ("true", "false", "finetune"):
+            raise ValueError(f"augment must be 'auto', 'true', 'false' or 'finetune'; got {params['augment']!r}")
+        params["augment"] = "finetune" if params["augment"].lower() == "finetune" else params["augment"].lower() == "true"
     params["image_shape"] = image_shape
     if params.get("scaling") == "auto" and data is not None:
         params["scaling"] = data.default_scaling
@@ -158,6 +158,7 @@ def _pretrain_key(est: DEC, digest: str) -> str:
     checkpoints of older versions) are not picked for reuse.
     """
     params = est.get_params()
+    params["augment"] = params["augment"] is True  # 'finetune' pretrains on clean images, as False does
     return tracking.fingerprint({"data_digest": digest, "checkpoint_format": CHECKPOINT_FORMAT,
                                  **{k: params[k] for k in PRETRAIN_PARAMS}})
 

@@ -65,3 +65,26 @@ def test_augment_refuses_data_that_auto_scales_per_feature():
     est = DEC(n_clusters=2, augment=True, image_shape=(2, 3), hidden_dims=(8, 2), pretrain_epochs=1)
     with pytest.raises(ValueError, match="augment=True needs one scale for every pixel"):
         est.pretrain(x)
+
+
+def test_finetune_augments_self_training_but_not_pretraining():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, size=(120, 16)).astype(np.float32)  # 4x4 'images' in [0, 1]
+    small = dict(n_clusters=2, image_shape=(4, 4), hidden_dims=(8, 2), pretrain_epochs=2, update_interval=2,
+                 max_iter=6, batch_size=32, pretrain_batch_size=32, init="kmeans", n_init=2, precision="fp32")
+    plain_ae = DEC(**small).pretrain(x)
+    finetune_ae = DEC(**small, augment="finetune").pretrain(x)
+    for a, b in zip(plain_ae.autoencoder.parameters(), finetune_ae.autoencoder.parameters()):
+        np.testing.assert_array_equal(a.detach().numpy(), b.detach().numpy())  # pretraining saw clean images
+    all_ae = DEC(**small, augment=True).pretrain(x)
+    assert not np.array_equal(all_ae.autoencoder.encoder[0].weight.detach().numpy(),
+                              plain_ae.autoencoder.encoder[0].weight.detach().numpy())
+    plain = DEC(**small).fit(x, autoencoder=plain_ae)
+    finetuned = DEC(**small, augment="finetune").fit(x, autoencoder=plain_ae)
+    assert not np.array_equal(plain.network_.encoder[0].weight.detach().numpy(),
+                              finetuned.network_.encoder[0].weight.detach().numpy())  # self-training saw shifted ones
+
+
+def test_augment_values_are_checked():
+    with pytest.raises(ValueError, match="augment must be True, False or 'finetune'; got 'yes'"):
+        DEC(n_clusters=2, augment="yes", image_shape=(2, 3)).validate_params()

@@ -3,12 +3,11 @@
 import pytest
 
 from dec_mlflow import DEC
-from dec_mlflow.presets import BEST_PRETRAIN_EPOCHS, PRESETS, preset_params
+from dec_mlflow.presets import PRESETS, preset_params
 
 
 def test_best_augments_images_only():
-    assert preset_params("best", image_shape=(28, 28)) == {"image_shape": (28, 28), "augment": True,
-                                                            "pretrain_epochs": BEST_PRETRAIN_EPOCHS}
+    assert preset_params("best", image_shape=(28, 28)) == {"image_shape": (28, 28), "augment": "finetune"}
     assert preset_params("best", image_shape=None) == preset_params("default", image_shape=None) == {"image_shape": None}
 
 
