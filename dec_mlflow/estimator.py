@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
 from sklearn.cluster import KMeans
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_array, check_is_fitted
 
 from dec_mlflow import trust
 from dec_mlflow.augment import check_image_shape, random_shift_rotate
@@ -170,7 +171,9 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         decoder and minimises ``reconstruction MSE + gamma * KL`` (Guo et al., IJCAI 2017).
     gamma : float, default=0.1
         Weight of the KL term in 'idec' (IDEC's paper value); ignored by the other variants.
-    random_state : int, default=0
+    random_state : int, RandomState instance or None, default=0
+        Seed of all randomness (weights, batches, initialisation). An int gives the same result
+        on the CPU every time; a RandomState or None (numpy's global one) draws the seed at fit.
     device : str, default='auto'
         'auto' uses CUDA when available, else the CPU.
 
@@ -277,9 +280,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         if self.pretrain_epochs != "auto":
             _check_int("pretrain_epochs", self.pretrain_epochs, low=0, auto=True)
         _check_int("layerwise_epochs", self.layerwise_epochs, low=0)
-        _check_int("random_state", self.random_state, low=0)
-        if self.n_clusters < 2:
-            raise ValueError(f"n_clusters must be >= 2, got {self.n_clusters}")
+        if not (self.random_state is None or isinstance(self.random_state, np.random.RandomState)):
+            _check_int("random_state", self.random_state, low=0)
         for name in ["pretrain_lr", "lr", "alpha", "gamma"]:
             _check_real(name, getattr(self, name), low=0.0, low_open=True)
         for name in ["pretrain_momentum", "momentum", "tol"]:
@@ -314,11 +316,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
                              "not 'standard' (a shifted image would carry each pixel's own mean and deviation)")
 
     def _check_X(self, X, *, fitting: bool) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float32)
-        if X.ndim != 2:
-            raise ValueError(f"X must be 2-D (n_samples, n_features); got shape {X.shape}")
-        if X.shape[0] == 0 or X.shape[1] == 0:
-            raise ValueError(f"X is empty: shape {X.shape}")
+        # scikit-learn's own messages for 1-D, sparse, complex and empty input (its estimator checks match them)
+        X = check_array(X, dtype=np.float32, ensure_all_finite=False, estimator=self)
         bad = ~np.isfinite(X)
         if bad.any():
             raise ValueError(f"X has {int(bad.sum())} NaN or infinite values (first at row {int(np.argwhere(bad)[0][0])})")
@@ -327,13 +326,19 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         if fitting and self.image_shape is not None:
             check_image_shape(self.image_shape, X.shape[1])
         if not fitting and X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, but DEC was fitted with {self.n_features_in_} features")
+            raise ValueError(f"X has {X.shape[1]} features, but DEC is expecting {self.n_features_in_} features as input")
         return X
 
     def _device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def _seed(self) -> int:
+        """``random_state`` as an int seed: itself, or drawn from the given RandomState (None: numpy's global one)."""
+        if isinstance(self.random_state, Integral):
+            return int(self.random_state)
+        return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
 
     def _precision(self) -> str:
         if self.precision == "auto":
@@ -394,7 +399,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         resolved = self.resolve(X)
         offset, scale = fit_scaling(X, resolved["scaling"])
         device = self._device()
-        seed = self.random_state if seed is None else seed
+        seed = self._seed() if seed is None else seed
         x = torch.from_numpy((X - offset) * scale).to(device)
         lr = self.pretrain_lr
         for attempt in range(PRETRAIN_RETRIES + 1):
@@ -445,7 +450,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.validate_params()
         X = self._check_X(X, fitting=True)
         callback = callback or Callback()
-        self.selected_seed_, self.pretrain_candidates_ = self.random_state, []
+        self.selected_seed_, self.pretrain_candidates_ = self._seed(), []
         if autoencoder is None:
             autoencoder = self._pretrain_and_select(X, callback)
         elif autoencoder.n_features != X.shape[1]:
@@ -498,7 +503,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         """
         callback.on_stage_begin("init", None)
         z = embed(encoder, x).cpu().numpy()  # (n, embedding_dim)
-        if self.init == "manifold":
+        if self.init == "manifold" and self.n_clusters > 1:  # one cluster: its centroid is the mean, nothing to find
             init = manifold_init(z, self.n_clusters, seed=self.selected_seed_)
         else:
             init = kmeans_init(z, self.n_clusters, n_init=self.n_init, seed=self.selected_seed_)
@@ -519,9 +524,9 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     def _pretrain_and_select(self, X: np.ndarray, callback: Callback) -> PretrainedAutoencoder:
         """Pretrain ``n_pretrain_init`` candidates; keep the best by ``pretrain_selection``, set selected_seed_."""
         if self.n_pretrain_init == 1:
-            return self.pretrain(X, callback)
+            return self.pretrain(X, callback, seed=self.selected_seed_)
         best = None
-        for seed in range(self.random_state, self.random_state + self.n_pretrain_init):
+        for seed in range(self.selected_seed_, self.selected_seed_ + self.n_pretrain_init):
             ae = self.pretrain(X, callback, seed=seed)
             criteria = selection_criteria(ae, X, self.n_clusters, n_init=self.n_init, seed=seed)
             self.pretrain_candidates_.append({"seed": seed, **criteria})

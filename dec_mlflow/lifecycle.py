@@ -108,6 +108,7 @@ def build_estimator(params: dict, data: Dataset | None = None, *, preset: str = 
         params["scaling"] = data.default_scaling
     est = DEC().set_params(**params)
     est.validate_params()
+    check_int("random_state", est.random_state, low=0)  # runs are named, tagged and reused by their seed
     return est
 
 

@@ -13,12 +13,14 @@ SILHOUETTE_SAMPLE = 5000  # points the silhouette is computed on: O(m^2) distanc
 
 
 def size_balance(labels: np.ndarray, n_clusters: int) -> float:
-    """Entropy of the cluster sizes over log(n_clusters): 1 for equal sizes, 0 for one cluster.
+    """Entropy of the cluster sizes over log(n_clusters): 1 for equal sizes, 0 for one cluster holding all.
 
     A merged pair of classes shows as one cluster twice the usual size and another split in two.
     """
     frac = np.bincount(labels, minlength=n_clusters) / len(labels)
     frac = frac[frac > 0]
+    if n_clusters == 1:
+        return 1.0  # everything in the one cluster there is: as balanced as it can be
     return float(-(frac * np.log(frac)).sum() / np.log(n_clusters))
 
 

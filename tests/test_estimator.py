@@ -106,7 +106,7 @@ def test_sklearn_clone_and_params_round_trip():
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"n_clusters": 1}, "n_clusters must be >= 2, got 1"),
+        ({"n_clusters": 0}, "n_clusters must be an integer >= 1; got 0"),
         ({"n_clusters": 2.5}, "n_clusters must be an integer >= 1; got 2.5"),
         ({"pretrain_lr": 0.0}, r"pretrain_lr must be a number > 0.0; got 0.0"),
         ({"momentum": 1.0}, r"momentum must be a number >= 0.0 and < 1.0; got 1.0"),
@@ -152,14 +152,14 @@ def test_bad_input_is_rejected_before_training():
     x[2, 1] = np.nan
     with pytest.raises(ValueError, match="1 NaN or infinite values"):
         DEC(**SMALL).fit(x)
-    with pytest.raises(ValueError, match=r"X must be 2-D"):
+    with pytest.raises(ValueError, match=r"Expected 2D array, got 1D array instead"):
         DEC(**SMALL).fit(np.ones(10))
 
 
 def test_predict_checks_fitted_and_width(fitted):
     with pytest.raises(NotFittedError):
         DEC(**SMALL).predict(np.ones((2, 20)))
-    with pytest.raises(ValueError, match="X has 5 features, but DEC was fitted with 20 features"):
+    with pytest.raises(ValueError, match="X has 5 features, but DEC is expecting 20 features as input"):
         fitted.predict(np.ones((2, 5)))
 
 
