@@ -197,7 +197,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         The one of them that ranks runs best, ``trust_scores_[TRUST_SCORE]``.
     resolved_params_ : dict
         What the 'auto' settings resolved to: scaling, pretrain_epochs, pretrain_lr (after any
-        restart), precision, update_interval.
+        restart), precision, device, update_interval.
     selected_seed_ : int
         Seed of the pretrained autoencoder used (``random_state`` unless ``n_pretrain_init > 1``).
     pretrain_candidates_ : list of dict
@@ -348,8 +348,9 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     def resolve(self, X) -> dict:
         """What the 'auto' settings resolve to on raw ``X`` (n_samples, n_features).
 
-        Returns a dict with 'scaling', 'pretrain_epochs', 'update_interval' and 'precision'; the
-        pretraining rate actually used is known only after pretraining (``resolved_params_``).
+        Returns a dict with 'scaling', 'pretrain_epochs', 'update_interval', 'precision' and
+        'device' ('cpu', 'cuda' or 'cuda:N'); the pretraining rate actually used is known only after
+        pretraining (``resolved_params_``).
         """
         X = np.asarray(X)
         n = X.shape[0]
@@ -362,7 +363,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             interval = min(UPDATE_INTERVAL, max(1, n // min(self.batch_size, n)))
         scaling = auto_scaling(X) if self.scaling == "auto" else self.scaling
         return {"scaling": scaling, "pretrain_epochs": int(epochs), "update_interval": int(interval),
-                "precision": self._precision()}
+                "precision": self._precision(), "device": str(self._device())}
 
     def _transform(self, scale: np.ndarray, device: torch.device, seed: int):
         """The augmentation of scaled batches (DEC-DA), or None; its randomness from its own generator.

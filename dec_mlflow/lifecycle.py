@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
+from dec_mlflow import __version__ as PACKAGE_VERSION
 from dec_mlflow import scoring, tracking
 from dec_mlflow.callbacks import CallbackList, ProgressBar
 from dec_mlflow.checkpoint import FORMAT as CHECKPOINT_FORMAT
@@ -125,9 +126,11 @@ def _image_shape(value) -> tuple[int, ...] | None:
 
 
 def resolved_params(est: DEC, x: np.ndarray) -> dict:
-    """What the stage-level and estimator 'auto' settings resolved to, as params ``<name>_resolved``."""
+    """What the stage-level and estimator 'auto' settings resolved to, as params ``<name>_resolved``
+    (precision and device among them), and the package version ``dec_mlflow_version``."""
     values = {**{n: est.get_params()[n] for n in ("augment", "init", "image_shape")}, **est.resolve(x)}
-    return {f"{k}_resolved": ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in values.items()}
+    resolved = {f"{k}_resolved": ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in values.items()}
+    return {**resolved, "dec_mlflow_version": PACKAGE_VERSION}
 
 
 def load_data(dataset: str, label_column: str | None = "", n_clusters: int | None = None) -> Dataset:
@@ -152,15 +155,20 @@ def fmt_scores(scores: dict) -> str:
     return "  ".join(f"{k.upper()} {v:.4f}" for k, v in scores.items())
 
 
-def _pretrain_key(est: DEC, digest: str) -> str:
-    """Fingerprint of what decides a pretrained autoencoder: data content, pretraining settings, checkpoint format.
+def _pretrain_key(est: DEC, digest: str, resolved: dict) -> str:
+    """Fingerprint of what decides a pretrained autoencoder, the key under which a pretrain run is reused.
 
-    The format is part of it so that runs whose artifact this version refuses to load (pickled
-    checkpoints of older versions) are not picked for reuse.
+    Data content, pretraining settings, and what ``resolved`` (``est.resolve(x)``) says they became
+    here: the matmul precision (``precision='auto'`` is bf16 on one CPU, fp32 on another) and the
+    device type (cpu or cuda; not its index). The package version and checkpoint format are part
+    of it too, so an autoencoder trained by other code, or whose artifact this version refuses to
+    load (pickled checkpoints of older versions), is never reused as if it were identical.
     """
     params = est.get_params()
     params["augment"] = params["augment"] is True  # 'finetune' pretrains on clean images, as False does
     return tracking.fingerprint({"data_digest": digest, "checkpoint_format": CHECKPOINT_FORMAT,
+                                 "package_version": PACKAGE_VERSION, "precision_resolved": resolved["precision"],
+                                 "device_type": resolved["device"].split(":")[0],
                                  **{k: params[k] for k in PRETRAIN_PARAMS}})
 
 
@@ -201,7 +209,8 @@ def pretrain(dataset: str, *, label_column: str = "", preset: str = "default", e
 
 def _run_pretraining(est: DEC, data: Dataset, stage_params: dict, data_params_: dict) -> PretrainedAutoencoder:
     """Pretrain inside the active run and log params, dataset, loss curve and the autoencoder artifact."""
-    mlflow.set_tags({tracking.STAGE_TAG: "pretrain", tracking.KEY_TAG: _pretrain_key(est, data_params_["data_digest"]),
+    key = _pretrain_key(est, data_params_["data_digest"], est.resolve(data.x))
+    mlflow.set_tags({tracking.STAGE_TAG: "pretrain", tracking.KEY_TAG: key,
                      "dataset": data.name, "method": f"pretrain-{est.pretrain_mode}", "seed": est.random_state})
     tracking.log_params_once({**stage_params, **data_params_, **resolved_params(est, data.x)})
     tracking.log_dataset(data, data_params_["data_digest"], context="training")
@@ -226,7 +235,7 @@ def resolve_autoencoder(ref: str, est: DEC, data: Dataset, stage_params: dict, d
         if ":/" not in ref and looks_like_file and not Path(ref).is_file():
             raise ValueError(f"autoencoder {ref!r}: no such file (give a checkpoint file, a run id or a runs:/ or models:/ URI)")
         return tracking.load_autoencoder(ref), ref
-    previous = tracking.find_finished_run("pretrain", _pretrain_key(est, data_params_["data_digest"]))
+    previous = tracking.find_finished_run("pretrain", _pretrain_key(est, data_params_["data_digest"], est.resolve(data.x)))
     if previous is not None:
         report(f"Reusing autoencoder of FINISHED pretrain run {previous.info.run_id}")
         return tracking.load_autoencoder(previous.info.run_id), f"runs:/{previous.info.run_id}"
