@@ -51,6 +51,11 @@ class Callback:
     def on_retry(self, stage: str, attempt: int, message: str) -> None:
         """The stage failed and starts again (``attempt`` = 1, 2, ...); ``message`` says why and how."""
 
+    def on_checkpoint(self, stage: str, epoch: int, state) -> None:
+        """A pretraining stage finished ``epoch``; ``state()`` returns what continuing from here needs
+        (a :class:`~dec_mlflow.training.LoopState`, or the estimator's ``PretrainCheckpoint``). It
+        holds the live weights: save it at once or not at all."""
+
 
 class CallbackList(Callback):
     """Fans each hook out to several callbacks."""
@@ -81,6 +86,10 @@ class CallbackList(Callback):
     def on_retry(self, stage, attempt, message):
         for cb in self.callbacks:
             cb.on_retry(stage, attempt, message)
+
+    def on_checkpoint(self, stage, epoch, state):
+        for cb in self.callbacks:
+            cb.on_checkpoint(stage, epoch, state)
 
 
 class ProgressBar(Callback):

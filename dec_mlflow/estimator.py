@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -18,13 +19,15 @@ from sklearn.utils.validation import check_array, check_is_fitted
 
 from dec_mlflow import trust
 from dec_mlflow.augment import check_image_shape, random_shift_rotate
-from dec_mlflow.callbacks import Callback
+from dec_mlflow.callbacks import Callback, CallbackList
 from dec_mlflow.checkpoint import load_tensors, save_tensors
 from dec_mlflow.initialisation import INITS, embedding_scale, kmeans_init, manifold_init
 from dec_mlflow.model import Autoencoder, DECNet, scale_embedding
 from dec_mlflow.objectives import kl_divergence, target_distribution
 from dec_mlflow.scaling import SCALINGS, auto_scaling, fit_scaling
-from dec_mlflow.training import distill, embed, pretrain_end_to_end, pretrain_layerwise, reconstruction_error, self_train
+from dec_mlflow.training import (
+    LoopState, distill, embed, pretrain_end_to_end, pretrain_layerwise, reconstruction_error, self_train,
+)
 
 PRETRAIN_MODES = ("end_to_end", "layerwise")
 LR_SCHEDULES = ("constant", "cosine")
@@ -60,14 +63,20 @@ class PretrainedAutoencoder:
 
     def save(self, path: str | Path) -> None:
         """Write dims, weights, scaling, loss and rate to ``path`` as tensors + JSON (no pickle, see ``load``)."""
+        save_tensors(path, *self._payload())
+
+    def _payload(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()}
         tensors.update(offset=torch.from_numpy(np.asarray(self.offset)), scale=torch.from_numpy(np.asarray(self.scale)))
-        save_tensors(path, tensors, {"dims": list(self.autoencoder.dims), "loss": float(self.loss), "lr": float(self.lr)})
+        return tensors, {"dims": list(self.autoencoder.dims), "loss": float(self.loss), "lr": float(self.lr)}
 
     @classmethod
     def load(cls, path: str | Path) -> "PretrainedAutoencoder":
         """Read a checkpoint written by ``save``; a file that needs pickle to load is refused (ValueError)."""
-        tensors, settings = load_tensors(path)
+        return cls._from_payload(*load_tensors(path), path)
+
+    @classmethod
+    def _from_payload(cls, tensors: dict[str, torch.Tensor], settings: dict, path) -> "PretrainedAutoencoder":
         prefix = "autoencoder."
         try:
             ae = Autoencoder(settings["dims"])
@@ -77,6 +86,68 @@ class PretrainedAutoencoder:
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"{path} is not a pretrained autoencoder checkpoint: {detail}") from None
         return cls(ae, offset, scale, loss, float(settings.get("lr", float("nan"))))
+
+
+@dataclass
+class PretrainCheckpoint:
+    """An unfinished pretraining: the autoencoder so far and what continuing it exactly needs.
+
+    ``DEC.pretrain`` offers one to ``callback.on_checkpoint`` after every epoch and continues from
+    one given as ``resume``. Saved in the format of :class:`PretrainedAutoencoder` (tensors + JSON,
+    loaded without pickle) with the optimizer's momentum, the generator states and the position.
+    """
+
+    pretrained: PretrainedAutoencoder  # weights after `state.epoch` epochs of `state.stage`; lr: the rate in use
+    attempt: int  # restarts at a lower rate made before this one (0: the first attempt)
+    state: LoopState  # stage, epochs done, optimizer and generator states ('augment': DEC-DA's generator)
+
+    def save(self, path: str | Path) -> None:
+        tensors, settings = self.pretrained._payload()
+        for i, entry in self.state.optimizer["state"].items():
+            tensors.update({f"optimizer.{i}.{k}": v for k, v in entry.items()})  # SGD: momentum_buffer
+        tensors.update({f"rng.{k}": v for k, v in self.state.rng.items()})
+        settings["resume"] = {"stage": self.state.stage, "epoch": self.state.epoch, "loss": self.state.loss,
+                              "attempt": self.attempt, "param_groups": self.state.optimizer["param_groups"]}
+        save_tensors(path, tensors, settings)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PretrainCheckpoint":
+        """Read a file written by ``save``; ValueError naming the file if it is not one (or needs pickle)."""
+        tensors, settings = load_tensors(path)
+        try:
+            position = settings["resume"]
+            optimizer: dict[int, dict] = {}
+            for name, t in tensors.items():
+                if name.startswith("optimizer."):
+                    _, index, key = name.split(".", 2)
+                    optimizer.setdefault(int(index), {})[key] = t
+            state = LoopState(str(position["stage"]), int(position["epoch"]), float(position["loss"]),
+                              {"state": optimizer, "param_groups": list(position["param_groups"])},
+                              {name[len("rng."):]: t for name, t in tensors.items() if name.startswith("rng.")})
+            attempt = int(position["attempt"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a pretraining checkpoint: {type(e).__name__} {e}") from None
+        weights = {k: v for k, v in tensors.items() if not k.startswith(("optimizer.", "rng."))}
+        return cls(PretrainedAutoencoder._from_payload(weights, settings, path), attempt, state)
+
+
+class _Checkpoints(CallbackList):
+    """Passes every hook on, turning the loops' :class:`LoopState` into a whole :class:`PretrainCheckpoint`."""
+
+    def __init__(self, callback: Callback, offset, scale, lr: float, attempt: int, transform):
+        super().__init__([callback])
+        self.offset, self.scale, self.lr, self.attempt, self.transform = offset, scale, lr, attempt, transform
+        self.autoencoder: Autoencoder | None = None  # set when it is built
+
+    def on_checkpoint(self, stage, epoch, state):
+        def checkpoint() -> PretrainCheckpoint:
+            loop = state()
+            if self.transform is not None:
+                loop.rng["augment"] = self.transform.keywords["generator"].get_state()
+            return PretrainCheckpoint(PretrainedAutoencoder(self.autoencoder, self.offset, self.scale, loop.loss, self.lr),
+                                      self.attempt, loop)
+
+        super().on_checkpoint(stage, epoch, checkpoint)
 
 
 def _cpu_has_bf16() -> bool:
@@ -378,16 +449,20 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             raise ValueError("augment=True needs one scale for every pixel (scaling 'max' or 'none'), but the "
                              "input is scaled per feature ('standard', chosen by 'auto' for this data or given)")
         generator = torch.Generator(device=device).manual_seed(seed)
-        return lambda batch: random_shift_rotate(batch, shape, generator)
+        return functools.partial(random_shift_rotate, image_shape=shape, generator=generator)
 
     # ------------------------------------------------------------------ stages
-    def pretrain(self, X, callback: Callback | None = None, *, seed: int | None = None) -> PretrainedAutoencoder:
+    def pretrain(self, X, callback: Callback | None = None, *, seed: int | None = None,
+                 resume: PretrainCheckpoint | None = None) -> PretrainedAutoencoder:
         """Stage 1: fit the input scaling and pretrain the autoencoder on ``X``.
 
         Does not fit the estimator; pass the result to ``fit(X, autoencoder=...)``. ``seed``
         (default ``random_state``) seeds the weights and batches. A pretraining whose loss stops
         being finite restarts from scratch at a quarter of the learning rate (up to 3 times,
         reported through ``callback.on_retry``); the rate that worked is the result's ``lr``.
+        After every epoch ``callback.on_checkpoint`` is offered a :class:`PretrainCheckpoint`;
+        ``resume`` continues from one made with the same settings, data and seed: the result is
+        the one the uninterrupted pretraining would have given (exactly, on the CPU).
 
         Raises
         ------
@@ -402,36 +477,60 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         device = self._device()
         seed = self._seed() if seed is None else seed
         x = torch.from_numpy((X - offset) * scale).to(device)
-        lr = self.pretrain_lr
-        for attempt in range(PRETRAIN_RETRIES + 1):
+        lr, first = (self.pretrain_lr, 0) if resume is None else (resume.pretrained.lr, resume.attempt)
+        if resume is not None:
+            resume = self._check_resume(resume, offset, scale)
+        for attempt in range(first, PRETRAIN_RETRIES + 1):
             try:
                 transform = self._transform(scale, device, seed) if self.augment is True else None
-                ae, loss = self._pretrain_once(x, lr, resolved, seed, transform, callback)
+                checkpoints = _Checkpoints(callback, offset, scale, lr, attempt, transform)
+                ae, loss = self._pretrain_once(x, lr, resolved, seed, transform, checkpoints, resume)
                 return PretrainedAutoencoder(ae.cpu(), offset, scale, loss, lr)
             except FloatingPointError as e:
                 if attempt == PRETRAIN_RETRIES:
                     raise FloatingPointError(
                         f"{e}: pretraining diverged at pretrain_lr={self.pretrain_lr:g} and at each of {PRETRAIN_RETRIES} "
                         f"restarts down to {lr:g}; lower pretrain_lr, or check the data for extreme values") from e
-                lr /= 4.0
+                lr, resume = lr / 4.0, None
                 callback.on_retry("pretrain", attempt + 1, f"{e}; restarting at pretrain_lr={lr:g}")
         raise AssertionError("unreachable")
 
-    def _pretrain_once(self, x: torch.Tensor, lr: float, resolved: dict, seed: int, transform, callback: Callback):
-        """One pretraining from fresh weights seeded by ``seed``; returns (autoencoder, last loss)."""
+    def _pretrain_once(self, x: torch.Tensor, lr: float, resolved: dict, seed: int, transform, callback: "_Checkpoints",
+                       resume: PretrainCheckpoint | None = None):
+        """One pretraining from fresh weights seeded by ``seed``, or from ``resume``; returns (autoencoder, last loss)."""
         opt = dict(batch_size=self.pretrain_batch_size, lr=lr, momentum=self.pretrain_momentum,
                    lr_schedule=self.pretrain_lr_schedule, precision=resolved["precision"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             ae = Autoencoder((x.shape[1], *self.hidden_dims)).to(x.device)
-            if self.pretrain_mode == "layerwise":
-                pretrain_layerwise(ae, x, dropout=self.dropout, callback=callback, epochs=self.layerwise_epochs, **opt)
+            callback.autoencoder = ae
+            state = None
+            if resume is not None:
+                ae.load_state_dict(resume.pretrained.autoencoder.state_dict())
+                state = resume.state
+                if "augment" in state.rng and transform is not None:
+                    transform.keywords["generator"].set_state(state.rng["augment"])
+            finetune = "pretrain/finetune" if self.pretrain_mode == "layerwise" else "pretrain"
+            if self.pretrain_mode == "layerwise" and (state is None or state.stage != finetune):
+                pretrain_layerwise(ae, x, dropout=self.dropout, callback=callback, epochs=self.layerwise_epochs,
+                                   resume=state, **opt)
+                state = None
             loss = float("nan")
             epochs = resolved["pretrain_epochs"]
             if epochs > 0:
-                stage = "pretrain/finetune" if self.pretrain_mode == "layerwise" else "pretrain"
-                loss = pretrain_end_to_end(ae, x, callback=callback, stage=stage, epochs=epochs, transform=transform, **opt)
+                loss = pretrain_end_to_end(ae, x, callback=callback, stage=finetune, epochs=epochs, transform=transform,
+                                           resume=state, **opt)
         return ae, loss
+
+    def _check_resume(self, resume: PretrainCheckpoint, offset: np.ndarray, scale: np.ndarray) -> PretrainCheckpoint:
+        """``resume`` if it continues a pretraining of this network on this data's scaling, else ValueError."""
+        dims = (len(offset), *self.hidden_dims)
+        if tuple(resume.pretrained.autoencoder.dims) != dims:
+            raise ValueError(f"resume: the checkpoint is of an autoencoder {tuple(resume.pretrained.autoencoder.dims)}, "
+                             f"this pretraining makes {dims}")
+        if not (np.array_equal(resume.pretrained.offset, offset) and np.array_equal(resume.pretrained.scale, scale)):
+            raise ValueError("resume: the checkpoint was made under another input scaling (other data or scaling)")
+        return resume
 
     def fit(self, X, y=None, *, autoencoder: PretrainedAutoencoder | None = None, callback: Callback | None = None):
         """Pretrain (unless ``autoencoder`` is given), find the initial clusters, self-train.

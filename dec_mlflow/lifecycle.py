@@ -208,18 +208,56 @@ def pretrain(dataset: str, *, label_column: str = "", preset: str = "default", e
 
 
 def _run_pretraining(est: DEC, data: Dataset, stage_params: dict, data_params_: dict) -> PretrainedAutoencoder:
-    """Pretrain inside the active run and log params, dataset, loss curve and the autoencoder artifact."""
+    """Pretrain inside the active run and log params, dataset, loss curve and the autoencoder artifact.
+
+    Checkpoints go to the run every ``tracking.CHECKPOINT_EVERY`` epochs. A run of the same work
+    (same key) that stopped before finishing, killed or failed, is resumed from its checkpoint
+    (:func:`_resume_point`).
+    """
     key = _pretrain_key(est, data_params_["data_digest"], est.resolve(data.x))
     mlflow.set_tags({tracking.STAGE_TAG: "pretrain", tracking.KEY_TAG: key,
                      "dataset": data.name, "method": f"pretrain-{est.pretrain_mode}", "seed": est.random_state})
+    tracking.claim_run()
     tracking.log_params_once({**stage_params, **data_params_, **resolved_params(est, data.x)})
     tracking.log_dataset(data, data_params_["data_digest"], context="training")
+    resume = _resume_point(key)
+    callbacks = [tracking.MlflowCallback(est.n_clusters), tracking.CheckpointCallback()]
     with progress_bar() as bar:
-        ae = est.pretrain(data.x, callback=CallbackList([bar, tracking.MlflowCallback(est.n_clusters)]))
+        ae = est.pretrain(data.x, callback=CallbackList([bar, *callbacks]), resume=resume)
     tracking.log_params_once({"pretrain_lr_resolved": ae.lr})
     mlflow.log_metric("final_pretrain_loss", ae.loss)
     tracking.log_autoencoder(ae)
     return ae
+
+
+def _resume_point(key: str):
+    """The checkpoint of the newest stopped pretrain run with ``key``, taken over by the active run; or None.
+
+    The stopped run is left KILLED (if it was still RUNNING: its process died) and tagged
+    ``dec.resumed_by``; the active run is tagged ``dec.resumed_from_run``, logs the params
+    ``resumed_from_run``, ``resumed_from_stage`` and ``resumed_from_epoch`` and gets the stopped
+    run's curves up to the checkpoint. A checkpoint that cannot be read (cut short by the kill) is
+    reported and pretraining starts over.
+    """
+    stopped = tracking.find_resumable_run("pretrain", key)
+    if stopped is None:
+        return None
+    run_id, active = stopped.info.run_id, mlflow.active_run().info.run_id
+    try:
+        checkpoint = tracking.load_checkpoint(run_id)
+    except ValueError as e:
+        report(f"Not resuming pretrain run {run_id} ({stopped.info.status}): {e}; pretraining from the start")
+        return None
+    tracking.end_dead_runs([stopped], active)
+    mlflow.MlflowClient().set_tag(run_id, tracking.RESUMED_BY_TAG, active)
+    mlflow.set_tag(tracking.RESUMED_FROM_TAG, run_id)
+    position = checkpoint.state
+    tracking.log_params_once({"resumed_from_run": run_id, "resumed_from_stage": position.stage,
+                              "resumed_from_epoch": position.epoch})
+    tracking.copy_pretraining_history(run_id, checkpoint)
+    report(f"Resuming pretrain run {run_id} ({stopped.info.status}) from its checkpoint: "
+           f"{position.stage} epoch {position.epoch}, in run {active}")
+    return checkpoint
 
 
 def resolve_autoencoder(ref: str, est: DEC, data: Dataset, stage_params: dict, data_params_: dict):
@@ -311,6 +349,12 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
         mlflow.set_tags({tracking.STAGE_TAG: "cluster", "dataset": data.name, "method": "dec", "seed": est.random_state})
         stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
         data_params_ = data_params(data)
+        # the same job killed before: leave it KILLED rather than RUNNING forever (its pretraining is resumed below)
+        key = tracking.fingerprint({**stage_params, "autoencoder": autoencoder, "data_digest": data_params_["data_digest"],
+                                    "package_version": PACKAGE_VERSION})
+        mlflow.set_tag(tracking.CLUSTER_KEY_TAG, key)
+        tracking.claim_run()
+        tracking.end_dead_runs(tracking.find_dead_runs("cluster", key, tracking.CLUSTER_KEY_TAG), run.info.run_id)
         tracking.log_params_once({**stage_params, "autoencoder": autoencoder, "registered_model_name": registered_model_name,
                                   "figure_sample_size": figure_sample_size, **data_params_, **resolved_params(est, data.x)})
         tracking.log_dataset(data, data_params_["data_digest"], context="training")
@@ -321,7 +365,8 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
         mlflow.set_tag("dec.autoencoder_source", source)
         recorder = tracking.self_training_recorder(data.x, data.y, ae, alpha=est.alpha, sample_size=figure_sample_size, seed=est.random_state)
         with progress_bar() as bar:
-            est.fit(data.x, autoencoder=ae, callback=CallbackList([bar, tracking.MlflowCallback(est.n_clusters, data.y), recorder]))
+            callbacks = [tracking.MlflowCallback(est.n_clusters, data.y), recorder, tracking.CheckpointCallback()]  # heartbeat
+            est.fit(data.x, autoencoder=ae, callback=CallbackList([bar, *callbacks]))
         tracking.log_self_training_figures(recorder, tol=est.tol, seed=est.random_state)
         metrics = _log_cluster_results(est, data)
         tracking.log_network(est.network_)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,17 +28,29 @@ from mlflow.tracking import MlflowClient
 from dec_mlflow.callbacks import Callback, SelfTrainRecorder
 from dec_mlflow.checkpoint import load_tensors, save_tensors
 from dec_mlflow.data import Dataset
-from dec_mlflow.estimator import PretrainedAutoencoder
+from dec_mlflow.estimator import PretrainCheckpoint, PretrainedAutoencoder
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.model import DECNet
 
 AUTOENCODER_ARTIFACT = "autoencoder/autoencoder.pt"
 NETWORK_ARTIFACT = "network/dec_network.pt"  # the trained DECNet, for re-export without retraining
 STAGE_TAG = "dec.stage"  # which step of the lifecycle a run is: pretrain, cluster, evaluate, export
-KEY_TAG = "dec.pretrain_key"  # fingerprint of data content + pretraining settings, for reuse
+KEY_TAG = "dec.pretrain_key"  # fingerprint of data content + pretraining settings, for reuse and resume
+CLUSTER_KEY_TAG = "dec.cluster_key"  # fingerprint of a cluster run's parameters and data, to end its killed twins
 MAX_CLUSTER_METRICS = 50  # above this many clusters, per-cluster size metrics would swamp the UI
 LAUNCHER_TAG = "dec.launcher_run"  # on a run started elsewhere than the `mlflow run` run: that run's id
 LAUNCHED_TAG = "dec.launched_run"  # on such an `mlflow run` run: the id of the run that holds the results
+CHECKPOINT_ARTIFACT = "checkpoint/pretrain_state.pt"  # an unfinished pretraining, to resume it after a kill
+# Pretraining writes its checkpoint every this many epochs (of each stage); DEC_CHECKPOINT_EVERY overrides, 0 = never.
+CHECKPOINT_EVERY = 5
+OWNER_TAG = "dec.owner"  # host, pid and start time of the process running the run, to tell whether it still lives
+HEARTBEAT_TAG = "dec.heartbeat"  # unix time the run last showed progress (its owner refreshes it at most every minute)
+HEARTBEAT_EVERY_S = 60
+# A RUNNING run of another machine counts as dead once its heartbeat is this old; one of this machine as soon as
+# its process is gone. Pretraining epochs far longer than this would need DEC_STALE_AFTER_S raised.
+STALE_AFTER_S = 1800
+RESUMED_BY_TAG = "dec.resumed_by"  # on a run that was resumed (or ended as dead): the run that took over
+RESUMED_FROM_TAG = "dec.resumed_from_run"  # on the run that resumed it
 # tags of an `mlflow run` run that say where the code came from; copied when the work moves to another run
 _SOURCE_TAG_PREFIXES = ("mlflow.source.", "mlflow.project.", "mlflow.gitRepoURL", "mlflow.user")
 
@@ -93,6 +107,137 @@ def _experiment_id(name: str) -> str:
     return found.experiment_id
 
 
+# ------------------------------------------------------------------------------------ resume after a kill
+def _process_start(pid: int) -> str:
+    """Start time of process ``pid`` in clock ticks since boot (Linux), '' where it cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def owner() -> str:
+    """'host:pid:start' of this process: who runs the active run."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+
+
+def claim_run() -> None:
+    """Tag the active run with this process as its owner, and a first heartbeat."""
+    mlflow.set_tags({OWNER_TAG: owner(), HEARTBEAT_TAG: f"{time.time():.0f}"})
+
+
+def run_is_dead(run: Run) -> bool:
+    """True when ``run`` is RUNNING but nothing runs it any more.
+
+    On this machine: its owner process is gone (or its pid now belongs to another process). On
+    another machine: its heartbeat is older than ``STALE_AFTER_S`` (``DEC_STALE_AFTER_S``). A run
+    without owner tag (started by other code) is never taken for dead.
+    """
+    if run.info.status != "RUNNING" or OWNER_TAG not in run.data.tags:
+        return False
+    host, pid, start = run.data.tags[OWNER_TAG].rsplit(":", 2)
+    if host == socket.gethostname():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return bool(start) and _process_start(int(pid)) != start
+    heartbeat = float(run.data.tags.get(HEARTBEAT_TAG, "0"))
+    return time.time() - heartbeat > float(os.environ.get("DEC_STALE_AFTER_S", STALE_AFTER_S))
+
+
+def end_dead_runs(runs: list[Run], by_run_id: str) -> list[str]:
+    """Mark each RUNNING-but-dead run of ``runs``, and its dead parent, KILLED, tagged as taken over by ``by_run_id``."""
+    client, ended = MlflowClient(), []
+    for run in runs:
+        while run is not None and run_is_dead(run):
+            client.set_tag(run.info.run_id, RESUMED_BY_TAG, by_run_id)
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+            parent = run.data.tags.get("mlflow.parentRunId")
+            run = client.get_run(parent) if parent else None
+    return ended
+
+
+def find_dead_runs(stage: str, key: str, key_tag: str = KEY_TAG) -> list[Run]:
+    """RUNNING runs of ``stage`` whose ``key_tag`` is ``key``, in the current experiment, whose process is dead."""
+    query = f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{key_tag}` = '{key}' and attributes.status = 'RUNNING'"
+    return [r for r in MlflowClient().search_runs([_current_experiment_id()], query) if run_is_dead(r)]
+
+
+def find_resumable_run(stage: str, key: str) -> Run | None:
+    """Newest run of ``stage`` with fingerprint ``key`` that stopped before finishing and left a checkpoint.
+
+    Stopped: FAILED or KILLED, or RUNNING with a dead process (:func:`run_is_dead`); a run already
+    resumed by another (tagged ``dec.resumed_by``) is not resumed twice.
+    """
+    query = f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{KEY_TAG}` = '{key}'"
+    client = MlflowClient()
+    for run in client.search_runs([_current_experiment_id()], query, order_by=["attributes.start_time DESC"]):
+        stopped = run.info.status in ("FAILED", "KILLED") or run_is_dead(run)
+        if not stopped or RESUMED_BY_TAG in run.data.tags:
+            continue
+        artifacts = client.list_artifacts(run.info.run_id, str(Path(CHECKPOINT_ARTIFACT).parent))
+        if any(a.path == CHECKPOINT_ARTIFACT for a in artifacts):
+            return run
+    return None
+
+
+def load_checkpoint(run_id: str) -> PretrainCheckpoint:
+    """The pretraining checkpoint of run ``run_id``; ValueError if it cannot be read (e.g. cut short by the kill)."""
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT)
+    except MlflowException as e:
+        raise ValueError(f"run {run_id}: no {CHECKPOINT_ARTIFACT}: {e.message.splitlines()[0]}") from e
+    return PretrainCheckpoint.load(local)
+
+
+def copy_pretraining_history(run_id: str, checkpoint: PretrainCheckpoint) -> None:
+    """Copy run ``run_id``'s pretraining curves up to ``checkpoint`` into the active run, so its curves are whole."""
+    client, active = MlflowClient(), mlflow.active_run().info.run_id
+    current = pretraining_metric(checkpoint.state.stage)
+    for key in client.get_run(run_id).data.metrics:
+        if not key.startswith(("pretrain", "finetune")):
+            continue
+        history = [m for m in client.get_metric_history(run_id, key) if key != current or m.step <= checkpoint.state.epoch]
+        for start in range(0, len(history), 1000):
+            client.log_batch(active, metrics=history[start:start + 1000])
+
+
+def pretraining_metric(stage: str) -> str:
+    """Name of the per-epoch loss metric of a pretraining stage: pretrain_loss, pretrain_layer<i>_loss, finetune_loss."""
+    return {"pretrain": "pretrain_loss", "pretrain/finetune": "finetune_loss"}.get(stage, stage.replace("/", "_") + "_loss")
+
+
+class CheckpointCallback(Callback):
+    """Writes pretraining's checkpoint to the active run every ``every`` epochs, and keeps its heartbeat fresh.
+
+    The artifact ``checkpoint/pretrain_state.pt`` (tensors + JSON, like the autoencoder's) is
+    replaced each time; the tag ``dec.checkpoint`` says which stage and epoch it holds.
+    """
+
+    def __init__(self, every: int | None = None):
+        self.every = int(os.environ.get("DEC_CHECKPOINT_EVERY", CHECKPOINT_EVERY)) if every is None else every
+        self._beat = time.monotonic()
+
+    def on_step(self, stage, step, metrics):
+        if time.monotonic() - self._beat >= HEARTBEAT_EVERY_S:
+            mlflow.set_tag(HEARTBEAT_TAG, f"{time.time():.0f}")
+            self._beat = time.monotonic()
+
+    def on_checkpoint(self, stage, epoch, state):
+        if self.every <= 0 or epoch % self.every:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name
+            state().save(path)
+            mlflow.log_artifact(str(path), artifact_path=str(Path(CHECKPOINT_ARTIFACT).parent))
+        mlflow.set_tags({"dec.checkpoint": f"{stage} epoch {epoch}", HEARTBEAT_TAG: f"{time.time():.0f}"})
+        self._beat = time.monotonic()
+
+
 class MlflowCallback(Callback):
     """Logs training progress to the active MLflow run, with steps so the UI draws curves.
 
@@ -108,10 +253,7 @@ class MlflowCallback(Callback):
     def on_step(self, stage, step, metrics):
         if not stage.startswith("pretrain"):
             return
-        name = {"pretrain": "pretrain_loss", "pretrain/finetune": "finetune_loss"}.get(
-            stage, stage.replace("/", "_") + "_loss"
-        )
-        mlflow.log_metric(name, metrics["loss"], step=step)
+        mlflow.log_metric(pretraining_metric(stage), metrics["loss"], step=step)
 
     def on_retry(self, stage, attempt, message):
         mlflow.log_metric(f"{stage.replace('/', '_')}_restarts", attempt)

@@ -25,6 +25,35 @@ Transform = Callable[[torch.Tensor], torch.Tensor]  # a batch (b, n_features) ->
 BLOWUP = 10.0
 
 
+@dataclass
+class LoopState:
+    """Where a reconstruction stage stands after ``epoch`` epochs: what continuing it exactly needs.
+
+    Given back to :func:`pretrain_end_to_end` / :func:`pretrain_layerwise` as ``resume`` (with the
+    network's weights of that moment loaded), the stage runs its remaining epochs with the same
+    momentum and the same batch order as if it had never stopped.
+    """
+
+    stage: str  # e.g. 'pretrain', 'pretrain/layer2', 'pretrain/finetune'
+    epoch: int  # epochs of the stage finished
+    loss: float  # mean loss of the last of them
+    optimizer: dict  # the SGD optimizer's state_dict (momentum buffers, hyperparameters)
+    rng: dict[str, torch.Tensor]  # generator states: 'cpu' (batch order, dropout), 'cuda' on a GPU
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def _autocast(precision: str, device: torch.device):
     """bf16 autocast for the matmuls on ``device`` (CPU or CUDA), or nothing for fp32."""
     if precision == "bf16":
@@ -52,12 +81,15 @@ def _train_reconstruction(
     stage: str,
     callback: Callback,
     transform: Transform | None = None,
+    resume: LoopState | None = None,
 ) -> float:
     """Minimise the mean squared reconstruction error of ``net`` on ``x`` with SGD + momentum.
 
     A denoising layer corrupts its input through its own dropout; ``transform`` (augmentation)
     changes each batch before the network sees it, and the network then reconstructs the changed
-    batch, as DEC-DA pretrains. Returns the last epoch's mean loss.
+    batch, as DEC-DA pretrains. After each epoch ``callback.on_checkpoint`` is offered the
+    :class:`LoopState`; ``resume`` (with ``net`` already holding its weights) continues from one.
+    Returns the last epoch's mean loss.
 
     Raises
     ------
@@ -69,10 +101,14 @@ def _train_reconstruction(
     zeros_loss = sum(float(x[s : s + 4096].float().pow(2).sum()) for s in range(0, x.shape[0], 4096)) / x.numel()
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
     n = x.shape[0]
+    start, epoch_loss = 0, float("nan")
+    if resume is not None:
+        opt.load_state_dict(resume.optimizer)
+        _set_rng_state(resume.rng, x.device)
+        start, epoch_loss = resume.epoch, resume.loss
     callback.on_stage_begin(stage, epochs)
     net.train()
-    epoch_loss = float("nan")
-    for epoch in range(epochs):
+    for epoch in range(start, epochs):
         for group in opt.param_groups:
             group["lr"] = _lr_at(epoch, epochs, lr, lr_schedule)
         perm = torch.randperm(n)
@@ -91,6 +127,8 @@ def _train_reconstruction(
             what = epoch_loss if not math.isfinite(epoch_loss) else f"{epoch_loss:.3g}, {epoch_loss / zeros_loss:.0f} times that of reconstructing zeros"
             raise FloatingPointError(f"{stage}: reconstruction loss became {what} at epoch {epoch + 1} (learning rate {lr:g})")
         callback.on_step(stage, epoch + 1, {"loss": epoch_loss})
+        callback.on_checkpoint(stage, epoch + 1, lambda done=epoch + 1, loss=epoch_loss: LoopState(
+            stage, done, loss, opt.state_dict(), _rng_state(x.device)))
     callback.on_stage_end(stage)
     return epoch_loss
 
@@ -112,7 +150,8 @@ def pretrain_end_to_end(ae: Autoencoder, x: torch.Tensor, *, callback: Callback,
     return _train_reconstruction(ae, x, stage=stage, callback=callback, **opt)
 
 
-def pretrain_layerwise(ae: Autoencoder, x: torch.Tensor, *, dropout: float, callback: Callback, **opt) -> list[float]:
+def pretrain_layerwise(ae: Autoencoder, x: torch.Tensor, *, dropout: float, callback: Callback,
+                       resume: LoopState | None = None, **opt) -> list[float]:
     """Greedy layer-wise denoising pretraining (paper section 3.2), before end-to-end fine-tuning.
 
     Layer ``i`` is trained as a one-hidden-layer denoising autoencoder on the output of the already
@@ -122,10 +161,12 @@ def pretrain_layerwise(ae: Autoencoder, x: torch.Tensor, *, dropout: float, call
     copied into ``ae`` in place.
 
     ``**opt`` are the options of :func:`pretrain_end_to_end` (``epochs`` counts per layer).
+    ``resume`` continues a layer's stage (``ae`` holding the weights of that moment): the layers
+    before it are taken as trained.
 
     Returns
     -------
-    list of float, the last-epoch loss of each layer.
+    list of float, the last-epoch loss of each layer (NaN for layers finished before ``resume``).
     """
     enc, dec = ae.encoder_layers(), ae.decoder_layers()[::-1]  # dec[i] inverts enc[i]
     n_layers = len(enc)
@@ -141,7 +182,12 @@ def pretrain_layerwise(ae: Autoencoder, x: torch.Tensor, *, dropout: float, call
             dec[i],
             *([] if i == 0 else [nn.ReLU()]),
         )
-        losses.append(_train_reconstruction(dae, h, stage=f"pretrain/layer{i + 1}", callback=callback, **opt))
+        stage = f"pretrain/layer{i + 1}"
+        if resume is None or resume.stage == stage:
+            losses.append(_train_reconstruction(dae, h, stage=stage, callback=callback, resume=resume, **opt))
+            resume = None
+        else:  # finished before the checkpoint being resumed
+            losses.append(float("nan"))
         if not last:
             with torch.no_grad():
                 h = _batched(lambda b, layer=enc[i]: torch.relu(layer(b)), h)

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import make_blobs
 
-from dec_mlflow import DEC, __version__, lifecycle
+from dec_mlflow import DEC, __version__, lifecycle, tracking
+from dec_mlflow.callbacks import Callback
+from dec_mlflow.estimator import PretrainCheckpoint
 
 SMALL = {"n_clusters": 3, "hidden_dims": (16, 8, 3), "pretrain_epochs": 3, "pretrain_lr": 0.1, "pretrain_batch_size": 64,
          "batch_size": 64, "update_interval": 10, "n_init": 3, "precision": "fp32", "init": "kmeans"}
@@ -29,9 +35,11 @@ def store(tmp_path_factory):
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_EXPERIMENT_NAME", None)
-    previous = mlflow.get_tracking_uri()
+    previous, cwd = mlflow.get_tracking_uri(), os.getcwd()
     mlflow.set_tracking_uri(uri)
+    os.chdir(tmp)  # artifacts of new experiments go to ./mlruns: here, not in the checkout
     yield {"dir": tmp, "data": str(tmp / "blobs.npz"), "env": env, "uri": uri}
+    os.chdir(cwd)
     mlflow.set_tracking_uri(previous)
 
 
@@ -66,3 +74,110 @@ def test_a_pretrain_run_of_another_package_version_is_not_reused(store, monkeypa
     assert result["autoencoder_source"] not in (f"runs:/{old['run_id']}", f"runs:/{current['run_id']}")
     child = MlflowClient().get_run(result["autoencoder_source"].removeprefix("runs:/"))
     assert child.data.params["dec_mlflow_version"] == "9.9.9" and child.info.status == "FINISHED"
+
+
+# ------------------------------------------------------------------------------------ resume
+class SaveAt(Callback):
+    """Saves the checkpoint offered at (stage, epoch) and counts the epochs run."""
+
+    def __init__(self, stage: str, epoch: int, path: Path):
+        self.at, self.path, self.epochs = (stage, epoch), path, 0
+
+    def on_step(self, stage, step, metrics):
+        self.epochs += 1
+
+    def on_checkpoint(self, stage, epoch, state):
+        if (stage, epoch) == self.at:
+            state().save(self.path)
+
+
+@pytest.mark.parametrize("params, stage, epoch", [
+    ({}, "pretrain", 3),
+    ({"pretrain_mode": "layerwise", "layerwise_epochs": 3}, "pretrain/layer2", 2),
+    ({"pretrain_mode": "layerwise", "layerwise_epochs": 3}, "pretrain/finetune", 2),
+    ({"augment": True, "image_shape": (4, 4), "scaling": "max"}, "pretrain", 4),
+], ids=["end_to_end", "layerwise-in-a-layer", "layerwise-in-finetuning", "augmented"])
+def test_a_resumed_pretraining_runs_the_remaining_epochs_and_ends_where_the_whole_one_does(blobs, tmp_path, params, stage, epoch):
+    x = np.abs(blobs[0][:300, :16])
+    est = DEC(hidden_dims=(8, 4, 2), pretrain_epochs=6, pretrain_lr=0.1, pretrain_batch_size=64, precision="fp32", **params)
+    whole = SaveAt(stage, epoch, tmp_path / "state.pt")
+    uninterrupted = est.pretrain(x, callback=whole)
+    checkpoint = PretrainCheckpoint.load(tmp_path / "state.pt")
+    assert (checkpoint.state.stage, checkpoint.state.epoch, checkpoint.attempt) == (stage, epoch, 0)
+    counter = SaveAt("", 0, tmp_path / "unused.pt")
+    resumed = est.pretrain(x, callback=counter, resume=checkpoint)
+    layers_before = int(stage[-1]) - 1 if "layer" in stage else (3 if "finetune" in stage else 0)
+    assert counter.epochs == whole.epochs - epoch - 3 * layers_before  # only what was left
+    for name, value in uninterrupted.autoencoder.state_dict().items():
+        assert torch.equal(resumed.autoencoder.state_dict()[name], value), name  # exactly, on the CPU
+    assert resumed.loss == uninterrupted.loss
+
+
+def test_a_checkpoint_of_another_network_or_scaling_is_refused(blobs, tmp_path):
+    x = blobs[0][:300]
+    est = DEC(hidden_dims=(8, 2), pretrain_epochs=2, pretrain_batch_size=64, precision="fp32")
+    est.pretrain(x, callback=SaveAt("pretrain", 1, tmp_path / "state.pt"))
+    checkpoint = PretrainCheckpoint.load(tmp_path / "state.pt")
+    with pytest.raises(ValueError, match=r"resume: the checkpoint is of an autoencoder \(20, 8, 2\), this pretraining makes \(20, 8, 3\)"):
+        est.set_params(hidden_dims=(8, 3)).pretrain(x, resume=checkpoint)
+    with pytest.raises(ValueError, match="resume: the checkpoint was made under another input scaling"):
+        est.set_params(hidden_dims=(8, 2)).pretrain(x * 2, resume=checkpoint)
+
+
+def start_cli(store, stage: str, experiment: str, data: str, *options: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "dec_mlflow.cli", stage, "--dataset", data, "--experiment", experiment,
+            "--hidden_dims", "32,16,3", "--pretrain_epochs", "150", "--pretrain_batch_size", "32", "--pretrain_lr", "0.1",
+            "--precision", "fp32", *options]
+    env = {**store["env"], "DEC_CHECKPOINT_EVERY": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen(args, cwd=store["dir"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_after_first_checkpoint(process: subprocess.Popen, artifacts: Path) -> None:
+    deadline = time.monotonic() + 300
+    while not list(artifacts.glob("*/artifacts/checkpoint/pretrain_state.pt")):
+        assert process.poll() is None, f"finished before its first checkpoint: {process.stdout.read()}"
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.2)
+    time.sleep(1.0)  # let it get a few epochs past the checkpoint, which it then loses
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def big_blobs(store) -> str:
+    x, y = make_blobs(2000, n_features=12, centers=3, cluster_std=1.0, random_state=1)
+    path = store["dir"] / "big_blobs.npz"
+    np.savez(path, x=x.astype(np.float32), y=y)
+    return str(path)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "cluster"])
+def test_a_killed_job_started_again_resumes_from_its_checkpoint(store, big_blobs, stage):
+    experiment = f"killed-{stage}"
+    artifacts = store["dir"] / experiment
+    MlflowClient().create_experiment(experiment, artifact_location=str(artifacts))
+    options = ("--n_clusters", "3", "--init", "kmeans", "--registered_model_name", "none", "--figure_sample_size", "50",
+               "--max_iter", "50") if stage == "cluster" else ()
+    first = start_cli(store, stage, experiment, big_blobs, *options)
+    kill_after_first_checkpoint(first, artifacts)
+    exp_id = MlflowClient().get_experiment_by_name(experiment).experiment_id
+    killed = MlflowClient().search_runs([exp_id])
+    assert {r.info.status for r in killed} == {"RUNNING"}  # SIGKILL: nothing could end them
+    killed_pretrain = next(r for r in killed if r.data.tags[tracking.STAGE_TAG] == "pretrain")
+    second = start_cli(store, stage, experiment, big_blobs, *options)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output
+    assert f"Resuming pretrain run {killed_pretrain.info.run_id} (RUNNING) from its checkpoint: pretrain epoch" in output
+    runs = {r.info.run_id: r for r in MlflowClient().search_runs([exp_id])}
+    resumed = next(r for r in runs.values() if r.data.tags.get(tracking.RESUMED_FROM_TAG) == killed_pretrain.info.run_id)
+    epoch = int(resumed.data.params["resumed_from_epoch"])
+    assert epoch >= 2 and epoch % 2 == 0 and resumed.data.params["resumed_from_stage"] == "pretrain"
+    assert resumed.info.status == "FINISHED"
+    # the killed runs (the cluster run too) are KILLED and name the run that took over, none is left RUNNING
+    for run in killed:
+        after = runs[run.info.run_id]
+        assert after.info.status == "KILLED" and after.data.tags[tracking.RESUMED_BY_TAG] in runs
+    assert [r.info.status for r in runs.values()].count("RUNNING") == 0
+    # one whole curve: the killed run's epochs up to the checkpoint, then the resumed ones
+    history = MlflowClient().get_metric_history(resumed.info.run_id, "pretrain_loss")
+    assert sorted(m.step for m in history) == list(range(1, 151))
