@@ -243,13 +243,13 @@ def _resume_point(key: str):
     if stopped is None:
         return None
     run_id, active = stopped.info.run_id, mlflow.active_run().info.run_id
+    tracking.end_dead_runs([stopped], active)
+    mlflow.MlflowClient().set_tag(run_id, tracking.RESUMED_BY_TAG, active)  # taken over, whether resumable or not
     try:
         checkpoint = tracking.load_checkpoint(run_id)
     except ValueError as e:
         report(f"Not resuming pretrain run {run_id} ({stopped.info.status}): {e}; pretraining from the start")
         return None
-    tracking.end_dead_runs([stopped], active)
-    mlflow.MlflowClient().set_tag(run_id, tracking.RESUMED_BY_TAG, active)
     mlflow.set_tag(tracking.RESUMED_FROM_TAG, run_id)
     position = checkpoint.state
     tracking.log_params_once({"resumed_from_run": run_id, "resumed_from_stage": position.stage,

@@ -124,19 +124,20 @@ def test_a_checkpoint_of_another_network_or_scaling_is_refused(blobs, tmp_path):
         est.set_params(hidden_dims=(8, 2)).pretrain(x * 2, resume=checkpoint)
 
 
-def start_cli(store, stage: str, experiment: str, data: str, *options: str) -> subprocess.Popen:
+def start_cli(store, stage: str, experiment: str, data: str, *options: str, log: Path) -> subprocess.Popen:
     args = [sys.executable, "-m", "dec_mlflow.cli", stage, "--dataset", data, "--experiment", experiment,
             "--hidden_dims", "32,16,3", "--pretrain_epochs", "150", "--pretrain_batch_size", "32", "--pretrain_lr", "0.1",
             "--precision", "fp32", *options]
     env = {**store["env"], "DEC_CHECKPOINT_EVERY": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.Popen(args, cwd=store["dir"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as out:  # a file, not a pipe: nobody reads the progress bars while the job runs
+        return subprocess.Popen(args, cwd=store["dir"], env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def kill_after_first_checkpoint(process: subprocess.Popen, artifacts: Path) -> None:
-    deadline = time.monotonic() + 300
+def kill_after_first_checkpoint(process: subprocess.Popen, artifacts: Path, log: Path) -> None:
+    deadline = time.monotonic() + 900  # generous: a shared machine can be slow to even start python
     while not list(artifacts.glob("*/artifacts/checkpoint/pretrain_state.pt")):
-        assert process.poll() is None, f"finished before its first checkpoint: {process.stdout.read()}"
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        assert process.poll() is None, f"finished before its first checkpoint: {log.read_text()}"
+        assert time.monotonic() < deadline, "no checkpoint after 900 s"
         time.sleep(0.2)
     time.sleep(1.0)  # let it get a few epochs past the checkpoint, which it then loses
     process.send_signal(signal.SIGKILL)
@@ -158,14 +159,16 @@ def test_a_killed_job_started_again_resumes_from_its_checkpoint(store, big_blobs
     MlflowClient().create_experiment(experiment, artifact_location=str(artifacts))
     options = ("--n_clusters", "3", "--init", "kmeans", "--registered_model_name", "none", "--figure_sample_size", "50",
                "--max_iter", "50") if stage == "cluster" else ()
-    first = start_cli(store, stage, experiment, big_blobs, *options)
-    kill_after_first_checkpoint(first, artifacts)
+    first = start_cli(store, stage, experiment, big_blobs, *options, log=store["dir"] / f"{experiment}-1.log")
+    kill_after_first_checkpoint(first, artifacts, store["dir"] / f"{experiment}-1.log")
     exp_id = MlflowClient().get_experiment_by_name(experiment).experiment_id
     killed = MlflowClient().search_runs([exp_id])
     assert {r.info.status for r in killed} == {"RUNNING"}  # SIGKILL: nothing could end them
     killed_pretrain = next(r for r in killed if r.data.tags[tracking.STAGE_TAG] == "pretrain")
-    second = start_cli(store, stage, experiment, big_blobs, *options)
-    output, _ = second.communicate(timeout=600)
+    log = store["dir"] / f"{experiment}-2.log"
+    second = start_cli(store, stage, experiment, big_blobs, *options, log=log)
+    second.wait(timeout=1800)
+    output = log.read_text()
     assert second.returncode == 0, output
     assert f"Resuming pretrain run {killed_pretrain.info.run_id} (RUNNING) from its checkpoint: pretrain epoch" in output
     runs = {r.info.run_id: r for r in MlflowClient().search_runs([exp_id])}
