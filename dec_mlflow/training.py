@@ -141,7 +141,7 @@ def pretrain_end_to_end(ae: Autoencoder, x: torch.Tensor, *, callback: Callback,
     ae : Autoencoder
     x : Tensor of shape (n_samples, n_features), already scaled
     callback : Callback
-    **opt : epochs, batch_size, lr, momentum, lr_schedule, precision
+    **opt : epochs, batch_size, lr, momentum, lr_schedule, precision, transform, resume (a LoopState)
 
     Returns
     -------
