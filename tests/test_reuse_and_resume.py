@@ -184,3 +184,44 @@ def test_a_killed_job_started_again_resumes_from_its_checkpoint(store, big_blobs
     # one whole curve: the killed run's epochs up to the checkpoint, then the resumed ones
     history = MlflowClient().get_metric_history(resumed.info.run_id, "pretrain_loss")
     assert sorted(m.step for m in history) == list(range(1, 151))
+
+
+def interrupt_pretraining(store, monkeypatch, experiment: str):
+    """lifecycle.pretrain stopped by Ctrl-C right after its epoch-2 checkpoint; returns the FAILED run."""
+    write = tracking.CheckpointCallback.on_checkpoint
+
+    def write_then_interrupt(self, stage, epoch, state):
+        write(self, stage, epoch, state)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setenv("DEC_CHECKPOINT_EVERY", "1")
+        m.setattr(tracking.CheckpointCallback, "on_checkpoint", write_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            lifecycle.pretrain(store["data"], experiment=experiment, **PRETRAIN_SMALL)
+    exp_id = MlflowClient().get_experiment_by_name(experiment).experiment_id
+    run = MlflowClient().search_runs([exp_id], order_by=["attributes.start_time DESC"])[0]
+    assert run.info.status == "FAILED" and run.data.tags["dec.checkpoint"] == "pretrain epoch 2"
+    return run
+
+
+def test_an_interrupted_pretraining_is_resumed_and_an_unreadable_checkpoint_means_starting_over(store, monkeypatch, capsys):
+    failed = interrupt_pretraining(store, monkeypatch, "interrupted")
+    result = lifecycle.pretrain(store["data"], experiment="interrupted", **PRETRAIN_SMALL)
+    resumed = MlflowClient().get_run(result["run_id"])
+    assert resumed.data.params["resumed_from_epoch"] == "2" and resumed.data.params["resumed_from_run"] == failed.info.run_id
+    assert MlflowClient().get_run(failed.info.run_id).data.tags[tracking.RESUMED_BY_TAG] == result["run_id"]
+    assert [m.step for m in MlflowClient().get_metric_history(result["run_id"], "pretrain_loss")] == [1, 2, 3]
+    # a resumed run is not resumed twice: the next identical pretraining starts from scratch
+    again = MlflowClient().get_run(lifecycle.pretrain(store["data"], experiment="interrupted", **PRETRAIN_SMALL)["run_id"])
+    assert "resumed_from_epoch" not in again.data.params
+
+    cut = interrupt_pretraining(store, monkeypatch, "interrupted")
+    stored = Path(cut.info.artifact_uri.removeprefix("file://")) / tracking.CHECKPOINT_ARTIFACT
+    stored.write_bytes(stored.read_bytes()[:100])  # what a kill while copying the artifact could leave
+    capsys.readouterr()
+    fresh = lifecycle.pretrain(store["data"], experiment="interrupted", **PRETRAIN_SMALL)
+    assert f"Not resuming pretrain run {cut.info.run_id} (FAILED): " in capsys.readouterr().err
+    assert "resumed_from_epoch" not in MlflowClient().get_run(fresh["run_id"]).data.params
+    assert MlflowClient().get_run(cut.info.run_id).data.tags[tracking.RESUMED_BY_TAG] == fresh["run_id"]
