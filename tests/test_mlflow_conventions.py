@@ -81,7 +81,8 @@ def test_registered_model_and_version_carry_descriptions(clustered):
     assert model.description.startswith("Deep Embedded Clustering (DEC) into 3 clusters, trained on 'blobs': rows of 12 raw features in")
     version = client.get_model_version("dec-conventions", result["registered_model_version"])
     acc = result["metrics"]["final_acc"]
-    assert f"run {result['run_id']} (cluster-blobs-k3-s0) scored final_acc {acc:.4f}" in version.description
+    trust = result["metrics"]["trust_score"]
+    assert f"run {result['run_id']} (cluster-blobs-k3-s0) scored trust_score {trust:.4f}, final_acc {acc:.4f}" in version.description
     assert "Trained on 'blobs' (300 x 12, data digest " in version.description and "max |dq|" in version.description
 
 
