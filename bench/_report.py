@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from dec_mlflow.callbacks import Callback
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
@@ -48,3 +50,18 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     BENCHMARKS.write_text(text.rstrip() + "\n")
+
+
+class StageTimer(Callback):
+    """Wall time per stage (``seconds``), the pretraining stages ('pretrain/...') added up."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._start = 0.0
+
+    def on_stage_begin(self, stage, total):
+        self._start = time.perf_counter()
+
+    def on_stage_end(self, stage):
+        key = stage.split("/")[0]
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - self._start

@@ -15,26 +15,11 @@ import time
 
 import numpy as np
 
-from _report import machine, write_section
+from _report import StageTimer, machine, write_section
 from dec_mlflow import DEC
-from dec_mlflow.callbacks import Callback
 from dec_mlflow.data import load_dataset
 from dec_mlflow.metrics import clustering_scores
 
-
-class StageTimer(Callback):
-    """Wall time per stage, with the pretraining stages added up."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._start = 0.0
-
-    def on_stage_begin(self, stage, total):
-        self._start = time.perf_counter()
-
-    def on_stage_end(self, stage):
-        key = stage.split("/")[0]
-        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - self._start
 
 
 def run(data, params: dict, seed: int) -> dict:

@@ -32,9 +32,8 @@ from scipy.stats import spearmanr
 from sklearn import datasets as skdata
 from sklearn.cluster import KMeans
 
-from _report import machine, write_section
+from _report import StageTimer, machine, write_section
 from dec_mlflow import DEC
-from dec_mlflow.callbacks import Callback
 from dec_mlflow.estimator import PretrainedAutoencoder, embedding_kmeans
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.presets import PRESETS, preset_params
@@ -59,20 +58,6 @@ def load(name: str) -> tuple[np.ndarray, np.ndarray]:
     bunch = loader()
     return bunch.data.astype(np.float32), bunch.target
 
-
-class StageTimer(Callback):
-    """Wall time per stage, the pretraining stages added up."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._start = 0.0
-
-    def on_stage_begin(self, stage, total):
-        self._start = time.perf_counter()
-
-    def on_stage_end(self, stage):
-        key = stage.split("/")[0]
-        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - self._start
 
 
 def recipe_params(recipe: str, dataset: str) -> dict:
