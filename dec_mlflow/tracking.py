@@ -43,6 +43,9 @@ LAUNCHED_TAG = "dec.launched_run"  # on such an `mlflow run` run: the id of the 
 CHECKPOINT_ARTIFACT = "checkpoint/pretrain_state.pt"  # an unfinished pretraining, to resume it after a kill
 # Pretraining writes its checkpoint every this many epochs (of each stage); DEC_CHECKPOINT_EVERY overrides, 0 = never.
 CHECKPOINT_EVERY = 5
+# ... and no sooner than this many seconds after the previous one: small data has thousands of one-step epochs,
+# and writing the weights and momentum every 5 of them would cost more than the training
+CHECKPOINT_MIN_INTERVAL_S = 60
 OWNER_TAG = "dec.owner"  # host, pid and start time of the process running the run, to tell whether it still lives
 HEARTBEAT_TAG = "dec.heartbeat"  # unix time the run last showed progress (its owner refreshes it at most every minute)
 HEARTBEAT_EVERY_S = 60
@@ -214,13 +217,18 @@ def pretraining_metric(stage: str) -> str:
 class CheckpointCallback(Callback):
     """Writes pretraining's checkpoint to the active run every ``every`` epochs, and keeps its heartbeat fresh.
 
+    A checkpoint follows the previous one by at least ``min_interval_s`` seconds (the first is
+    written at epoch ``every``), so thousands of short epochs do not write thousands of files.
+
     The artifact ``checkpoint/pretrain_state.pt`` (tensors + JSON, like the autoencoder's) is
     replaced each time; the tag ``dec.checkpoint`` says which stage and epoch it holds.
     """
 
-    def __init__(self, every: int | None = None):
+    def __init__(self, every: int | None = None, min_interval_s: float | None = None):
         self.every = int(os.environ.get("DEC_CHECKPOINT_EVERY", CHECKPOINT_EVERY)) if every is None else every
+        self.min_interval_s = CHECKPOINT_MIN_INTERVAL_S if min_interval_s is None else min_interval_s
         self._beat = time.monotonic()
+        self._saved: float | None = None  # monotonic time of the last checkpoint written
 
     def on_step(self, stage, step, metrics):
         if time.monotonic() - self._beat >= HEARTBEAT_EVERY_S:
@@ -230,12 +238,14 @@ class CheckpointCallback(Callback):
     def on_checkpoint(self, stage, epoch, state):
         if self.every <= 0 or epoch % self.every:
             return
+        if self._saved is not None and time.monotonic() - self._saved < self.min_interval_s:
+            return
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name
             state().save(path)
             mlflow.log_artifact(str(path), artifact_path=str(Path(CHECKPOINT_ARTIFACT).parent))
         mlflow.set_tags({"dec.checkpoint": f"{stage} epoch {epoch}", HEARTBEAT_TAG: f"{time.time():.0f}"})
-        self._beat = time.monotonic()
+        self._beat = self._saved = time.monotonic()
 
 
 class MlflowCallback(Callback):

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.datasets import make_blobs
 
 from dec_mlflow import DEC, __version__, lifecycle, tracking
-from dec_mlflow.callbacks import Callback
+from dec_mlflow.callbacks import Callback, CallbackList
 from dec_mlflow.estimator import PretrainCheckpoint
 
 SMALL = {"n_clusters": 3, "hidden_dims": (16, 8, 3), "pretrain_epochs": 3, "pretrain_lr": 0.1, "pretrain_batch_size": 64,
@@ -89,6 +89,30 @@ class SaveAt(Callback):
     def on_checkpoint(self, stage, epoch, state):
         if (stage, epoch) == self.at:
             state().save(self.path)
+
+
+def test_checkpoints_are_written_every_n_epochs_but_at_most_once_per_interval(store, blobs, monkeypatch):
+    """Thousands of one-step epochs (small data) must not write thousands of checkpoints."""
+    clock = [0.0]
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: clock[0])
+    x = np.abs(blobs[0][:64, :16])
+    est = DEC(hidden_dims=(8, 4, 2), pretrain_epochs=40, pretrain_lr=0.1, pretrain_batch_size=64, precision="fp32")
+
+    class Clock(Callback):  # each epoch takes 10 s of the fake clock
+        def on_step(self, stage, step, metrics):
+            clock[0] += 10.0
+
+    class Counted(tracking.CheckpointCallback):  # records the epochs whose state it wrote
+        written: list[int] = []
+
+        def on_checkpoint(self, stage, epoch, state):
+            super().on_checkpoint(stage, epoch, lambda: (self.written.append(epoch), state())[1])
+
+    with mlflow.start_run(experiment_id=mlflow.set_experiment("cadence").experiment_id) as run:
+        est.pretrain(x, callback=CallbackList([Clock(), Counted(every=2, min_interval_s=60)]))
+    assert Counted.written == [2, 8, 14, 20, 26, 32, 38]  # epoch 2, then the first even epoch 60 s after the last
+    saved = PretrainCheckpoint.load(MlflowClient().download_artifacts(run.info.run_id, tracking.CHECKPOINT_ARTIFACT))
+    assert (saved.state.stage, saved.state.epoch) == ("pretrain", 38)
 
 
 @pytest.mark.parametrize("params, stage, epoch", [
