@@ -43,6 +43,9 @@ DISTILL_EPOCHS = 2  # epochs of distillation towards the manifold clustering bef
 # ... and at least this many steps: on small data 2 epochs are a handful of steps, too few to move the
 # embedding towards a manifold clustering it does not separate yet, and self-training then merges clusters
 DISTILL_MIN_ITER = 500
+# ... at no more than this rate (the default self-training rate): distilling at a larger self-training rate
+# (IDEC's 0.05) overshoots the soft targets on small data and merges well-separated clusters
+DISTILL_LR = 0.01
 PRETRAIN_RETRIES = 3  # divergent pretraining restarts this many times, each at a quarter of the rate
 TRUST_SCORE = "silhouette"  # the label-free score that ranks runs best (BENCHMARKS.md, trust score section)
 
@@ -571,7 +574,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             centroids = torch.nn.Parameter(torch.from_numpy(init.centroids * scale).to(device))
             if init.posteriors is not None and self.variant != "frozen":
                 n_iter = max(DISTILL_MIN_ITER, DISTILL_EPOCHS * max(1, x.shape[0] // min(self.batch_size, x.shape[0])))
-                distill(encoder, centroids, x, torch.from_numpy(init.posteriors).to(device), n_iter=n_iter, **train)
+                distill(encoder, centroids, x, torch.from_numpy(init.posteriors).to(device), n_iter=n_iter,
+                        **{**train, "lr": min(self.lr, DISTILL_LR)})
             result = self_train(
                 encoder, centroids, x, update_interval=resolved["update_interval"], tol=self.tol,
                 max_iter=self.max_iter, train_encoder=self.variant != "frozen", decoder=decoder, gamma=self.gamma,
