@@ -608,7 +608,11 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         callback.on_stage_begin("init", None)
         z = embed(encoder, x).cpu().numpy()  # (n, embedding_dim)
         if self.init == "manifold" and self.n_clusters > 1:  # one cluster: its centroid is the mean, nothing to find
+            threads = torch.get_num_threads()
             init = manifold_init(z, self.n_clusters, seed=self.selected_seed_)
+            # UMAP's numba sets the OpenMP thread count, which torch shares, to every core: a process limited to
+            # fewer (OMP_NUM_THREADS, torch.set_num_threads, one of several torchrun ranks) would self-train on all
+            torch.set_num_threads(threads)
         else:
             init = kmeans_init(z, self.n_clusters, n_init=self.n_init, seed=self.selected_seed_)
         scale = embedding_scale(z, init)

@@ -1,5 +1,7 @@
 """The scikit-learn DEC estimator on small, well-separated data."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -234,3 +236,14 @@ def test_inertia_selection_picks_the_lowest_inertia(blobs):
 def test_new_parameters_are_validated(blobs, name, value, message):
     with pytest.raises(ValueError, match=message):
         DEC(**{**SMALL, name: value}).fit(blobs[0])
+
+
+def test_the_manifold_initialisation_leaves_the_torch_thread_count_as_it_was(blobs):
+    """UMAP's numba resets the OpenMP thread count torch shares; a limited process must stay limited."""
+    before, limit = torch.get_num_threads(), os.cpu_count() + 1  # not what numba would set (every core)
+    torch.set_num_threads(limit)
+    try:
+        DEC(**SMALL, init="manifold").fit(blobs[0])
+        assert torch.get_num_threads() == limit
+    finally:
+        torch.set_num_threads(before)
