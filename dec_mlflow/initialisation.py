@@ -57,9 +57,9 @@ def kmeans_init(z: np.ndarray, n_clusters: int, *, n_init: int, seed: int) -> In
 def manifold_init(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UMAP_NEIGHBORS) -> Initialisation:
     """UMAP of the embedding, then a Gaussian mixture on it (N2D, McConville et al. 2020).
 
-    UMAP maps ``z`` to ``min(n_clusters, embedding_dim)`` dimensions (at least 2) with
-    ``min_dist=0``; a full-covariance GMM with ``n_clusters`` components clusters that map. The
-    centroids are the mean embedding of each GMM cluster, the posteriors the GMM's responsibilities.
+    ``umap_map`` then ``cluster_map``: a full-covariance GMM with ``n_clusters`` components
+    clusters the UMAP map of ``z``; the centroids are the mean embedding of each GMM cluster, the
+    posteriors the GMM's responsibilities.
 
     Parameters
     ----------
@@ -71,6 +71,16 @@ def manifold_init(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int
     n_neighbors : int, default=20
         UMAP's neighbourhood size, capped at n_samples - 1.
     """
+    return cluster_map(z, umap_map(z, n_clusters, seed=seed, n_neighbors=n_neighbors), n_clusters, seed=seed)
+
+
+def umap_map(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UMAP_NEIGHBORS) -> np.ndarray:
+    """UMAP of ``z`` to ``min(n_clusters, embedding_dim)`` dimensions (at least 2), ``min_dist=0``.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, n_components), float64
+    """
     try:
         import umap
     except ImportError as e:  # an optional piece: say what to install
@@ -81,7 +91,11 @@ def manifold_init(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int
     n_components = max(2, min(n_clusters, z.shape[1]))
     reducer = umap.UMAP(n_components=n_components, n_neighbors=min(n_neighbors, n_samples - 1), min_dist=0.0,
                         random_state=seed, n_jobs=1, init="spectral" if n_samples > n_components + 1 else "random")
-    u = reducer.fit_transform(z).astype(np.float64)  # (n, n_components)
+    return reducer.fit_transform(z).astype(np.float64)
+
+
+def cluster_map(z: np.ndarray, u: np.ndarray, n_clusters: int, *, seed: int) -> Initialisation:
+    """Full-covariance GMM on the map ``u`` (n_samples, m) of ``z``; centroids in ``z``'s space."""
     gmm = GaussianMixture(n_clusters, covariance_type="full", random_state=seed, reg_covar=1e-4).fit(u)
     posteriors = gmm.predict_proba(u)  # (n, k)
     labels = posteriors.argmax(1)
