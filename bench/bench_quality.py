@@ -68,13 +68,15 @@ def recipe_params(recipe: str, dataset: str) -> dict:
     return preset_params(recipe, image_shape=image_shape)
 
 
-def pretrained(est: DEC, x: np.ndarray, dataset: str, seed: int, timer: StageTimer) -> tuple[PretrainedAutoencoder, float]:
-    """The autoencoder for these settings: from bench/out/ae/ if an earlier fit made it, else pretrained now."""
+def pretrained(est: DEC, x: np.ndarray, dataset: str, seed: int, timer: StageTimer,
+               fresh: bool = False) -> tuple[PretrainedAutoencoder, float]:
+    """The autoencoder for these settings: from bench/out/ae/ if an earlier fit made it (unless ``fresh``), else
+    pretrained now and kept there."""
     keys = ("scaling", "pretrain_epochs", "pretrain_lr", "precision", "augment", "hidden_dims")
     settings = {**est.get_params(), "augment": est.augment is True}  # "finetune" pretrains on clean images
     tag = "-".join(f"{k}={settings[k]}" for k in keys).replace(" ", "").replace("/", "")
     path = OUT / "ae" / f"{dataset}-s{seed}-{tag}.pt"
-    if path.exists():
+    if path.exists() and not fresh:
         return PretrainedAutoencoder.load(path), float(json.loads(path.with_suffix(".json").read_text())["seconds"])
     start = time.perf_counter()
     ae = est.pretrain(x, timer, seed=seed)
@@ -102,12 +104,12 @@ def floor_acc(x: np.ndarray, y: np.ndarray, dataset: str, scaling: str, seed: in
     return float(cache[key])
 
 
-def run_one(dataset: str, recipe: str, seed: int) -> dict:
+def run_one(dataset: str, recipe: str, seed: int, fresh: bool = False) -> dict:
     x, y = load(dataset)
     k = len(np.unique(y))
     est = DEC(n_clusters=k, random_state=seed, **recipe_params(recipe, dataset))
     timer = StageTimer()
-    ae, pretrain_seconds = pretrained(est, x, dataset, seed, timer)
+    ae, pretrain_seconds = pretrained(est, x, dataset, seed, timer, fresh)
     ae_kmeans, _ = embedding_kmeans(ae, x, k, n_init=20, seed=seed)
     start = time.perf_counter()
     est.fit(x, autoencoder=ae, callback=timer)
@@ -133,7 +135,7 @@ def cmd_run(args) -> None:
                 print(f"{dataset}: best = default (no image shape, nothing to augment); skipped", file=sys.stderr)
                 continue
             for seed in args.seeds:
-                row = run_one(dataset, recipe, seed)
+                row = run_one(dataset, recipe, seed, args.fresh)
                 with RESULTS.open("a") as f:
                     f.write(json.dumps(row, default=float) + "\n")
                 print(json.dumps({k: v for k, v in row.items() if k not in ("stage_seconds", "machine")}, default=float), flush=True)
@@ -208,6 +210,7 @@ def main() -> None:
     r.add_argument("--datasets", nargs="+", default=["mnist_test", "digits", "wine", "breast_cancer", "blobs"])
     r.add_argument("--recipes", nargs="+", default=["default", "best"], choices=[*PRESETS, "kmeans"])
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--fresh", action="store_true", help="pretrain even where bench/out/ae/ has the autoencoder (timing runs)")
     rep = sub.add_parser("report")
     rep.add_argument("--note", default="", help="a paragraph printed above the table (load on the machine, missing runs)")
     args = ap.parse_args()

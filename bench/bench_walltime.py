@@ -5,7 +5,8 @@
 For each seed, starts two processes at the same moment, each with the same number of torch threads:
 the earlier commit's estimator defaults (``bench/bench_mnist.py`` of a git worktree checked out at
 ``--ref``) and this tree's (``bench/bench_quality.py run --datasets mnist --recipes default``, which
-also adds the row to the quality table). Both time the same work: pretraining plus fit, data loading
+also adds the row to the quality table; ``--fresh``: it pretrains, never reusing a kept autoencoder). Both
+time the same work: pretraining plus fit, data loading
 excluded. The machine is shared, so only the ratio within one pair means something.
 """
 
@@ -30,21 +31,30 @@ def _json_rows(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
+def _finish(process: subprocess.Popen, out) -> tuple[int, float, str]:
+    """Wait for ``process``; (return code, its CPU minutes, user + system, what it printed to ``out``)."""
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    out.seek(0)
+    return process.returncode, (usage.ru_utime + usage.ru_stime) / 60, out.read()
+
+
 def run_pair(old_tree: Path, seed: int, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    old = subprocess.Popen(
-        [sys.executable, "bench/bench_mnist.py", "--seeds", str(seed), "--section", "walltime-scratch"],
-        cwd=old_tree, env={**env, "PYTHONPATH": str(old_tree)}, stdout=subprocess.PIPE, text=True)
-    new = subprocess.Popen(
-        [sys.executable, "bench/bench_quality.py", "run", "--datasets", "mnist", "--recipes", "default", "--seeds", str(seed)],
-        cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
-    old_out, _ = old.communicate()
-    new_out, _ = new.communicate()
-    if old.returncode or new.returncode:
-        raise SystemExit(f"a benchmark process failed (old rc {old.returncode}, new rc {new.returncode})")
-    o, n = _json_rows(old_out)[0], _json_rows(new_out)[0]
+    with tempfile.TemporaryFile("w+") as old_out, tempfile.TemporaryFile("w+") as new_out:
+        old = subprocess.Popen(
+            [sys.executable, "bench/bench_mnist.py", "--seeds", str(seed), "--section", "walltime-scratch"],
+            cwd=old_tree, env={**env, "PYTHONPATH": str(old_tree)}, stdout=old_out, text=True)
+        new = subprocess.Popen(
+            [sys.executable, "bench/bench_quality.py", "run", "--datasets", "mnist", "--recipes", "default", "--seeds", str(seed),
+             "--fresh"],
+            cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=new_out, text=True)
+        (old_rc, old_cpu, old_text), (new_rc, new_cpu, new_text) = _finish(old, old_out), _finish(new, new_out)
+    if old_rc or new_rc:
+        raise SystemExit(f"a benchmark process failed (old rc {old_rc}, new rc {new_rc})")
+    o, n = _json_rows(old_text)[0], _json_rows(new_text)[0]
     return {"seed": seed, "old_min": o["wall_min"], "new_min": n["minutes"], "old_acc": o["dec_acc"], "new_acc": n["acc"],
-            "ratio": n["minutes"] / o["wall_min"]}
+            "ratio": n["minutes"] / o["wall_min"], "old_cpu_min": old_cpu, "new_cpu_min": new_cpu, "cpu_ratio": new_cpu / old_cpu}
 
 
 def main() -> None:
@@ -63,19 +73,23 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old_tree)], cwd=ROOT, check=False)
-    lines = ["| seed | earlier default: minutes | this default: minutes | ratio (this / earlier) | earlier DEC ACC | this DEC ACC |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['seed']} | {r['old_min']:.1f} | {r['new_min']:.1f} | {r['ratio']:.2f} | {r['old_acc']:.3f} | {r['new_acc']:.3f} |"
-              for r in rows]
+    lines = ["| seed | earlier default: minutes | this default: minutes | ratio (this / earlier) | earlier: CPU minutes | "
+             "this: CPU minutes | CPU ratio | earlier DEC ACC | this DEC ACC |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['seed']} | {r['old_min']:.1f} | {r['new_min']:.1f} | {r['ratio']:.2f} | {r['old_cpu_min']:.1f} | "
+              f"{r['new_cpu_min']:.1f} | {r['cpu_ratio']:.2f} | {r['old_acc']:.3f} | {r['new_acc']:.3f} |" for r in rows]
     if len(rows) > 1:
-        lines.append(f"| median | {np.median([r['old_min'] for r in rows]):.1f} | {np.median([r['new_min'] for r in rows]):.1f} | "
-                     f"{np.median([r['ratio'] for r in rows]):.2f} | | |")
+        med = {k: np.median([r[k] for r in rows]) for k in ("old_min", "new_min", "ratio", "old_cpu_min", "new_cpu_min", "cpu_ratio")}
+        lines.append(f"| median | {med['old_min']:.1f} | {med['new_min']:.1f} | {med['ratio']:.2f} | {med['old_cpu_min']:.1f} | "
+                     f"{med['new_cpu_min']:.1f} | {med['cpu_ratio']:.2f} | | |")
     body = (
         f"Command: `DEC_DATA_DIR=../shared/data python bench/bench_walltime.py --ref {args.ref} --seeds "
         f"{' '.join(map(str, args.seeds))} --threads {args.threads}`\n\n"
         f"Machine: {machine().split(',')[0]}, {args.threads} torch thread(s) per process, the two processes started together "
         f"on full MNIST. Earlier default: commit {args.ref} (k-means initialisation); this default: manifold (UMAP + GMM) "
-        "initialisation and distillation. Minutes: pretraining + fit, data loading excluded.\n\n" + "\n".join(lines)
+        "initialisation and distillation. Minutes: pretraining + fit, data loading excluded. CPU minutes: user + system "
+        "time of each whole process (data loading, the baseline k-means in the embedding included): on a shared machine "
+        "the two processes do not finish under the same load, and CPU time is what load does not change.\n\n" + "\n".join(lines)
     )
     print(body)
     write_section("Default run wall time: side by side with the earlier default", body)
