@@ -108,7 +108,8 @@ def test_checkpoints_are_written_every_n_epochs_but_at_most_once_per_interval(st
         def on_checkpoint(self, stage, epoch, state):
             super().on_checkpoint(stage, epoch, lambda: (self.written.append(epoch), state())[1])
 
-    with mlflow.start_run(experiment_id=mlflow.set_experiment("cadence").experiment_id) as run:
+    # not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID, which the later tests' runs and commands would inherit
+    with mlflow.start_run(experiment_id=MlflowClient().create_experiment("cadence")) as run:
         est.pretrain(x, callback=CallbackList([Clock(), Counted(every=2, min_interval_s=60)]))
     assert Counted.written == [2, 8, 14, 20, 26, 32, 38]  # epoch 2, then the first even epoch 60 s after the last
     saved = PretrainCheckpoint.load(MlflowClient().download_artifacts(run.info.run_id, tracking.CHECKPOINT_ARTIFACT))
@@ -221,6 +222,7 @@ def interrupt_pretraining(store, monkeypatch, experiment: str):
 
     with monkeypatch.context() as m:
         m.setenv("DEC_CHECKPOINT_EVERY", "1")
+        m.setattr(tracking, "CHECKPOINT_MIN_INTERVAL_S", 0.0)  # epochs 1 and 2 follow within a second
         m.setattr(tracking.CheckpointCallback, "on_checkpoint", write_then_interrupt)
         with pytest.raises(KeyboardInterrupt):
             lifecycle.pretrain(store["data"], experiment=experiment, **PRETRAIN_SMALL)
