@@ -5,9 +5,9 @@
 For each seed, starts two processes at the same moment, each with the same number of torch threads:
 the earlier commit's estimator defaults (``bench/bench_mnist.py`` of a git worktree checked out at
 ``--ref``) and this tree's (``bench/bench_quality.py run --datasets mnist --recipes default``, which
-also adds the row to the quality table; ``--fresh``: it pretrains, never reusing a kept autoencoder). Both
-time the same work: pretraining plus fit, data loading
-excluded. The machine is shared, so only the ratio within one pair means something.
+also adds the row to the quality table; ``--fresh``: it pretrains, never reusing a kept autoencoder).
+Both time the same work: pretraining plus fit, data loading excluded; each process's CPU minutes are
+reported too. The machine is shared, so only the ratios within one pair mean something.
 """
 
 from __future__ import annotations
