@@ -20,8 +20,10 @@ from dec_mlflow.model import DECNet
 
 INPUT_NAME = "x"
 OUTPUT_NAMES = ("q", "labels", "embedding")
-# Largest |q_onnx - q_torch| accepted; float32 round-off of this network is ~1e-7.
-MAX_ABS_DQ = 1e-5
+# Largest |q_onnx - q_torch| accepted. float32 round-off of this network is ~1e-7 on most data, but
+# reached 1.0e-05 on a two-process MNIST run (different GEMM summation orders on both sides); a wrong
+# graph differs by 1e-3 or more.
+MAX_ABS_DQ = 1e-4
 CUDA = "CUDAExecutionProvider"
 # torch.export specialises a dimension of size 1 to a constant, so trace with a larger batch.
 _EXAMPLE_ROWS = 2

@@ -77,7 +77,7 @@ def test_export_refuses_a_graph_that_disagrees_and_leaves_no_file(fitted, X_new,
     net = fitted.network_
     diverging = DECNet(nn.Sequential(net.encoder, _ShiftWhenExported()), net.centroids, net.offset,
                        net.scale, net.alpha).eval()
-    with pytest.raises(RuntimeError, match=r"disagrees with PyTorch on 300 rows: max \|dq\| = .* \(must be <= 1e-05\)"):
+    with pytest.raises(RuntimeError, match=r"disagrees with PyTorch on 300 rows: max \|dq\| = .* \(must be <= 0\.0001\)"):
         export_onnx(diverging, tmp_path / "dec.onnx", X_new[:300])
     assert list(tmp_path.iterdir()) == []
 
@@ -110,7 +110,7 @@ def _with_nan(network: DECNet, where: str) -> DECNet:
     ids=["encoder", "centroids"],
 )
 def test_export_refuses_a_network_with_nan_weights_and_leaves_no_file(fitted, X_new, tmp_path, where, counts):
-    # before the fix, max |dq| = NaN passed the gate: NaN > 1e-5 is False
+    # before the fix, max |dq| = NaN passed the gate: NaN > MAX_ABS_DQ is False
     with pytest.raises(RuntimeError, match=r"^the PyTorch network outputs NaN or infinite values on the 300 check rows "
                                            rf"{counts}; refusing to export a model that cannot score"):
         export_onnx(_with_nan(fitted.network_, where), tmp_path / "dec.onnx", X_new[:300])

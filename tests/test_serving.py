@@ -291,7 +291,7 @@ def test_parity_check_runs_on_the_provider_that_will_serve(fake_cuda, monkeypatc
 def test_parity_check_refuses_a_graph_that_is_wrong_only_on_cuda(fake_cuda, monkeypatch, fitted, X, tmp_path):
     monkeypatch.setattr(fake_cuda, "shift", 1e-3)
     with pytest.raises(RuntimeError, match=r"^ONNX graph on CUDAExecutionProvider disagrees with PyTorch on 100 rows: "
-                                           r"max \|dq\| = 0\.001 \(must be <= 1e-05\)"):
+                                           r"max \|dq\| = 0\.001 \(must be <= 0\.0001\)"):
         export_onnx(fitted.network_, tmp_path / "dec.onnx", X[:100], open_sessions=parity_sessions)
     assert list(tmp_path.iterdir()) == []
 
