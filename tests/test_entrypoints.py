@@ -75,8 +75,8 @@ def test_cluster_logs_params_metrics_artifacts_and_registers(store, first_cluste
     m = run.data.metrics
     assert m["final_acc"] > 0.95 and m["init_acc"] > 0.9 and m["converged"] == 1.0
     # the label-free trust score and the scores it is chosen from, all "higher is better"
-    assert -1.0 <= m["trust_score"] <= 1.0 and m["trust_score"] == m["trust_silhouette"]
-    assert {"trust_balance", "trust_init_agreement", "trust_confidence"} <= set(m)
+    assert 0.0 <= m["trust_score"] <= 1.0 and m["trust_score"] == m["trust_init_agreement"]
+    assert {"trust_balance", "trust_silhouette", "trust_confidence"} <= set(m)
     assert run.data.params["init_resolved"] == "manifold" and run.data.params["pretrain_lr_resolved"] == "0.1"
     assert run.data.params["scaling_resolved"] == "standard" and run.data.params["update_interval_resolved"] == "10"
     # per-update curves with steps
@@ -188,7 +188,8 @@ def test_promote_without_labels_picks_the_highest_trust_score(store):
     versions = client.search_model_versions("name = 'dec-unlabelled'")
     scores = {v.version: client.get_run(v.run_id).data.metrics["trust_score"] for v in versions}
     assert "final_acc" not in client.get_run(versions[0].run_id).data.metrics
-    assert client.get_model_version_by_alias("dec-unlabelled", "champion").version == max(scores, key=scores.get)
+    champion = client.get_model_version_by_alias("dec-unlabelled", "champion").version
+    assert scores[champion] == max(scores.values())  # on a tie, either version is the right pick
     assert "trust_score=" in result.output
 
 
@@ -239,7 +240,7 @@ def test_export_reexports_a_cluster_run_as_a_new_verified_version(store, first_c
     assert result.exit_code == 0, result.output
     export_run = runs_by_stage("export")[-1]
     assert export_run.data.tags["dec.network_source"] == f"runs:/{run.info.run_id}"
-    assert export_run.data.metrics["onnx_max_abs_dq"] <= 1e-5 and export_run.data.metrics["onnx_labels_match"] == 1.0
+    assert export_run.data.metrics["onnx_max_abs_dq"] <= 1e-4 and export_run.data.metrics["onnx_labels_match"] == 1.0
     version = MlflowClient().get_model_version("dec-blobs-export", "1")
     assert version.tags["network_run"] == run.info.run_id
     x = np.load(store["data"])["x"].astype(np.float64)
