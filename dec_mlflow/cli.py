@@ -16,7 +16,7 @@ import inspect
 
 import click
 
-from dec_mlflow import lifecycle, lifecycle_experiments
+from dec_mlflow import distributed, lifecycle, lifecycle_experiments
 from dec_mlflow.estimator import LR_SCHEDULES, PRECISIONS, PRETRAIN_MODES, SCALINGS, SELECTIONS, TRUST_SCORE, VARIANTS
 from dec_mlflow.initialisation import INITS
 from dec_mlflow.presets import DESCRIPTIONS, PRESETS
@@ -123,6 +123,8 @@ _DATA_HELP = {
 }
 _EXPERIMENT_HELP = {"experiment": "MLflow experiment to log to (created if missing); default: MLFLOW_EXPERIMENT_NAME, else Default."}
 _REGISTRY_HELP = {"registered_model_name": "Registry name; default dec-<dataset>. 'none' skips registration."}
+_NPROC_HELP = {"nproc": (click.INT, "Training processes on this machine, run by torchrun (gloo on the CPU, NCCL on GPUs); "
+                         "1 trains in this process. Under your own torchrun (several machines) leave it at 1.")}
 _PRESET_HELP = {"preset": (click.Choice(PRESETS), "Named recipe for the options left at 'auto': "
                            + "; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items()) + ".")}
 
@@ -134,8 +136,9 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         # ValueError: parameters and data (DataError), each naming what is wrong;
-        # FloatingPointError: training diverged, the message names the learning rate to lower
-        except (ValueError, FloatingPointError) as e:
+        # FloatingPointError: training diverged, the message names the learning rate to lower;
+        # WorkerFailed: a torchrun rank failed, its own error is printed above
+        except (ValueError, FloatingPointError, distributed.WorkerFailed) as e:
             raise click.ClickException(" ".join(line.strip() for line in str(e).splitlines() if line.strip())) from e
     return wrapper
 
@@ -157,7 +160,7 @@ def main():
 
 
 @main.command()
-@_stage_options(lifecycle.pretrain, {**_DATA_HELP, **_PRESET_HELP, **_EXPERIMENT_HELP})
+@_stage_options(lifecycle.pretrain, {**_DATA_HELP, **_PRESET_HELP, **_EXPERIMENT_HELP, **_NPROC_HELP})
 @_estimator_options(lifecycle.PRETRAIN_STAGE_PARAMS)
 @_user_errors
 def pretrain(**options):
@@ -173,6 +176,7 @@ def pretrain(**options):
     "figure_sample_size": (click.INT, "Points recorded for the self-training figures (t-SNE snapshots, gradient vs q); >= 10."),
     **_PRESET_HELP,
     **_EXPERIMENT_HELP,
+    **_NPROC_HELP,
 })
 @_estimator_options(lifecycle.ESTIMATOR_PARAMS)
 @_user_errors
@@ -183,6 +187,8 @@ def cluster(**options):
     pyfunc model ``model``, registered as dec-<dataset>; a child run if it had to pretrain.
     """
     result = lifecycle.cluster(**options)
+    if "model_uri" not in result:  # a rank > 0, or the launcher of the ranks: rank 0 printed the results
+        return
     metrics = result["metrics"]
     click.echo(f"Trust score {metrics['trust_score']:.4f} ({TRUST_SCORE}; label-free, higher is better)")
     if "final_acc" in metrics:

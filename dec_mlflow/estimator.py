@@ -17,7 +17,7 @@ from sklearn.cluster import KMeans
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from dec_mlflow import trust
+from dec_mlflow import distributed, trust
 from dec_mlflow.augment import check_image_shape, random_shift_rotate
 from dec_mlflow.callbacks import Callback, CallbackList
 from dec_mlflow.checkpoint import load_tensors, save_tensors
@@ -453,7 +453,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         if not np.allclose(scale, scale[0]):
             raise ValueError("augment=True needs one scale for every pixel (scaling 'max' or 'none'), but the "
                              "input is scaled per feature ('standard', chosen by 'auto' for this data or given)")
-        generator = torch.Generator(device=device).manual_seed(seed)
+        # under torchrun each rank draws its own shifts for its own rows
+        generator = torch.Generator(device=device).manual_seed(seed + distributed.rank())
         return functools.partial(random_shift_rotate, image_shape=shape, generator=generator)
 
     # ------------------------------------------------------------------ stages
@@ -605,19 +606,24 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
 
         The encoder (and an IDEC decoder) are rescaled in place so that points lie at the squared
         distance the Student's t kernel expects from their initial centroids; returns the clustering
-        (in the unscaled embedding) and the factor its centroids must be multiplied by.
+        (in the unscaled embedding) and the factor its centroids must be multiplied by. Under
+        torchrun the ranks embed their blocks of rows, rank 0 clusters the gathered embedding of all
+        the data and broadcasts the clustering, so every rank starts from the same centroids.
         """
         callback.on_stage_begin("init", None)
-        z = embed(encoder, x).cpu().numpy()  # (n, embedding_dim)
-        if self.init == "manifold" and self.n_clusters > 1:  # one cluster: its centroid is the mean, nothing to find
-            threads = torch.get_num_threads()
-            init = manifold_init(z, self.n_clusters, seed=self.selected_seed_)
-            # UMAP's numba sets the OpenMP thread count, which torch shares, to every core: a process limited to
-            # fewer (OMP_NUM_THREADS, torch.set_num_threads, one of several torchrun ranks) would self-train on all
-            torch.set_num_threads(threads)
-        else:
-            init = kmeans_init(z, self.n_clusters, n_init=self.n_init, seed=self.selected_seed_)
-        scale = embedding_scale(z, init)
+        z = distributed.all_gather_rows(embed(encoder, x[distributed.rows(x.shape[0])])).cpu().numpy()  # (n, embedding_dim)
+        init = scale = None
+        if distributed.is_main():
+            if self.init == "manifold" and self.n_clusters > 1:  # one cluster: its centroid is the mean, nothing to find
+                threads = torch.get_num_threads()
+                init = manifold_init(z, self.n_clusters, seed=self.selected_seed_)
+                # UMAP's numba sets the OpenMP thread count, which torch shares, to every core: a process limited to
+                # fewer (OMP_NUM_THREADS, torch.set_num_threads, one of several torchrun ranks) would self-train on all
+                torch.set_num_threads(threads)
+            else:
+                init = kmeans_init(z, self.n_clusters, n_init=self.n_init, seed=self.selected_seed_)
+            scale = embedding_scale(z, init)
+        init, scale = distributed.broadcast_object((init, scale))
         scale_embedding(encoder, scale, decoder)
         callback.on_stage_end("init")
         return init, scale

@@ -12,6 +12,11 @@ what the stage's ``preset`` chooses (:mod:`dec_mlflow.presets`). Parameters are 
 data is loaded. Errors a user can cause raise ``ValueError`` naming the
 parameter or file and the rule (``DataError`` for data), or ``FloatingPointError`` when training
 diverges; a run ends FAILED on any error.
+
+``pretrain`` and ``cluster`` take ``nproc``: with N > 1 the stage starts its run, runs itself as N
+processes with torchrun (:func:`dec_mlflow.distributed.launch`) and ends the run FAILED if any of
+them fails. Inside torchrun (those N processes, or ranks that a user's own ``torchrun`` started on
+several machines) every rank loads the data and trains on its share; rank 0 alone talks to MLflow.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ import pandas as pd
 from sklearn.base import clone
 
 from dec_mlflow import __version__ as PACKAGE_VERSION
-from dec_mlflow import scoring, tracking
-from dec_mlflow.callbacks import CallbackList, ProgressBar
+from dec_mlflow import distributed, scoring, tracking
+from dec_mlflow.callbacks import Callback, CallbackList, ProgressBar
 from dec_mlflow.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from dec_mlflow.data import Dataset, load_dataset
 from dec_mlflow.estimator import DEC, TRUST_SCORE, PretrainedAutoencoder, selection_criteria
@@ -173,7 +178,8 @@ def _pretrain_key(est: DEC, digest: str, resolved: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ pretrain
-def pretrain(dataset: str, *, label_column: str = "", preset: str = "default", experiment: str = "", **params) -> dict:
+def pretrain(dataset: str, *, label_column: str = "", preset: str = "default", experiment: str = "", nproc: int = 1,
+             **params) -> dict:
     """Pretrain the autoencoder on ``dataset`` in a new run.
 
     Reads the dataset; writes a run with the per-epoch ``pretrain_loss`` curve, the dataset as an
@@ -189,20 +195,33 @@ def pretrain(dataset: str, *, label_column: str = "", preset: str = "default", e
         Named recipe for the parameters left at 'auto' (:mod:`dec_mlflow.presets`).
     experiment : str
         MLflow experiment name ('' : MLflow's choice, see ``tracking.stage_run``).
+    nproc : int
+        Training processes on this machine (torchrun); 1 trains in this process.
     **params
         ``PRETRAIN_STAGE_PARAMS`` of the estimator; the rest keep their defaults.
 
     Returns
     -------
-    dict with ``run_id``, ``autoencoder_uri`` and ``loss`` (last epoch's reconstruction loss).
+    dict with ``run_id``, ``autoencoder_uri`` and ``loss`` (last epoch's reconstruction loss); with
+    ``nproc`` > 1, ``run_id`` and ``nproc`` (rank 0 printed and logged the rest); on a rank > 0 of
+    torchrun, ``run_id`` None and ``rank``.
     """
     params = estimator_params(params, PRETRAIN_STAGE_PARAMS)
+    check_int("nproc", nproc, low=1)
     build_estimator(params, preset=preset)
+    stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
     data = load_data(dataset, label_column)
     est = build_estimator(params, data, preset=preset)
-    with tracking.stage_run(f"pretrain-{data.name}-s{est.random_state}", experiment) as run:
-        ae = _run_pretraining(est, data, {"dataset": dataset, "label_column": label_column, "preset": preset, **params},
-                              data_params(data))
+    run_name = f"pretrain-{data.name}-s{est.random_state}"
+    if nproc > 1 and not distributed.in_torchrun():
+        del data  # each rank loads its own
+        return _launch("pretrain", run_name, {**stage_params, "experiment": experiment, "nproc": nproc})
+    with distributed.process_group(est.device):
+        if not distributed.is_main():
+            est.pretrain(data.x)
+            return {"run_id": None, "rank": distributed.rank()}
+        with tracking.stage_run(run_name, experiment) as run:
+            ae = _run_pretraining(est, data, {**stage_params, "nproc": nproc}, data_params(data))
     run_id = run.info.run_id
     return {"run_id": run_id, "autoencoder_uri": f"runs:/{run_id}/{Path(tracking.AUTOENCODER_ARTIFACT).parent}", "loss": ae.loss}
 
@@ -218,9 +237,11 @@ def _run_pretraining(est: DEC, data: Dataset, stage_params: dict, data_params_: 
     mlflow.set_tags({tracking.STAGE_TAG: "pretrain", tracking.KEY_TAG: key,
                      "dataset": data.name, "method": f"pretrain-{est.pretrain_mode}", "seed": est.random_state})
     tracking.claim_run()
-    tracking.log_params_once({**stage_params, **data_params_, **resolved_params(est, data.x)})
+    tracking.log_params_once({**stage_params, **data_params_, **resolved_params(est, data.x),
+                              "world_size": distributed.world_size()})
     tracking.log_dataset(data, data_params_["data_digest"], context="training")
-    resume = _resume_point(key)
+    # under torchrun the other ranks pretrain from scratch in step with rank 0, so a checkpoint is not resumed there
+    resume = _resume_point(key) if distributed.world_size() == 1 else None
     callbacks = [tracking.MlflowCallback(est.n_clusters), tracking.CheckpointCallback()]
     with progress_bar() as bar:
         ae = est.pretrain(data.x, callback=CallbackList([bar, *callbacks]), resume=resume)
@@ -266,17 +287,19 @@ def resolve_autoencoder(ref: str, est: DEC, data: Dataset, stage_params: dict, d
     ``ref`` is a run id, a ``runs:/`` or ``models:/`` URI, or a checkpoint file; '' to look for or
     make one. ``stage_params`` are the calling stage's parameters (its pretraining ones are logged
     by a new pretrain run). Returns (autoencoder, source) with source the ref or the ``runs:/`` URI
-    of the pretrain run.
+    of the pretrain run. Under torchrun this runs on rank 0, which sends the autoencoder it found
+    to the other ranks (:func:`_shared_autoencoder`), or None to pretrain with them.
     """
     if ref:
         looks_like_file = Path(ref).suffix or "/" in ref or "\\" in ref
         if ":/" not in ref and looks_like_file and not Path(ref).is_file():
             raise ValueError(f"autoencoder {ref!r}: no such file (give a checkpoint file, a run id or a runs:/ or models:/ URI)")
-        return tracking.load_autoencoder(ref), ref
+        return distributed.broadcast_object(tracking.load_autoencoder(ref)), ref
     previous = tracking.find_finished_run("pretrain", _pretrain_key(est, data_params_["data_digest"], est.resolve(data.x)))
     if previous is not None:
         report(f"Reusing autoencoder of FINISHED pretrain run {previous.info.run_id}")
-        return tracking.load_autoencoder(previous.info.run_id), f"runs:/{previous.info.run_id}"
+        return distributed.broadcast_object(tracking.load_autoencoder(previous.info.run_id)), f"runs:/{previous.info.run_id}"
+    distributed.broadcast_object(None)  # the ranks pretrain together
     with tracking.child_run(f"pretrain-{data.name}-s{est.random_state}") as child:
         pretrain_params = {k: v for k, v in stage_params.items() if k in PRETRAIN_STAGE_PARAMS + ("dataset", "label_column", "preset")}
         pretrain_params["random_state"] = est.random_state
@@ -300,15 +323,55 @@ def select_autoencoder(est: DEC, data: Dataset, stage_params: dict, data_params_
         if best is None or criteria[est.pretrain_selection] < best[0]:
             best = (criteria[est.pretrain_selection], seed, ae, source)
     _, seed, ae, source = best
+    distributed.broadcast_object(seed)
     report(f"Kept the autoencoder of seed {seed} (lowest {est.pretrain_selection})")
     mlflow.log_metric("selected_seed", seed)
     est.set_params(random_state=seed)
     return ae, source
 
 
+def _shared_autoencoder(est: DEC, data: Dataset) -> PretrainedAutoencoder:
+    """On a rank > 0: the autoencoder rank 0 found (``resolve_autoencoder``), else pretrained together."""
+    ae = distributed.broadcast_object(None)
+    return ae if ae is not None else est.pretrain(data.x)
+
+
+def _follow_cluster(est: DEC, data: Dataset, autoencoder: str) -> None:
+    """A rank > 0 of ``cluster``: the collectives of rank 0's ``resolve``/``select_autoencoder`` and ``fit``."""
+    if autoencoder or est.n_pretrain_init == 1:
+        ae = _shared_autoencoder(est, data)
+    else:
+        seeds = range(est.random_state, est.random_state + est.n_pretrain_init)
+        candidates = {seed: _shared_autoencoder(clone(est).set_params(random_state=seed), data) for seed in seeds}
+        est.set_params(random_state=distributed.broadcast_object(None))
+        ae = candidates[est.random_state]
+    est.fit(data.x, autoencoder=ae, callback=Callback())
+
+
+def _launch(stage: str, run_name: str, options: dict) -> dict:
+    """Start the run of ``stage``, run the stage as ``options['nproc']`` torchrun processes in it, wait.
+
+    ``options`` are the stage's keyword arguments, passed on as the command's options; rank 0
+    resumes the run (its id is in the environment of the ranks). The run ends FAILED when any rank
+    fails (``distributed.WorkerFailed``), even one killed before it could say so.
+    """
+    args = [stage]
+    for name, value in options.items():
+        if isinstance(value, (tuple, list)):
+            value = ",".join(map(str, value))
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        args += [f"--{name}", "" if value is None else str(value)]
+    with tracking.stage_run(run_name, options["experiment"]) as run, tracking.run_environment(run):
+        report(f"Running {stage} as {options['nproc']} processes (torchrun) in run {run.info.run_id}")
+        distributed.launch(options["nproc"], "dec_mlflow.cli", args)
+    return {"run_id": run.info.run_id, "nproc": options["nproc"]}
+
+
 # ------------------------------------------------------------------------------------ cluster
 def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", registered_model_name: str = "",
-            figure_sample_size: int = 1000, preset: str = "default", experiment: str = "", **params) -> dict:
+            figure_sample_size: int = 1000, preset: str = "default", experiment: str = "", nproc: int = 1,
+            **params) -> dict:
     """The main job: pretrain or reuse an autoencoder, initial clusters, DEC self-training, log and register.
 
     Reads the dataset; writes a run with the self-training curves, the dataset as an input,
@@ -328,6 +391,8 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
         Points recorded for the self-training figures (>= 10).
     preset : {'default', 'best', 'paper'}
         Named recipe for the parameters left at 'auto' (:mod:`dec_mlflow.presets`).
+    nproc : int
+        Training processes on this machine (torchrun); 1 trains in this process.
     **params
         Estimator parameters (``ESTIMATOR_PARAMS``); the rest keep their defaults.
 
@@ -337,17 +402,36 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
     (None when not registered), ``autoencoder_source``, ``onnx_max_abs_dq`` and ``metrics``: the
     run's summary scores (``trust_score`` and the ``trust_*`` scores it is chosen from, always;
     ``final_*`` and ``init_*`` when the data has labels); those matching ``VERSION_METRIC_PREFIXES``
-    also tag and describe the registered version.
+    also tag and describe the registered version. With ``nproc`` > 1, ``run_id`` and ``nproc`` (rank
+    0 printed the rest); on a rank > 0 of torchrun, ``run_id`` None and ``rank``.
     """
     params = estimator_params(params)
     check_int("figure_sample_size", figure_sample_size, low=10)
+    check_int("nproc", nproc, low=1)
     build_estimator(params, preset=preset)
     data = load_data(dataset, label_column, params["n_clusters"])
     est = build_estimator(params, data, preset=preset)
     name = registered_model_name or f"dec-{data.name}"
-    with tracking.stage_run(f"cluster-{data.name}-k{est.n_clusters}-s{est.random_state}", experiment) as run:
+    run_name = f"cluster-{data.name}-k{est.n_clusters}-s{est.random_state}"
+    stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
+    own_params = {"autoencoder": autoencoder, "registered_model_name": registered_model_name,
+                  "figure_sample_size": figure_sample_size}
+    if nproc > 1 and not distributed.in_torchrun():
+        del data  # each rank loads its own
+        return _launch("cluster", run_name, {**stage_params, **own_params, "experiment": experiment, "nproc": nproc})
+    with distributed.process_group(est.device):
+        if not distributed.is_main():
+            _follow_cluster(est, data, autoencoder)
+            return {"run_id": None, "rank": distributed.rank()}
+        return _cluster_run(est, data, run_name, experiment, name, stage_params, {**own_params, "nproc": nproc})
+
+
+def _cluster_run(est: DEC, data: Dataset, run_name: str, experiment: str, name: str, stage_params: dict,
+                 own_params: dict) -> dict:
+    """The run of ``cluster`` (in one process, or on rank 0): see :func:`cluster`."""
+    autoencoder, figure_sample_size = own_params["autoencoder"], own_params["figure_sample_size"]
+    with tracking.stage_run(run_name, experiment) as run:
         mlflow.set_tags({tracking.STAGE_TAG: "cluster", "dataset": data.name, "method": "dec", "seed": est.random_state})
-        stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
         data_params_ = data_params(data)
         # the same job killed before: leave it KILLED rather than RUNNING forever (its pretraining is resumed below)
         key = tracking.fingerprint({**stage_params, "autoencoder": autoencoder, "data_digest": data_params_["data_digest"],
@@ -355,8 +439,8 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
         mlflow.set_tag(tracking.CLUSTER_KEY_TAG, key)
         tracking.claim_run()
         tracking.end_dead_runs(tracking.find_dead_runs("cluster", key, tracking.CLUSTER_KEY_TAG), run.info.run_id)
-        tracking.log_params_once({**stage_params, "autoencoder": autoencoder, "registered_model_name": registered_model_name,
-                                  "figure_sample_size": figure_sample_size, **data_params_, **resolved_params(est, data.x)})
+        tracking.log_params_once({**stage_params, **own_params, **data_params_, **resolved_params(est, data.x),
+                                  "world_size": distributed.world_size()})
         tracking.log_dataset(data, data_params_["data_digest"], context="training")
         if autoencoder or est.n_pretrain_init == 1:
             ae, source = resolve_autoencoder(autoencoder, est, data, stage_params, data_params_)

@@ -35,22 +35,25 @@ def _sq_dist(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return (z.pow(2).sum(1, keepdim=True) - 2.0 * z @ centroids.T + centroids.pow(2).sum(1)).clamp_min(0.0)
 
 
-def target_distribution(q: torch.Tensor) -> torch.Tensor:
+def target_distribution(q: torch.Tensor, frequencies: torch.Tensor | None = None) -> torch.Tensor:
     """Auxiliary target distribution P (paper eq. 3).
 
     p_ij = (q_ij^2 / f_j) / sum_j' (q_ij'^2 / f_j'), with soft cluster frequencies f_j = sum_i q_ij.
     Squaring sharpens confident assignments; dividing by f_j keeps large clusters from taking over.
-    The frequencies must be taken over the whole data set, so pass the full q, not a batch.
+    The frequencies must be taken over the whole data set: pass the full q, or the rows of q of one
+    part of the data together with the ``frequencies`` of the whole.
 
     Parameters
     ----------
     q : Tensor of shape (n_samples, n_clusters)
+    frequencies : Tensor of shape (n_clusters,), optional
+        f_j over the whole data set; default ``q.sum(0)``.
 
     Returns
     -------
     p : Tensor of shape (n_samples, n_clusters), rows sum to 1.
     """
-    weight = q.pow(2) / q.sum(0)  # (n_samples, n_clusters)
+    weight = q.pow(2) / (q.sum(0) if frequencies is None else frequencies)  # (n_samples, n_clusters)
     return weight / weight.sum(1, keepdim=True)
 
 

@@ -99,6 +99,27 @@ def child_run(run_name: str) -> Iterator[mlflow.ActiveRun]:
         yield run
 
 
+@contextmanager
+def run_environment(run: mlflow.ActiveRun) -> Iterator[None]:
+    """Environment in which a child process's ``stage_run`` resumes ``run`` in the same stores.
+
+    Sets ``MLFLOW_RUN_ID``, ``MLFLOW_EXPERIMENT_ID`` and the tracking and registry URIs (which may
+    have been set in this process only, by ``mlflow.set_tracking_uri``), and restores them after.
+    """
+    values = {"MLFLOW_RUN_ID": run.info.run_id, "MLFLOW_EXPERIMENT_ID": run.info.experiment_id,
+              "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri()}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _experiment_id(name: str) -> str:
     """Id of the experiment called ``name``, created if it does not exist."""
     client = MlflowClient()

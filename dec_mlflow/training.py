@@ -1,7 +1,9 @@
 """Training loops: autoencoder pretraining (layer-wise denoising or end to end) and DEC self-training.
 
 The loops take tensors and hyperparameters, report through a :class:`~dec_mlflow.callbacks.Callback`
-and never log, seed or pick devices themselves: the estimator does that.
+and never log, seed or pick devices themselves: the estimator does that. Under torchrun every rank
+runs the same loop on its share of each batch (:mod:`dec_mlflow.distributed`, whose collectives do
+nothing in a single process).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dec_mlflow import distributed
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.model import Autoencoder
 from dec_mlflow.objectives import kl_divergence, soft_assignment, target_distribution
@@ -89,7 +92,7 @@ def _train_reconstruction(
     changes each batch before the network sees it, and the network then reconstructs the changed
     batch, as DEC-DA pretrains. After each epoch ``callback.on_checkpoint`` is offered the
     :class:`LoopState`; ``resume`` (with ``net`` already holding its weights) continues from one.
-    Returns the last epoch's mean loss.
+    Returns the last epoch's mean loss (over all ranks).
 
     Raises
     ------
@@ -99,6 +102,7 @@ def _train_reconstruction(
     """
     params = [p for p in net.parameters() if p.requires_grad]
     zeros_loss = sum(float(x[s : s + 4096].float().pow(2).sum()) for s in range(0, x.shape[0], 4096)) / x.numel()
+    distributed.broadcast_parameters(params)
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
     n = x.shape[0]
     start, epoch_loss = 0, float("nan")
@@ -111,18 +115,20 @@ def _train_reconstruction(
     for epoch in range(start, epochs):
         for group in opt.param_groups:
             group["lr"] = _lr_at(epoch, epochs, lr, lr_schedule)
-        perm = torch.randperm(n)
+        perm = distributed.broadcast(torch.randperm(n))
         total = torch.zeros((), device=x.device)
         for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            batch = x[idx] if transform is None else transform(x[idx])
-            with _autocast(precision, x.device):
-                loss = nn.functional.mse_loss(net(batch).float(), batch)
+            idx, share = distributed.shard_batch(perm[start : start + batch_size])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if idx.numel():  # a rank may get no row of a last batch smaller than the number of ranks
+                batch = x[idx] if transform is None else transform(x[idx])
+                with _autocast(precision, x.device):
+                    loss = nn.functional.mse_loss(net(batch).float(), batch)
+                (loss * share).backward()
+                total += loss.detach() * idx.numel()
+            distributed.all_reduce_gradients(params)
             opt.step()
-            total += loss.detach() * idx.numel()
-        epoch_loss = float(total) / n
+        epoch_loss = float(distributed.all_reduce_sum(total)) / n
         if not math.isfinite(epoch_loss) or epoch_loss > BLOWUP * zeros_loss:
             what = epoch_loss if not math.isfinite(epoch_loss) else f"{epoch_loss:.3g}, {epoch_loss / zeros_loss:.0f} times that of reconstructing zeros"
             raise FloatingPointError(f"{stage}: reconstruction loss became {what} at epoch {epoch + 1} (learning rate {lr:g})")
@@ -221,12 +227,15 @@ def _chunks(fn, x: torch.Tensor, batch_size: int = 4096):
 
 
 def _batch_indices(n: int, batch_size: int):
-    """Endless mini-batch indices: a fresh permutation each epoch, never a tiny trailing batch."""
+    """Endless mini-batches: a fresh permutation each epoch, never a tiny trailing batch.
+
+    Yields (this rank's indices, its share of the batch), see :func:`distributed.shard_batch`.
+    """
     batch_size = min(batch_size, n)
     while True:
-        perm = torch.randperm(n)
+        perm = distributed.broadcast(torch.randperm(n))
         for start in range(0, n - batch_size + 1, batch_size):
-            yield perm[start : start + batch_size]
+            yield distributed.shard_batch(perm[start : start + batch_size])
 
 
 def distill(
@@ -262,21 +271,27 @@ def distill(
     if teacher.shape != (x.shape[0], centroids.shape[0]):
         raise ValueError(f"teacher must have shape (n_samples, n_clusters) = ({x.shape[0]}, {centroids.shape[0]}); "
                          f"got {tuple(teacher.shape)}")
-    opt = torch.optim.SGD([*encoder.parameters(), centroids], lr=lr, momentum=momentum, foreach=True)
+    params = [*encoder.parameters(), centroids]
+    distributed.broadcast_parameters(params)
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
     callback.on_stage_begin("distill", n_iter)
     encoder.train()
     recent: list[torch.Tensor] = []
     batches = _batch_indices(x.shape[0], batch_size)
     for it in range(1, n_iter + 1):
-        idx = next(batches)
-        batch = x[idx] if transform is None else transform(x[idx])
-        loss = kl_divergence(teacher[idx], soft_assignment(encoder(batch), centroids, alpha))
+        idx, share = next(batches)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros((), device=x.device)  # a rank with no row of this batch adds nothing
+        if idx.numel():
+            batch = x[idx] if transform is None else transform(x[idx])
+            loss = kl_divergence(teacher[idx], soft_assignment(encoder(batch), centroids, alpha)) * share
+            loss.backward()
+        distributed.all_reduce_gradients(params)
         opt.step()
         recent = [*recent[-49:], loss.detach()]
         if it % 50 == 0 or it == n_iter:
-            value = float(torch.stack(recent).mean())
+            # each rank's share-weighted batch loss summed over ranks: the same figure on every rank
+            value = float(distributed.all_reduce_sum(torch.stack(recent).mean()))
             _check_finite("distill", "KL(teacher || Q)", value, it, lr)
             callback.on_step("distill", it, {"kl_loss": value})
     callback.on_stage_end("distill")
@@ -299,6 +314,7 @@ class SelfTrainResult:
     delta_label: float  # fraction of labels changed at the last update
     kl_loss: float  # KL(P || Q) over the whole data at the last update
     q: torch.Tensor  # (n_samples, n_clusters) soft assignments at the last update
+    p: torch.Tensor  # (n_samples, n_clusters) target distribution at the last update
 
 
 def self_train(
@@ -324,7 +340,9 @@ def self_train(
     Every ``update_interval`` iterations the target P is recomputed from Q over the WHOLE data set
     (the cluster frequencies f_j in eq. 3 are data-set totals); training stops when fewer than a
     fraction ``tol`` of hard labels changed since the previous update, or after ``max_iter``.
-    ``encoder``, ``centroids`` (and ``decoder``) are updated in place.
+    ``encoder``, ``centroids`` (and ``decoder``) are updated in place. Under torchrun each rank
+    computes Q on its block of rows, f_j, the KL and the count of changed labels are summed over
+    ranks and P is gathered, so every rank has the P and stops at the iteration one process would.
 
     Variants
     --------
@@ -347,12 +365,14 @@ def self_train(
     if decoder is not None and not train_encoder:
         raise ValueError("IDEC (a decoder) needs train_encoder=True")
     n = x.shape[0]
+    rows = distributed.rows(n)  # this rank's rows of the full passes (all rows in one process)
     if train_encoder:
         params = [*encoder.parameters(), centroids, *([] if decoder is None else decoder.parameters())]
         z_fixed = None
     else:
         params = [centroids]
-        z_fixed = embed(encoder, x)  # (n, d); the encoder never changes
+        z_fixed = distributed.all_gather_rows(embed(encoder, x[rows]))  # (n, d); the encoder never changes
+    distributed.broadcast_parameters(params)
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
     prev = None
     batches = _batch_indices(n, batch_size)
@@ -361,14 +381,18 @@ def self_train(
     while True:
         if it % update_interval == 0 or it >= max_iter:
             with torch.no_grad():
-                z_all = z_fixed if z_fixed is not None else embed(encoder, x)
-                q_all = soft_assignment(z_all, centroids, alpha)  # (n, k)
-                p_all = target_distribution(q_all)
-                kl = float(kl_divergence(p_all, q_all))
+                z_rows = z_fixed[rows] if z_fixed is not None else embed(encoder, x[rows])
+                q_rows = soft_assignment(z_rows, centroids, alpha)  # (n_rows, k)
+                frequencies = distributed.all_reduce_sum(q_rows.sum(0))  # f_j over the whole data set
+                p_rows = target_distribution(q_rows, frequencies)
+                kl = float(distributed.global_mean(kl_divergence(p_rows, q_rows), q_rows.shape[0], n))
                 _check_finite("self_train", "KL(P || Q) over the data", kl, it, lr)
-                labels = q_all.argmax(1).cpu().numpy()
-            delta = 1.0 if prev is None else float((labels != prev).mean())
-            prev = labels
+                labels_rows = q_rows.argmax(1)
+                p_all = distributed.all_gather_rows(p_rows)  # (n, k): a batch may hold any row
+                labels = distributed.all_gather_rows(labels_rows).cpu().numpy()
+                changed = None if prev is None else int(distributed.all_reduce_sum((labels_rows != prev).sum()))
+            delta = 1.0 if changed is None else changed / n
+            prev = labels_rows
             metrics = {"kl_loss": kl, "delta_label": delta}
             callback.on_update(it, labels, metrics)
             callback.on_state(it, encoder, centroids)
@@ -377,20 +401,23 @@ def self_train(
                 break
             if z_fixed is None:
                 encoder.train()
-        idx = next(batches)
-        if z_fixed is not None:
-            z = z_fixed[idx]
-            batch = None
-        else:
-            batch = x[idx] if transform is None else transform(x[idx])
-            z = encoder(batch)
-        loss = kl_divergence(p_all[idx], soft_assignment(z, centroids, alpha))
-        if decoder is not None:
-            loss = nn.functional.mse_loss(decoder(z), batch) + gamma * loss
+        idx, share = next(batches)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if idx.numel():  # a rank may get no row when the batch is smaller than the number of ranks
+            if z_fixed is not None:
+                z = z_fixed[idx]
+                batch = None
+            else:
+                batch = x[idx] if transform is None else transform(x[idx])
+                z = encoder(batch)
+            loss = kl_divergence(p_all[idx], soft_assignment(z, centroids, alpha))
+            if decoder is not None:
+                loss = nn.functional.mse_loss(decoder(z), batch) + gamma * loss
+            (loss * share).backward()
+        distributed.all_reduce_gradients(params)
         opt.step()
         it += 1
     callback.on_stage_end("self_train")
     encoder.eval()
-    return SelfTrainResult(labels=prev, n_iter=it, converged=it > 0 and delta < tol, delta_label=delta, kl_loss=kl, q=q_all)
+    return SelfTrainResult(labels=labels, n_iter=it, converged=it > 0 and delta < tol, delta_label=delta, kl_loss=kl,
+                           q=distributed.all_gather_rows(q_rows), p=p_all)
