@@ -42,6 +42,11 @@ def in_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def local_world_size() -> int:
+    """Ranks on this machine: torchrun's ``--nproc-per-node`` (1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if in_torchrun() else 1
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

@@ -216,6 +216,7 @@ def pretrain(dataset: str, *, label_column: str = "", preset: str = "default", e
     if nproc > 1 and not distributed.in_torchrun():
         del data  # each rank loads its own
         return _launch("pretrain", run_name, {**stage_params, "experiment": experiment, "nproc": nproc})
+    nproc = distributed.local_world_size()  # under torchrun, its processes per machine; else 1
     with distributed.process_group(est.device):
         if not distributed.is_main():
             est.pretrain(data.x)
@@ -419,6 +420,7 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
     if nproc > 1 and not distributed.in_torchrun():
         del data  # each rank loads its own
         return _launch("cluster", run_name, {**stage_params, **own_params, "experiment": experiment, "nproc": nproc})
+    nproc = distributed.local_world_size()  # under torchrun, its processes per machine; else 1
     with distributed.process_group(est.device):
         if not distributed.is_main():
             _follow_cluster(est, data, autoencoder)

@@ -13,65 +13,24 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import make_blobs
 
-from conftest import SMALL
+from distributed_ranks import FIT, blobs, distilled, one_update, rank_job
 from dec_mlflow import DEC
-from dec_mlflow.callbacks import Callback
-from dec_mlflow.model import Autoencoder
-from dec_mlflow.training import self_train
 
 REPO = Path(__file__).resolve().parents[1]
-FIT = {**SMALL, "init": "kmeans"}
 # the CLI runs of this module: a tiny network, k-means (no UMAP compilation), t-SNE figures of 10 points
 CLI = {"n_clusters": "3", "hidden_dims": "16,8,3", "pretrain_epochs": "10", "pretrain_lr": "0.1", "pretrain_batch_size": "64",
        "batch_size": "64", "update_interval": "10", "n_init": "3", "precision": "fp32", "init": "kmeans",
        "figure_sample_size": "10"}
 
 
-def _blobs():
-    # 601 rows: the ranks' blocks of the full passes differ in size, and batches do not divide the data
-    x, _ = make_blobs(601, n_features=20, centers=4, cluster_std=1.0, random_state=0)
-    return x.astype(np.float32)
-
-
-def _fixed_model():
-    """An encoder and centroids of fixed seeded weights, for one update of the target P."""
-    torch.manual_seed(3)
-    encoder = Autoencoder((20, 32, 16, 4)).encoder
-    centroids = torch.nn.Parameter(torch.randn(4, 4))
-    return encoder, centroids
-
-
-def _one_update(x):
-    encoder, centroids = _fixed_model()
-    return self_train(encoder, centroids, torch.from_numpy(x), alpha=1.0, batch_size=64, lr=0.01, momentum=0.9,
-                      update_interval=10, tol=0.001, max_iter=0, callback=Callback())
-
-
-def _rank(rank: int, world: int, folder: str) -> None:
-    """One rank of the gloo job: a whole DEC fit, then one update of P, results saved per rank."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
-    try:
-        x = _blobs()
-        dec = DEC(**FIT).fit(x)
-        update = _one_update(x)
-        weights = {f"w_{k}": v.numpy() for k, v in dec.network_.state_dict().items()}
-        np.savez(f"{folder}/rank{rank}.npz", centers=dec.cluster_centers_, labels=dec.labels_, n_iter=dec.n_iter_,
-                 kl=dec.kl_loss_, pretrain_loss=dec.pretrain_loss_, p=update.p.numpy(), q=update.q.numpy(),
-                 update_labels=update.labels, **weights)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_rank, args=(2, str(folder)), nprocs=2)
+    mp.spawn(rank_job, args=(2, str(folder)), nprocs=2)
     return [dict(np.load(folder / f"rank{r}.npz")) for r in range(2)]
 
 
@@ -84,7 +43,7 @@ def test_both_ranks_end_with_identical_weights_and_centroids(two_ranks):
 
 def test_two_ranks_train_as_one_process_would(two_ranks):
     """Same batches split across ranks, gradients summed: the same fit up to float rounding, stopping at the same iteration."""
-    dec = DEC(**FIT).fit(_blobs())
+    dec = DEC(**FIT).fit(blobs())
     ranked = two_ranks[0]
     assert int(ranked["n_iter"]) == dec.n_iter_
     np.testing.assert_array_equal(ranked["labels"], dec.labels_)
@@ -95,11 +54,18 @@ def test_two_ranks_train_as_one_process_would(two_ranks):
 
 def test_target_distribution_of_two_ranks_equals_one_process(two_ranks):
     """f_j summed over the ranks' blocks: P of every row is the one-process P of the whole data."""
-    single = _one_update(_blobs())
+    single = one_update(blobs())
     for ranked in two_ranks:
         np.testing.assert_allclose(ranked["p"], single.p.numpy(), rtol=0, atol=1e-6)
         np.testing.assert_allclose(ranked["q"], single.q.numpy(), rtol=0, atol=1e-6)
         np.testing.assert_array_equal(ranked["update_labels"], single.labels)
+
+
+def test_distillation_of_two_ranks_equals_one_process(two_ranks):
+    torch.manual_seed(5)
+    single = distilled(blobs())
+    for ranked in two_ranks:
+        np.testing.assert_allclose(ranked["distilled"], single, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ the CLI with torchrun
