@@ -75,7 +75,8 @@ def process_group(device: str = "auto") -> Iterator[None]:
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=TIMEOUT)
+    # with CUDA, NCCL for the tensors on the GPU and gloo for those on the CPU (the epoch's permutation)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", timeout=TIMEOUT)
     try:
         yield
     finally:
@@ -97,8 +98,10 @@ def launch(nproc: int, module: str, args: Sequence[str]) -> None:
     Raises
     ------
     WorkerFailed
-        When a rank fails, naming the first that did and how.
+        When a rank fails, naming the first that did and how, or when this process is stopped by a
+        signal (the ranks are then stopped too).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -111,6 +114,8 @@ def launch(nproc: int, module: str, args: Sequence[str]) -> None:
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         raise WorkerFailed(f"training process rank {failed} of {nproc} failed ({how}); its error, if any, "
                            "is printed above; the other ranks were stopped") from None
+    except SignalException as e:  # this process was told to stop (Ctrl-C, SIGTERM): torchrun stopped the ranks
+        raise WorkerFailed(f"stopped by signal {signal.Signals(e.sigval).name}; the {nproc} training processes were stopped") from None
 
 
 # ---------------------------------------------------------------------------- collectives

@@ -94,10 +94,25 @@ def _runs(experiment: str):
     return MlflowClient().search_runs([exp.experiment_id], "", order_by=["attributes.start_time ASC"])
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """End a command that is still running with SIGTERM, on which torchrun stops its ranks (SIGKILL would orphan them)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def test_cluster_with_two_processes_writes_one_finished_run_and_one_version(store):
-    proc = subprocess.run(_cli(store, "cluster", nproc=2, experiment="ddp", registered_model_name="dec-ddp"),
-                          cwd=store["dir"], env=store["env"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = _cli(store, "cluster", nproc=2, experiment="ddp", registered_model_name="dec-ddp")
+    proc = subprocess.Popen(args, cwd=store["dir"], env=store["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, stderr[-3000:]
     runs = _runs("ddp")
     stages = sorted(r.data.tags["dec.stage"] for r in runs)
     assert stages == ["cluster", "pretrain"]  # the cluster run and the pretrain run it started: one each
@@ -113,7 +128,7 @@ def test_cluster_with_two_processes_writes_one_finished_run_and_one_version(stor
     assert len(client.get_metric_history(pretrain_run.info.run_id, "pretrain_loss")) == 10
     versions = client.search_model_versions("name = 'dec-ddp'")
     assert [v.run_id for v in versions] == [run.info.run_id]
-    assert proc.stdout.count("registered as dec-ddp version 1") == 1  # rank 0 alone reports
+    assert stdout.count("registered as dec-ddp version 1") == 1  # rank 0 alone reports
 
 
 def _worker_pids(parent: int) -> dict[int, int]:
@@ -135,7 +150,7 @@ def test_a_rank_killed_mid_training_ends_the_run_failed(store):
     args = _cli(store, "cluster", nproc=2, experiment="ddp-crash", pretrain_epochs=100000, registered_model_name="none")
     proc = subprocess.Popen(args, cwd=store["dir"], env=store["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900
         while True:  # until both ranks train: the pretrain run has logged an epoch
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             exp = mlflow.get_experiment_by_name("ddp-crash")
@@ -146,10 +161,9 @@ def test_a_rank_killed_mid_training_ends_the_run_failed(store):
         ranks = _worker_pids(proc.pid)
         assert sorted(ranks) == [0, 1]
         os.kill(ranks[1], signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=120)
+        _, stderr = proc.communicate(timeout=300)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop(proc)
     assert proc.returncode == 1
     assert "Error: training process rank 1 of 2 failed (signal SIGKILL)" in stderr
     runs = _runs("ddp-crash")
