@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import make_blobs
 
 from distributed_ranks import FIT, blobs, distilled, one_update, rank_job
 from dec_mlflow import DEC
+from dec_mlflow.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 # the CLI runs of this module: a tiny network, k-means (no UMAP compilation), t-SNE figures of 10 points
@@ -92,6 +94,12 @@ def _cli(store, stage: str, **options) -> list[str]:
 def _runs(experiment: str):
     exp = mlflow.get_experiment_by_name(experiment)
     return MlflowClient().search_runs([exp.experiment_id], "", order_by=["attributes.start_time ASC"])
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "cluster"])
+def test_nproc_below_one_is_refused_before_loading_data(stage):
+    result = CliRunner().invoke(main, [stage, "--dataset", "nope.npz", "--nproc", "0"])
+    assert result.exit_code == 1 and "Error: nproc must be an integer >= 1; got 0" in result.output
 
 
 def _stop(proc: subprocess.Popen) -> None:
