@@ -27,6 +27,7 @@ DEVICE = "meta"  # not the CPU: the stand-in for cuda
 def fake_device(monkeypatch):
     """A FakeTensorMode, value reads patched, and the device types autocast was asked for."""
     monkeypatch.setattr(training, "float", lambda v: 0.5 if isinstance(v, FakeTensor) else builtins.float(v), raising=False)
+    monkeypatch.setattr(training, "int", lambda v: 0 if isinstance(v, FakeTensor) else builtins.int(v), raising=False)
     monkeypatch.setattr(FakeTensor, "numpy", lambda t: np.zeros(t.shape, np.int64), raising=False)
     autocast_devices = []
 
