@@ -9,6 +9,10 @@ timestamps of the per-epoch `pretrain_loss`, first epoch excluded), `final_acc`,
 of the whole command. nproc=1 runs with OMP_NUM_THREADS=2 (both cores for one process), nproc=2
 with OMP_NUM_THREADS=1 (one core per rank). Also prints the gradient all-reduce volume per step of
 the autoencoder, the figure the README's scaling section starts from.
+
+`--subsample N` trains both configurations on the same N rows of the dataset drawn at random
+(seeded), written to one `.npz` first: for a machine too loaded to pretrain on all 70,000 images
+twice in the time at hand. `--extra "--max_iter M"` caps self-training the same way.
 """
 
 from __future__ import annotations
@@ -23,13 +27,24 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow.tracking import MlflowClient
 
 from _report import machine, write_section
+from dec_mlflow.data import load_dataset
 from dec_mlflow.model import Autoencoder
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = (784, 500, 500, 2000, 10)
+
+
+def subsample(dataset: str, n: int, seed: int) -> str:
+    """Path of an ``.npz`` holding ``n`` rows of ``dataset`` (and their labels) drawn at random with ``seed``."""
+    data = load_dataset(dataset)
+    rows = np.sort(np.random.default_rng(seed).choice(data.x.shape[0], size=n, replace=False))
+    path = Path(tempfile.mkdtemp(prefix="bench-ddp-data-")) / f"{data.name}-{n}.npz"
+    np.savez(path, x=data.x[rows], y=data.y[rows])
+    return str(path)
 
 
 def run_cluster(nproc: int, threads: int, args) -> dict:
@@ -37,7 +52,7 @@ def run_cluster(nproc: int, threads: int, args) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"bench-ddp-{nproc}-"))
     uri = f"sqlite:///{folder}/mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "dec_mlflow.cli", "cluster", "--dataset", args.dataset, "--nproc", str(nproc),
+    command = [sys.executable, "-m", "dec_mlflow.cli", "cluster", "--dataset", args.data, "--nproc", str(nproc),
                "--pretrain_epochs", str(args.pretrain_epochs), "--init", args.init, "--random_state", str(args.seed),
                "--registered_model_name", "none", *shlex.split(args.extra)]
     start = time.perf_counter()
@@ -65,9 +80,11 @@ def main() -> None:
     ap.add_argument("--init", default="kmeans", help="'kmeans' keeps the run short; 'auto' is the default recipe (UMAP + GMM)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--subsample", type=int, default=0, help="train on this many rows drawn at random (0: all)")
     ap.add_argument("--extra", default="", help="more `cluster` options, e.g. for a smoke test on small data")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args()
+    args.data = subsample(args.dataset, args.subsample, args.seed) if args.subsample else args.dataset
     load_before = os.getloadavg()[0]
     results = [run_cluster(1, 2, args), run_cluster(2, 1, args)]
     load_after = os.getloadavg()[0]
@@ -82,11 +99,13 @@ def main() -> None:
     body = (
         f"Command: `DEC_DATA_DIR=<mnist> python bench/bench_distributed.py --pretrain-epochs {args.pretrain_epochs} "
         f"--init {args.init} --seed {args.seed}{' --dataset ' + args.dataset if args.dataset != 'mnist' else ''}"
+        f"{f' --subsample {args.subsample}' if args.subsample else ''}"
         f"{' --extra ' + shlex.quote(args.extra) if args.extra else ''}`\n\n"
         f"Machine: {machine()}, {os.cpu_count()} cores. Load average {load_before:.1f} before and {load_after:.1f} after "
         "(other people's jobs shared the machine). One run per configuration, one after the other.\n\n"
         f"What runs: `python -m dec_mlflow.cli cluster --dataset {args.dataset} --nproc N --pretrain_epochs {args.pretrain_epochs} "
-        f"--init {args.init}` ({results[0]['n_samples']:,} samples; the rest of the default recipe; pretraining precision "
+        f"--init {args.init}{' ' + args.extra if args.extra else ''}` ({results[0]['n_samples']:,} samples"
+        f"{f', drawn at random with seed {args.seed} from the {args.dataset} data set' if args.subsample else ''}; the rest of the default recipe; pretraining precision "
         f"{base['precision']}), each in its own tracking store. Reduced budget: {args.pretrain_epochs} pretraining epochs "
         f"instead of 75{' and k-means initialisation instead of UMAP + GMM' if args.init == 'kmeans' else ''}, so ACC is "
         "below the default recipe's. Samples/s from the timestamps of the logged per-epoch `pretrain_loss` (first epoch "
