@@ -2,8 +2,8 @@
 
     DEC_DATA_DIR=/work/shared/data python bench/bench_distributed.py --pretrain-epochs 10
 
-Runs the real entry point (`python -m dec_mlflow.cli cluster --dataset mnist ...`) once per
-configuration, each in its own temporary tracking store (so that neither reuses the other's
+Runs the real entry point (`python -m dec_mlflow.cli cluster --dataset mnist ...`) in `--repeats`
+pairs (nproc 1, then nproc 2; medians over pairs, ratios within a pair), each run in its own temporary tracking store (so that neither reuses the other's
 pretraining), and reads back from the run what it logged: pretraining samples/s (from the
 timestamps of the per-epoch `pretrain_loss`, first epoch excluded), `final_acc`, and the wall time
 of the whole command. nproc=1 runs with OMP_NUM_THREADS=2 (both cores for one process), nproc=2
@@ -82,29 +82,43 @@ def main() -> None:
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--subsample", type=int, default=0, help="train on this many rows drawn at random (0: all)")
     ap.add_argument("--extra", default="", help="more `cluster` options, e.g. for a smoke test on small data")
+    ap.add_argument("--repeats", type=int, default=3, help="pairs of runs (nproc 1 then 2); medians are reported")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args()
     args.data = subsample(args.dataset, args.subsample, args.seed) if args.subsample else args.dataset
     load_before = os.getloadavg()[0]
-    results = [run_cluster(1, 2, args), run_cluster(2, 1, args)]
+    pairs = []
+    for repeat in range(args.repeats):  # interleaved, so that a change of load falls on both configurations
+        pairs.append((run_cluster(1, 2, args), run_cluster(2, 1, args)))
+        print(f"pair {repeat + 1}/{args.repeats}: " + ", ".join(
+            f"nproc {r['nproc']}: {r['samples_per_s']:,.0f} samples/s, {r['wall']:.0f} s, ACC {r['acc']:.4f}" for r in pairs[-1]), flush=True)
     load_after = os.getloadavg()[0]
     params = sum(p.numel() for p in Autoencoder(DIMS).parameters())
-    base = results[0]
-    lines = ["| nproc | OMP threads per process | pretraining samples/s | s per epoch | speed-up | wall time (s) | wall ratio | AE+k-means ACC | final ACC | self-training iterations |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['nproc']} | {r['threads']} | {r['samples_per_s']:,.0f} | {r['epoch_s']:.1f} | "
-                     f"{r['samples_per_s'] / base['samples_per_s']:.2f}x | {r['wall']:.0f} | {r['wall'] / base['wall']:.2f} | "
-                     f"{r['init_acc']:.4f} | {r['acc']:.4f} | {r['n_iter']} |")
+    base = pairs[0][0]
+    lines = ["| pair | nproc | OMP threads per process | pretraining samples/s | s per epoch | speed-up (same pair) | wall time (s) | wall ratio (same pair) | AE+k-means ACC | final ACC | self-training iterations |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, pair in enumerate(pairs, 1):
+        for r in pair:
+            lines.append(f"| {i} | {r['nproc']} | {r['threads']} | {r['samples_per_s']:,.0f} | {r['epoch_s']:.1f} | "
+                         f"{r['samples_per_s'] / pair[0]['samples_per_s']:.2f}x | {r['wall']:.0f} | {r['wall'] / pair[0]['wall']:.2f} | "
+                         f"{r['init_acc']:.4f} | {r['acc']:.4f} | {r['n_iter']} |")
+    for j in (0, 1):
+        runs = [pair[j] for pair in pairs]
+        lines.append(f"| median | {runs[0]['nproc']} | {runs[0]['threads']} | {np.median([r['samples_per_s'] for r in runs]):,.0f} | "
+                     f"{np.median([r['epoch_s'] for r in runs]):.1f} | "
+                     f"{np.median([p[j]['samples_per_s'] / p[0]['samples_per_s'] for p in pairs]):.2f}x | "
+                     f"{np.median([r['wall'] for r in runs]):.0f} | {np.median([p[j]['wall'] / p[0]['wall'] for p in pairs]):.2f} | "
+                     f"{np.median([r['init_acc'] for r in runs]):.4f} | {np.median([r['acc'] for r in runs]):.4f} | |")
     body = (
         f"Command: `DEC_DATA_DIR=<mnist> python bench/bench_distributed.py --pretrain-epochs {args.pretrain_epochs} "
-        f"--init {args.init} --seed {args.seed}{' --dataset ' + args.dataset if args.dataset != 'mnist' else ''}"
+        f"--init {args.init} --seed {args.seed} --repeats {args.repeats}{' --dataset ' + args.dataset if args.dataset != 'mnist' else ''}"
         f"{f' --subsample {args.subsample}' if args.subsample else ''}"
         f"{' --extra ' + shlex.quote(args.extra) if args.extra else ''}`\n\n"
         f"Machine: {machine()}, {os.cpu_count()} cores. Load average {load_before:.1f} before and {load_after:.1f} after "
-        "(other people's jobs shared the machine). One run per configuration, one after the other.\n\n"
+        f"(other people's jobs shared the machine). {args.repeats} pairs of runs, nproc 1 then nproc 2 in each, one run at a time; "
+        "ratios within a pair, medians over pairs.\n\n"
         f"What runs: `python -m dec_mlflow.cli cluster --dataset {args.dataset} --nproc N --pretrain_epochs {args.pretrain_epochs} "
-        f"--init {args.init}{' ' + args.extra if args.extra else ''}` ({results[0]['n_samples']:,} samples"
+        f"--init {args.init}{' ' + args.extra if args.extra else ''}` ({base['n_samples']:,} samples"
         f"{f', drawn at random with seed {args.seed} from the {args.dataset} data set' if args.subsample else ''}; the rest of the default recipe; pretraining precision "
         f"{base['precision']}), each in its own tracking store. Reduced budget: {args.pretrain_epochs} pretraining epochs "
         f"instead of 75{' and k-means initialisation instead of UMAP + GMM' if args.init == 'kmeans' else ''}, so ACC is "
