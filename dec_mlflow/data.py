@@ -5,6 +5,11 @@ Reads the files of a known dataset (MNIST, REUTERS, REUTERS-10k, STL-10) from
 the user cache; or a user ``.npy``/``.npz``/``.csv``/``.parquet`` file. Writes only to the user
 cache: downloads, ``<file>.sha256`` records of checksums trusted on first use, and the features of
 datasets whose preprocessing is slow. Every path ends in one validation helper.
+
+Data larger than memory (:mod:`dec_mlflow.rows`): a ``.npy`` file is memory-mapped, a ``.parquet``
+file is read a record batch at a time into a float32 spill file (a nameless temporary file in
+``$TMPDIR``) that is memory-mapped, and REUTERS stays a sparse matrix; none is ever dense in memory
+as a whole.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from scipy import sparse
 from tqdm import tqdm
 
 from dec_mlflow import corpora
+from dec_mlflow.rows import Features, chunk_rows, chunks, streamed
 
 
 class DataError(ValueError):
@@ -45,9 +52,10 @@ class Dataset:
     ----------
     name : str
         The known dataset's name or the stem of the user file.
-    x : ndarray of shape (n_samples, n_features), float32
+    x : ndarray, np.memmap or scipy.sparse.csr_matrix of shape (n_samples, n_features), float32
         Raw feature values, finite; MNIST pixels stay in 0..255 (the estimator scales); REUTERS and
-        STL-10 hold the paper's features (tf-idf; HOG and colour map).
+        STL-10 hold the paper's features (tf-idf, a sparse matrix; HOG and colour map). A ``.npy``
+        or ``.parquet`` file gives a read-only memory map: read it through :mod:`dec_mlflow.rows`.
     y : ndarray of shape (n_samples,), int64, or None
         Labels; strings and categories are encoded as codes in sorted order.
     image_shape : tuple of int or None
@@ -61,7 +69,7 @@ class Dataset:
     """
 
     name: str
-    x: np.ndarray
+    x: Features
     y: np.ndarray | None
     image_shape: tuple[int, ...] | None
     default_scaling: str
@@ -112,6 +120,7 @@ STL10_MIRRORS: tuple[str, ...] = (
 _USER_SUFFIXES = (".npy", ".npz", ".csv", ".parquet")
 # what a user file holds: (x, labels or None, feature column names or None)
 _Raw = tuple[np.ndarray, "np.ndarray | pd.Series | None", "list[str] | None"]
+_SPILL_PREFIX = "dec-mlflow-spill-"
 _IDX_IMAGES, _IDX_LABELS = 2051, 2049  # IDX magic: 0x08 (unsigned byte) << 8 | number of dims
 
 
@@ -318,8 +327,9 @@ def _locate(folder: str, spec: _FileSpec, mirrors: Sequence[str]) -> Path:
     return _fetch(spec, mirrors, dirs[-1] / folder)
 
 
-def _load_known(name: str, entry: _KnownDataset) -> tuple[np.ndarray, np.ndarray]:
-    """(x dense, y) of a known dataset: from its features cache if kept, else parsed from its files."""
+def _load_known(name: str, entry: _KnownDataset) -> tuple[_Features, np.ndarray]:
+    """(x, y) of a known dataset, x as parsed (dense, or sparse for REUTERS): from its features cache
+    if kept, else parsed from its files."""
     cache = data_dirs()[-1] / entry.folder / entry.features_cache if entry.features_cache else None
     if cache is not None and cache.is_file():
         x, y = corpora.load_features(cache)
@@ -334,7 +344,7 @@ def _load_known(name: str, entry: _KnownDataset) -> tuple[np.ndarray, np.ndarray
                 corpora.save_features(out, x, y)
     if entry.subset is not None:
         x, y = entry.subset(x, y)
-    return (x.toarray() if sparse.issparse(x) else x), y
+    return x, y
 
 
 def _frame_features(frame: pd.DataFrame, label_column: str | None, dataset: str) -> _Raw:
@@ -363,7 +373,7 @@ def _read_user_file(path: Path, label_column: str | None, dataset: str) -> _Raw:
         if label_column is not None:
             raise DataError(f"dataset {dataset!r}: a .npy file holds no labels, so label_column="
                             f"{label_column!r} cannot apply; use a .npz file with a labels array")
-        return np.load(path, allow_pickle=False), None, None
+        return np.load(path, mmap_mode="r", allow_pickle=False), None, None
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
             keys = list(archive.keys())
@@ -373,8 +383,45 @@ def _read_user_file(path: Path, label_column: str | None, dataset: str) -> _Raw:
                 raise DataError(f"dataset {dataset!r}: no array {missing!r}; arrays present: {present}")
             label_key = label_column or "y"
             return archive["x"], archive[label_key] if label_key in keys else None, None
-    read = pd.read_csv if suffix == ".csv" else pd.read_parquet
-    return _frame_features(read(path), label_column, dataset)
+    if suffix == ".csv":
+        return _frame_features(pd.read_csv(path), label_column, dataset)
+    return _read_parquet(path, label_column, dataset)
+
+
+def _read_parquet(path: Path, label_column: str | None, dataset: str) -> _Raw:
+    """A parquet table read one record batch at a time, its features written to a float32 spill file.
+
+    Random mini-batches need random access to rows, which a parquet file gives only a row group at
+    a time; the memory-mapped spill gives it a row at a time while holding no more of the table in
+    memory than one record batch.
+    """
+    table = pq.ParquetFile(path)
+    index_columns = (table.schema_arrow.pandas_metadata or {}).get("index_columns", [])
+    columns = [c for c in table.schema_arrow.names if c not in index_columns]  # a stored pandas index is no feature
+    n_features = len(columns) - (label_column in columns)
+    x = _spill((table.metadata.num_rows, n_features)) if table.metadata.num_rows and n_features else None
+    start, labels, names = 0, [], None
+    for batch in table.iter_batches(batch_size=chunk_rows(max(n_features, 1)), columns=columns):
+        features, y, names = _frame_features(batch.to_pandas(), label_column, dataset)
+        x[start : start + len(features)] = features  # float64 -> float32, as astype(float32) would
+        start += len(features)
+        if y is not None:
+            labels.append(y)
+    if x is None:  # no rows or no feature columns: the table as it is, for the usual checks to describe
+        return _frame_features(table.read(columns=columns).to_pandas(), label_column, dataset)
+    x.flush()
+    x.setflags(write=False)
+    return x, (pd.concat(labels, ignore_index=True) if label_column is not None else None), names
+
+
+def _spill(shape: tuple[int, int]) -> np.memmap:
+    """A writable float32 memory map of ``shape`` on a nameless temporary file in ``$TMPDIR``.
+
+    The file has no name from the start (it is unlinked at creation), so its disk space is given
+    back when the map is garbage-collected or the process ends, however it ends.
+    """
+    with tempfile.TemporaryFile(prefix=_SPILL_PREFIX) as f:  # the map keeps its own handle on the file
+        return np.memmap(f, np.float32, "w+", shape=shape)
 
 
 def _encode_labels(y: np.ndarray | pd.Series, dataset: str) -> np.ndarray:
@@ -389,11 +436,16 @@ def _encode_labels(y: np.ndarray | pd.Series, dataset: str) -> np.ndarray:
 
 
 def _validated(
-    dataset: str, x: np.ndarray, y: np.ndarray | pd.Series | None, n_clusters: int | None,
+    dataset: str, x: _Features, y: np.ndarray | pd.Series | None, n_clusters: int | None,
     columns: list[str] | None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Checked (x, y): x finite float32 (n_samples, n_features), y int64 (n_samples,) or None."""
-    x = np.asarray(x)
+) -> tuple[Features, np.ndarray | None]:
+    """Checked (x, y): x finite float32 (n_samples, n_features), y int64 (n_samples,) or None.
+
+    A memory map or sparse ``x`` is checked chunk by chunk and stays one: a map of another dtype is
+    converted chunk by chunk into a float32 spill file, a sparse matrix into float32 CSR.
+    """
+    if not streamed(x):
+        x = np.asarray(x)
     if x.ndim != 2:
         raise DataError(f"dataset {dataset!r}: x should be 2-D (n_samples, n_features), "
                         f"got {x.ndim}-D with shape {x.shape}")
@@ -402,20 +454,31 @@ def _validated(
                         "need at least 1 sample and 1 feature")
     if x.dtype.kind not in "biuf":
         raise DataError(f"dataset {dataset!r}: features must be numeric, got dtype {x.dtype}")
-    x = x.astype(np.float32, copy=False)
-    bad_per_feature = (~np.isfinite(x)).sum(axis=0)  # (n_features,)
+    if sparse.issparse(x):
+        x = x.tocsr().astype(np.float32, copy=False)
+        bad_per_feature = np.bincount(x.indices[~np.isfinite(x.data)], minlength=x.shape[1])  # zeros are finite
+    else:
+        if isinstance(x, np.memmap) and x.dtype != np.float32:
+            spill, size = _spill(x.shape), chunk_rows(x.shape[1])
+            for start, block in zip(range(0, x.shape[0], size), chunks(x, size)):
+                spill[start : start + len(block)] = block
+            x = spill
+            x.setflags(write=False)
+        else:
+            x = x.astype(np.float32, copy=False)
+        bad_per_feature = sum((~np.isfinite(block)).sum(axis=0) for block in chunks(x))  # (n_features,)
     if bad_per_feature.any():
         names = [repr(c) for c in columns] if columns else [f"feature {j}" for j in range(x.shape[1])]
         counts = ", ".join(f"{names[j]} ({bad_per_feature[j]})" for j in np.flatnonzero(bad_per_feature)[:10])
         raise DataError(f"dataset {dataset!r}: features must be finite; found {bad_per_feature.sum()} "
                         f"NaN or infinite values (after float32 conversion) in {counts}")
     if y is not None:
-        if np.ndim(y) != 1 or len(y) != len(x):
-            raise DataError(f"dataset {dataset!r}: labels should have shape (n_samples,) = ({len(x)},), "
+        if np.ndim(y) != 1 or len(y) != x.shape[0]:
+            raise DataError(f"dataset {dataset!r}: labels should have shape (n_samples,) = ({x.shape[0]},), "
                             f"got {np.shape(y)}")
         y = _encode_labels(y, dataset)
-    if n_clusters is not None and len(x) < n_clusters:
-        raise DataError(f"dataset {dataset!r}: n_samples={len(x)} should be >= n_clusters={n_clusters}")
+    if n_clusters is not None and x.shape[0] < n_clusters:
+        raise DataError(f"dataset {dataset!r}: n_samples={x.shape[0]} should be >= n_clusters={n_clusters}")
     return x, y
 
 

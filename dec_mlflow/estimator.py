@@ -24,6 +24,7 @@ from dec_mlflow.checkpoint import load_tensors, save_tensors
 from dec_mlflow.initialisation import INITS, embedding_scale, kmeans_init, manifold_init
 from dec_mlflow.model import Autoencoder, DECNet, scale_embedding
 from dec_mlflow.objectives import kl_divergence, target_distribution
+from dec_mlflow.rows import Features, chunks, scaled, streamed
 from dec_mlflow.scaling import SCALINGS, auto_scaling, fit_scaling
 from dec_mlflow.training import (
     LoopState, distill, embed, pretrain_end_to_end, pretrain_layerwise, reconstruction_error, self_train,
@@ -391,12 +392,26 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             raise ValueError("augment=True needs one scale for every pixel: scaling must be 'auto', 'max' or 'none', "
                              "not 'standard' (a shifted image would carry each pixel's own mean and deviation)")
 
-    def _check_X(self, X, *, fitting: bool) -> np.ndarray:
-        # scikit-learn's own messages for 1-D, sparse, complex and empty input (its estimator checks match them)
-        X = check_array(X, dtype=np.float32, ensure_all_finite=False, estimator=self)
-        bad = ~np.isfinite(X)
-        if bad.any():
-            raise ValueError(f"X has {int(bad.sum())} NaN or infinite values (first at row {int(np.argwhere(bad)[0][0])})")
+    def _check_X(self, X, *, fitting: bool) -> Features:
+        """``X`` as float32 (n_samples, n_features), checked; a memory map or sparse matrix is checked
+        chunk by chunk and returned as it is (:mod:`dec_mlflow.rows`), never copied whole."""
+        if streamed(X):
+            if X.ndim != 2:
+                raise ValueError(f"X must be 2-D (n_samples, n_features); got shape {X.shape}")
+            if X.shape[0] == 0 or X.shape[1] == 0:
+                raise ValueError(f"X is empty: shape {X.shape}")
+        else:
+            # scikit-learn's own messages for 1-D, sparse, complex and empty input (its estimator checks match them)
+            X = check_array(X, dtype=np.float32, ensure_all_finite=False, estimator=self)
+        n_bad, first, start = 0, 0, 0
+        for block in chunks(X):
+            bad = ~np.isfinite(block)
+            if bad.any():
+                first = first if n_bad else start + int(np.argwhere(bad)[0][0])
+                n_bad += int(bad.sum())
+            start += len(block)
+        if n_bad:
+            raise ValueError(f"X has {n_bad} NaN or infinite values (first at row {first})")
         if fitting and X.shape[0] < self.n_clusters:
             raise ValueError(f"n_samples={X.shape[0]} should be >= n_clusters={self.n_clusters}")
         if fitting and self.image_shape is not None:
@@ -428,7 +443,6 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         'device' ('cpu', 'cuda' or 'cuda:N'); the pretraining rate actually used is known only after
         pretraining (``resolved_params_``).
         """
-        X = np.asarray(X)
         n = X.shape[0]
         epochs = self.pretrain_epochs
         if epochs == "auto":
@@ -482,7 +496,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         offset, scale = fit_scaling(X, resolved["scaling"])
         device = self._device()
         seed = self._seed() if seed is None else seed
-        x = torch.from_numpy((X - offset) * scale).to(device)
+        x = scaled(X, offset, scale, device)  # (n, n_features); read a batch at a time when X is streamed
         lr, first = (self.pretrain_lr, 0) if resume is None else (resume.pretrained.lr, resume.attempt)
         if resume is not None:
             resume = self._check_resume(resume, offset, scale)
@@ -501,7 +515,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
                 callback.on_retry("pretrain", attempt + 1, f"{e}; restarting at pretrain_lr={lr:g}")
         raise AssertionError("unreachable")
 
-    def _pretrain_once(self, x: torch.Tensor, lr: float, resolved: dict, seed: int, transform, callback: "_Checkpoints",
+    def _pretrain_once(self, x, lr: float, resolved: dict, seed: int, transform, callback: "_Checkpoints",
                        resume: PretrainCheckpoint | None = None):
         """One pretraining from fresh weights seeded by ``seed``, or from ``resume``; returns (autoencoder, last loss)."""
         opt = dict(batch_size=self.pretrain_batch_size, lr=lr, momentum=self.pretrain_momentum,
@@ -567,7 +581,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         device = self._device()
         encoder = copy.deepcopy(autoencoder.autoencoder.encoder).to(device)
         decoder = copy.deepcopy(autoencoder.autoencoder.decoder).to(device) if self.variant == "idec" else None
-        x = torch.from_numpy((X - autoencoder.offset) * autoencoder.scale).to(device)
+        x = scaled(X, autoencoder.offset, autoencoder.scale, device)
         transform = self._transform(autoencoder.scale, device, self.selected_seed_)
         train = dict(alpha=self.alpha, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
                      callback=callback, transform=transform)
@@ -601,7 +615,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.trust_score_ = self.trust_scores_[TRUST_SCORE]
         return self
 
-    def _initial_clusters(self, encoder, decoder, x: torch.Tensor, callback: Callback):
+    def _initial_clusters(self, encoder, decoder, x, callback: Callback):
         """Stage 2: the initial clustering of the pretrained embedding (``init``), and the embedding's scale.
 
         The encoder (and an IDEC decoder) are rescaled in place so that points lie at the squared
@@ -637,7 +651,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             "confidence": trust.confidence(q),
         }
 
-    def _pretrain_and_select(self, X: np.ndarray, callback: Callback) -> PretrainedAutoencoder:
+    def _pretrain_and_select(self, X: Features, callback: Callback) -> PretrainedAutoencoder:
         """Pretrain ``n_pretrain_init`` candidates; keep the best by ``pretrain_selection``, set selected_seed_."""
         if self.n_pretrain_init == 1:
             return self.pretrain(X, callback, seed=self.selected_seed_)
@@ -656,8 +670,9 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         check_is_fitted(self, "network_")
         X = self._check_X(X, fitting=False)
         with torch.no_grad():
-            q, labels, z = self.network_(torch.from_numpy(X))
-        return q.numpy(), labels.numpy(), z.numpy()
+            out = [self.network_(torch.from_numpy(block)) for block in chunks(X)]  # one chunk when X is in memory
+        q, labels, z = (torch.cat(parts).numpy() for parts in zip(*out))
+        return q, labels, z
 
     def predict(self, X) -> np.ndarray:
         """Hard cluster labels, (n_samples,) int64."""
@@ -681,7 +696,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         return float(kl_divergence(target_distribution(q), q))
 
 
-def selection_criteria(ae: PretrainedAutoencoder, X: np.ndarray, n_clusters: int, *, n_init: int, seed: int) -> dict:
+def selection_criteria(ae: PretrainedAutoencoder, X: Features, n_clusters: int, *, n_init: int, seed: int) -> dict:
     """Label-free quality criteria of a pretrained autoencoder on raw ``X``; lower is better.
 
     Returns
@@ -689,12 +704,12 @@ def selection_criteria(ae: PretrainedAutoencoder, X: np.ndarray, n_clusters: int
     dict with 'reconstruction' (mean squared error of the scaled input, per feature) and
     'inertia' (k-means inertia in the embedding / total sum of squares about the mean, in [0, 1]).
     """
-    x = torch.from_numpy((np.asarray(X, np.float32) - ae.offset) * ae.scale)
+    x = scaled(_as_features(X), ae.offset, ae.scale, torch.device("cpu"))
     _, inertia = embedding_kmeans(ae, X, n_clusters, n_init=n_init, seed=seed)
     return {"reconstruction": reconstruction_error(ae.autoencoder, x), "inertia": inertia}
 
 
-def embedding_kmeans(ae: PretrainedAutoencoder, X: np.ndarray, n_clusters: int, *, n_init: int, seed: int):
+def embedding_kmeans(ae: PretrainedAutoencoder, X: Features, n_clusters: int, *, n_init: int, seed: int):
     """k-means in the pretrained embedding of raw ``X``: the AE+k-means baseline.
 
     Returns
@@ -702,11 +717,16 @@ def embedding_kmeans(ae: PretrainedAutoencoder, X: np.ndarray, n_clusters: int, 
     labels : ndarray of shape (n_samples,), int64
     inertia : float, k-means inertia / total sum of squares of the embedding about its mean
     """
-    x = torch.from_numpy((np.asarray(X, np.float32) - ae.offset) * ae.scale)
+    x = scaled(_as_features(X), ae.offset, ae.scale, torch.device("cpu"))
     z = embed(ae.autoencoder.encoder, x).numpy()  # (n, d)
     km = KMeans(n_clusters, n_init=n_init, random_state=seed).fit(z)
     total = float(((z.astype(np.float64) - z.mean(0, dtype=np.float64)) ** 2).sum())
     return km.labels_.astype(np.int64), float(km.inertia_) / total
+
+
+def _as_features(X) -> Features:
+    """A memory map or sparse matrix as it is, anything else as an in-memory float32 array."""
+    return X if streamed(X) else np.asarray(X, np.float32)
 
 
 def _check_device(device) -> None:

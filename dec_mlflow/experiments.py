@@ -18,6 +18,7 @@ from dec_mlflow import paper
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.estimator import DEC, PretrainedAutoencoder, embedding_kmeans
 from dec_mlflow.metrics import clustering_scores
+from dec_mlflow.rows import dense
 
 # method id -> name in tables (the paper's names where the paper has the method)
 METHODS = {
@@ -52,7 +53,8 @@ def run_method(method: str, X: np.ndarray, ae: PretrainedAutoencoder, est: DEC, 
     start = time.perf_counter()
     if method == "kmeans":
         km = KMeans(est.n_clusters, n_init=est.n_init, random_state=est.random_state)
-        labels = km.fit((X - ae.offset) * ae.scale).labels_.astype(np.int64)
+        # k-means on the raw input needs it whole, as a dense array in memory (sparse and memory-mapped X included)
+        labels = km.fit((dense(X, slice(None)) - ae.offset) * ae.scale).labels_.astype(np.int64)
         return MethodResult(labels, time.perf_counter() - start)
     if method == "ae_kmeans":
         labels, inertia = embedding_kmeans(ae, X, est.n_clusters, n_init=est.n_init, seed=est.random_state)

@@ -39,6 +39,7 @@ from dec_mlflow.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from dec_mlflow.data import Dataset, load_dataset
 from dec_mlflow.estimator import DEC, TRUST_SCORE, PretrainedAutoencoder, selection_criteria
 from dec_mlflow.metrics import clustering_scores
+from dec_mlflow.rows import Features, dense
 from dec_mlflow.presets import preset_params
 
 # Options whose 'auto' the preset decides (else the estimator's default).
@@ -130,7 +131,7 @@ def _image_shape(value) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-def resolved_params(est: DEC, x: np.ndarray) -> dict:
+def resolved_params(est: DEC, x: Features) -> dict:
     """What the stage-level and estimator 'auto' settings resolved to, as params ``<name>_resolved``
     (precision and device among them), and the package version ``dec_mlflow_version``."""
     values = {**{n: est.get_params()[n] for n in ("augment", "init", "image_shape")}, **est.resolve(x)}
@@ -499,7 +500,7 @@ def _log_model(network, data: Dataset, digest: str, name: str, tags: dict, summa
     register = name.lower() != "none"
     tags = {"dataset": data.name, "source_run": mlflow.active_run().info.run_id, **tags}
     # logs the ONNX parity figures as metrics of the run and of the logged model
-    info, check = log_dec_model(network, data.x[:ONNX_CHECK_ROWS], name=MODEL_ARTIFACT,
+    info, check = log_dec_model(network, dense(data.x, slice(0, ONNX_CHECK_ROWS)), name=MODEL_ARTIFACT,
                                 registered_model_name=name if register else None, tags=tags)
     version = info.registered_model_version if register else None
     if register:
@@ -568,15 +569,16 @@ def evaluate(model: str, dataset: str, *, label_column: str = "", sample_size: i
     return {"run_id": run.info.run_id, "model_uri": uri, "metrics": scores}
 
 
-def predict_in_batches(pyfunc: mlflow.pyfunc.PyFuncModel, x: np.ndarray, params: dict | None = None) -> pd.DataFrame:
+def predict_in_batches(pyfunc: mlflow.pyfunc.PyFuncModel, x: Features, params: dict | None = None) -> pd.DataFrame:
     """``pyfunc.predict`` over all rows of ``x``, in calls of at most the model's ``max_batch_rows`` rows.
 
     Rows are sent as float64: current models take any numeric dtype, but those logged before had a
     float64 tensor signature, whose dtype MLflow checks exactly.
     """
-    limit = int((pyfunc.model_config or {}).get("max_batch_rows") or len(x))
-    frames = [pyfunc.predict(x[start:start + limit].astype(np.float64), params=params)
-              for start in range(0, len(x), limit)]
+    n = x.shape[0]
+    limit = int((pyfunc.model_config or {}).get("max_batch_rows") or n)
+    frames = [pyfunc.predict(dense(x, slice(start, start + limit)).astype(np.float64), params=params)
+              for start in range(0, n, limit)]
     return pd.concat(frames, ignore_index=True)
 
 

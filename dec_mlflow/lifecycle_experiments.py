@@ -184,7 +184,7 @@ def k_sweep(dataset: str, *, label_column: str = "", ks: Sequence[int] = (6, 7, 
     experiments.train_validation_split(10, validation_fraction, 0)  # validates the fraction before any work
     build_estimator({**params, "n_clusters": max(ks)}, preset=preset)
     data = load_data(dataset, label_column, max(ks))
-    train, val = experiments.train_validation_split(len(data.x), validation_fraction, params["random_state"])
+    train, val = experiments.train_validation_split(data.x.shape[0], validation_fraction, params["random_state"])
     train_data = replace(data, name=f"{data.name}-train", x=data.x[train], y=None if data.y is None else data.y[train])
     stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
     with tracking.stage_run(f"k_sweep-{data.name}", experiment) as run:

@@ -2,11 +2,15 @@
 
 Pure NumPy: arrays in, ``(offset, scale)`` out, so that ``(X - offset) * scale`` is what the
 autoencoder sees. The affine map is part of the exported model, which is therefore fed raw features.
+Every statistic is accumulated over chunks of rows (:func:`dec_mlflow.rows.chunks`), so a memory-mapped
+or sparse ``X`` is read once per statistic and never copied; an in-memory ``X`` is one chunk.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from dec_mlflow.rows import Features, chunk_rows, chunks, streamed
 
 SCALINGS = ("max", "standard", "none")
 # Mean squared value of the scaled input. The default learning rates were tuned on MNIST pixels / 255,
@@ -19,7 +23,7 @@ TARGET_MEAN_SQUARE = 0.1
 HOMOGENEOUS_RANGE = 10.0
 
 
-def auto_scaling(X: np.ndarray) -> str:
+def auto_scaling(X: Features) -> str:
     """The per-feature scaling that suits ``X`` (n_samples, n_features).
 
     'max' when every value is >= 0 and the 10th and 90th percentiles of the non-zero feature maxima
@@ -28,9 +32,13 @@ def auto_scaling(X: np.ndarray) -> str:
     in a thousand would reach 30 standard deviations). Otherwise 'standard' (tables of mixed units,
     data with negative values).
     """
-    if X.min() < 0:
+    low = np.inf
+    peaks = np.full(X.shape[1], -np.inf, np.float32)  # (n_features,) column maxima
+    for block in chunks(X):
+        low = min(low, float(block.min()))
+        np.maximum(peaks, block.max(0), out=peaks)
+    if low < 0:
         return "standard"
-    peaks = X.max(0)
     peaks = peaks[peaks > 0]
     if peaks.size == 0:
         return "max"
@@ -38,7 +46,7 @@ def auto_scaling(X: np.ndarray) -> str:
     return "max" if high <= HOMOGENEOUS_RANGE * low else "standard"
 
 
-def fit_scaling(X: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:
+def fit_scaling(X: Features, scaling: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature ``offset`` and ``scale``, each (n_features,) float32, for ``scaling``.
 
     'max' divides by the global max |x|, 'standard' standardises each feature (constant features
@@ -51,11 +59,10 @@ def fit_scaling(X: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:
     offset = np.zeros(n_features, np.float64)
     scale = np.ones(n_features, np.float64)
     if scaling == "max":
-        peak = float(np.abs(X).max())
+        peak = max(float(np.abs(block).max()) for block in chunks(X))
         scale[:] = 1.0 / peak if peak > 0 else 1.0
     elif scaling == "standard":
-        offset = X.mean(0, dtype=np.float64)
-        std = X.std(0, dtype=np.float64)
+        offset, std = _mean_std(X)
         scale = 1.0 / np.where(std > 0, std, 1.0)
     if scaling != "none":
         mean_square = _mean_square(X, offset, scale)
@@ -64,10 +71,29 @@ def fit_scaling(X: np.ndarray, scaling: str) -> tuple[np.ndarray, np.ndarray]:
     return offset.astype(np.float32), scale.astype(np.float32)
 
 
-def _mean_square(X: np.ndarray, offset: np.ndarray, scale: np.ndarray, chunk: int = 8192) -> float:
+def _mean_std(X: Features) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation, (n_features,) float64, in two passes over the chunks.
+
+    Two passes (the mean, then squares about it) as ``np.std`` does: one pass of sum and sum of
+    squares loses the digits of features whose mean is large next to their spread.
+    """
+    n = X.shape[0]
+    total = np.zeros(X.shape[1], np.float64)
+    for block in chunks(X):
+        total += block.sum(0, dtype=np.float64)
+    mean = total / n
+    squares = np.zeros(X.shape[1], np.float64)
+    for block in chunks(X):
+        deviation = block - mean  # float64
+        squares += np.multiply(deviation, deviation).sum(0)
+    return mean, np.sqrt(squares / n)
+
+
+def _mean_square(X: Features, offset: np.ndarray, scale: np.ndarray) -> float:
     """Mean of ((X - offset) * scale)^2 in float64, in chunks so no scaled copy of X is made."""
+    # in memory, the 8192 rows a chunk has always had (a sum in other chunks differs in its last bits)
+    size = chunk_rows(X.shape[1]) if streamed(X) else 8192
     total = 0.0
-    for start in range(0, X.shape[0], chunk):
-        block = (X[start : start + chunk].astype(np.float64) - offset) * scale
-        total += float(np.square(block).sum())
-    return total / X.size
+    for block in chunks(X, size):
+        total += float(np.square((block.astype(np.float64) - offset) * scale).sum())
+    return total / (X.shape[0] * X.shape[1])

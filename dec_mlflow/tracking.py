@@ -24,6 +24,7 @@ from mlflow.entities import Run
 from mlflow.environment_variables import MLFLOW_RUN_ID
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from scipy import sparse
 
 from dec_mlflow.callbacks import Callback, SelfTrainRecorder
 from dec_mlflow.checkpoint import load_tensors, save_tensors
@@ -31,6 +32,7 @@ from dec_mlflow.data import Dataset
 from dec_mlflow.estimator import PretrainCheckpoint, PretrainedAutoencoder
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.model import DECNet
+from dec_mlflow.rows import Features, chunks, dense
 
 AUTOENCODER_ARTIFACT = "autoencoder/autoencoder.pt"
 NETWORK_ARTIFACT = "network/dec_network.pt"  # the trained DECNet, for re-export without retraining
@@ -305,10 +307,14 @@ def cluster_size_metrics(labels: np.ndarray, n_clusters: int) -> dict[str, float
     return out
 
 
-def data_digest(x: np.ndarray) -> str:
-    """Short content hash of a feature matrix, so runs on the same data match whatever its path."""
+def data_digest(x: Features) -> str:
+    """Short content hash of a feature matrix, so runs on the same data match whatever its path.
+
+    Read in chunks: a memory-mapped or sparse float32 matrix hashes as the dense array it stands for.
+    """
     h = hashlib.sha1(str((x.shape, x.dtype.str)).encode())
-    h.update(np.ascontiguousarray(x).data)
+    for block in chunks(x):
+        h.update(np.ascontiguousarray(block).data)
     return h.hexdigest()[:16]
 
 
@@ -336,7 +342,10 @@ def log_dataset(data: Dataset, digest: str, context: str) -> None:
     with warnings.catch_warnings():
         # a local path matches the two LocalArtifactDatasetSource registrations ('' and 'file'); either is right
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-        dataset = mlflow.data.from_numpy(data.x, targets=data.y, name=data.name, digest=digest,
+        # mlflow profiles an ndarray only (shape, size, bytes); a sparse matrix is described by a dense stand-in
+        # of its shape and dtype that takes no memory (zero strides)
+        features = np.broadcast_to(np.zeros((), data.x.dtype), data.x.shape) if sparse.issparse(data.x) else data.x
+        dataset = mlflow.data.from_numpy(features, targets=data.y, name=data.name, digest=digest,
                                          source=data.source or None)
     mlflow.log_input(dataset, context=context)
 
@@ -494,11 +503,11 @@ def promote(name: str, metric: str, *, greater_is_better: bool = True, alias: st
     return {"version": str(version), "metric": metric, "value": value, "previous": previous}
 
 
-def self_training_recorder(x: np.ndarray, y: np.ndarray | None, pretrained: PretrainedAutoencoder, *,
+def self_training_recorder(x: Features, y: np.ndarray | None, pretrained: PretrainedAutoencoder, *,
                            alpha: float, sample_size: int, seed: int) -> SelfTrainRecorder:
     """A recorder of ``sample_size`` random points of raw ``x``, scaled as the encoder sees them."""
-    idx = np.sort(np.random.default_rng(seed).choice(len(x), size=min(sample_size, len(x)), replace=False))
-    x_sub = torch.from_numpy((x[idx] - pretrained.offset) * pretrained.scale)
+    idx = np.sort(np.random.default_rng(seed).choice(x.shape[0], size=min(sample_size, x.shape[0]), replace=False))
+    x_sub = torch.from_numpy((dense(x, idx) - pretrained.offset) * pretrained.scale)
     return SelfTrainRecorder(x_sub, None if y is None else y[idx], y_full=y, alpha=alpha)
 
 

@@ -3,7 +3,9 @@
 The loops take tensors and hyperparameters, report through a :class:`~dec_mlflow.callbacks.Callback`
 and never log, seed or pick devices themselves: the estimator does that. Under torchrun every rank
 runs the same loop on its share of each batch (:mod:`dec_mlflow.distributed`, whose collectives do
-nothing in a single process).
+nothing in a single process). The data ``x`` is a tensor, or, for data larger than memory, a
+:class:`~dec_mlflow.rows.ScaledRows` that indexes like one and reads each batch or chunk (``x[idx]``,
+``x[a:b]``) from a memory map or sparse matrix when asked.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dec_mlflow import distributed
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.model import Autoencoder
 from dec_mlflow.objectives import kl_divergence, soft_assignment, target_distribution
+from dec_mlflow.rows import MappedRows
 
 Transform = Callable[[torch.Tensor], torch.Tensor]  # a batch (b, n_features) -> the same shape
 # An autoencoder whose loss is this many times that of outputting zeros has blown up even if it is still
@@ -195,8 +198,9 @@ def pretrain_layerwise(ae: Autoencoder, x: torch.Tensor, *, dropout: float, call
         else:  # finished before the checkpoint being resumed
             losses.append(float("nan"))
         if not last:
-            with torch.no_grad():
-                h = _batched(lambda b, layer=enc[i]: torch.relu(layer(b)), h)
+            trained = lambda b, layer=enc[i]: torch.relu(layer(b))  # noqa: E731
+            with torch.no_grad():  # streamed data: the trained layers run again on each batch instead of being kept
+                h = _batched(trained, h) if isinstance(h, torch.Tensor) else MappedRows(h, trained)
     return losses
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import sparse
 from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
 
 from dec_mlflow import corpora, data
@@ -155,8 +156,8 @@ def test_reuters_keeps_single_label_documents_in_file_order(reuters_dir):
     assert ds.name == "reuters" and ds.image_shape is None and ds.default_scaling == "max"
     np.testing.assert_array_equal(ds.y, [0, 2, 3, 1])  # documents 1, 4, 5, 6
     # the vocabulary of the kept documents only: bank elect oil price rate rise stock vote
-    assert ds.x.shape == (4, 8) and ds.x.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(ds.x, axis=1), np.sqrt(8), rtol=1e-6)
+    assert sparse.isspmatrix_csr(ds.x) and ds.x.shape == (4, 8) and ds.x.dtype == np.float32  # stays sparse
+    np.testing.assert_allclose(np.linalg.norm(ds.x.toarray(), axis=1), np.sqrt(8), rtol=1e-6)
     assert ds.x[0, 2] > ds.x[0, 3] > 0  # document 1: 'oil' twice, 'price' once
 
 
@@ -170,7 +171,7 @@ def test_reuters10k_is_a_fixed_random_sample_of_10000_documents(tmp_path, cache,
     sample = load_dataset("reuters10k", n_clusters=4)
     assert sample.name == "reuters10k" and sample.x.shape == (10_000, full.x.shape[1])
     rows = np.random.RandomState(1234).permutation(n_docs)[:10_000]  # the authors' draw
-    np.testing.assert_array_equal(sample.x, full.x[rows])
+    np.testing.assert_array_equal(sample.x.toarray(), full.x[rows].toarray())
     np.testing.assert_array_equal(sample.y, full.y[rows])
     np.testing.assert_array_equal(load_dataset("reuters10k").y, sample.y)  # the same sample every time
 
