@@ -76,6 +76,8 @@ class ScaledRows:
         self.x, self.offset, self.scale = x, np.asarray(offset, np.float32), np.asarray(scale, np.float32)
         self.device = torch.device(device)
         self.shape = torch.Size(x.shape)
+        # 'max' and 'none' scaling have no offset: x - 0 is x exactly, so that pass over the rows is skipped
+        self._shifts = bool(self.offset.any())
 
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
@@ -88,17 +90,28 @@ class ScaledRows:
 
     def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
         if isinstance(index, slice):
-            block = dense(self.x, index)
+            block = self._scaled(self.x[index])
         else:
             positions = np.asarray(index.cpu(), dtype=np.int64)
-            order = np.argsort(positions, kind="stable")  # read the file forwards; put rows back in batch order
-            block = np.empty((len(positions), self.shape[1]), np.float32)
-            block[order] = dense(self.x, positions[order])
-        if not block.flags.owndata:  # a view of in-memory data, which must not change
-            block = block.copy()
-        block -= self.offset  # in place: the batch is the only copy made; the same float32 arithmetic as
-        block *= self.scale  # (x - offset) * scale
+            order = np.argsort(positions, kind="stable")  # read the file forwards
+            block = self._scaled(self.x[positions[order]])
+            block = block[np.argsort(order)]  # rows back in batch order
         return torch.from_numpy(block).to(self.device)
+
+    def _scaled(self, rows) -> np.ndarray:
+        """``(rows - offset) * scale`` as a new float32 array, in as few passes over the rows as the
+        arithmetic allows: the read of a memory map is the first operation's input, never a copy of its own."""
+        if sparse.issparse(rows):
+            rows = rows.toarray().astype(np.float32, copy=False)
+            if self._shifts:
+                rows -= self.offset
+            rows *= self.scale
+            return rows
+        if self._shifts:
+            block = np.subtract(rows, self.offset, dtype=np.float32)
+            block *= self.scale
+            return block
+        return np.multiply(rows, self.scale, dtype=np.float32)
 
 
 class MappedRows:

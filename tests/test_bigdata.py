@@ -141,6 +141,20 @@ def test_scaled_rows_index_like_the_scaled_tensor(tmp_path, blobs):
     torch.testing.assert_close(mapped[idx], layer(tensor[idx]).detach())
 
 
+@pytest.mark.parametrize("kind", ["npy", "sparse"])
+@pytest.mark.parametrize("scaling", ["max", "standard"])
+def test_scaled_rows_are_bit_identical_with_and_without_an_offset(tmp_path, blobs, kind, scaling):
+    # 'max' has no offset and skips the subtraction; 'standard' subtracts: both must equal (x - offset) * scale
+    x = _sparse_blobs(blobs)
+    offset, scale = fit_scaling(x, scaling)
+    assert offset.any() == (scaling == "standard")
+    tensor, lazy = scaled(x, offset, scale, torch.device("cpu")), scaled(_as(kind, x, tmp_path), offset, scale, torch.device("cpu"))
+    idx = torch.tensor([599, 3, 3, 250, 0, 17])  # unsorted, a repeat, both ends
+    for got, want in ((lazy[idx], tensor[idx]), (lazy[100:357], tensor[100:357]), (lazy[590:700], tensor[590:])):
+        assert got.dtype == torch.float32 and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- the dense matrix is never held whole
 def _peak_traced_bytes(fn) -> int:
     """Peak of the bytes traced by tracemalloc (NumPy's allocations among them) while ``fn`` runs."""
