@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import sparse
 from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
 from sklearn.cluster import KMeans
 from sklearn.utils import check_random_state
@@ -395,7 +396,9 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     def _check_X(self, X, *, fitting: bool) -> Features:
         """``X`` as float32 (n_samples, n_features), checked; a memory map or sparse matrix is checked
         chunk by chunk and returned as it is (:mod:`dec_mlflow.rows`), never copied whole."""
-        if streamed(X):
+        if sparse.issparse(X):  # any scipy.sparse format becomes CSR (rows are read a batch at a time), sparse still
+            X = check_array(X, accept_sparse="csr", dtype=np.float32, ensure_all_finite=False, estimator=self)
+        elif streamed(X):
             if X.ndim != 2:
                 raise ValueError(f"X must be 2-D (n_samples, n_features); got shape {X.shape}")
             if X.shape[0] == 0 or X.shape[1] == 0:
@@ -419,6 +422,11 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         if not fitting and X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, but DEC is expecting {self.n_features_in_} features as input")
         return X
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True  # scipy.sparse input stays sparse and is densified a batch at a time
+        return tags
 
     def _device(self) -> torch.device:
         if self.device == "auto":
