@@ -633,7 +633,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         the data and broadcasts the clustering, so every rank starts from the same centroids.
         """
         callback.on_stage_begin("init", None)
-        z = distributed.all_gather_rows(embed(encoder, x[distributed.rows(x.shape[0])])).cpu().numpy()  # (n, embedding_dim)
+        z = distributed.all_gather_rows(embed(encoder, x, rows=distributed.rows(x.shape[0]))).cpu().numpy()  # (n, embedding_dim)
         init = scale = None
         if distributed.is_main():
             if self.init == "manifold" and self.n_clusters > 1:  # one cluster: its centroid is the mean, nothing to find

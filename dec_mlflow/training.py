@@ -204,15 +204,19 @@ def pretrain_layerwise(ae: Autoencoder, x: torch.Tensor, *, dropout: float, call
     return losses
 
 
-def _batched(fn, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """Apply ``fn`` to ``x`` in chunks without autograd (bounded memory for large data)."""
-    return torch.cat([out for _, out in _chunks(fn, x, batch_size)])
+def _batched(fn, x: torch.Tensor, batch_size: int = 4096, rows: slice | None = None) -> torch.Tensor:
+    """Apply ``fn`` to ``x`` (or its ``rows``) in chunks without autograd (bounded memory for large data)."""
+    return torch.cat([out for _, out in _chunks(fn, x, batch_size, rows)])
 
 
-def embed(encoder: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """Embedding of ``x`` (n_samples, n_features) -> (n_samples, embedding_dim), in eval mode."""
+def embed(encoder: nn.Module, x: torch.Tensor, batch_size: int = 4096, rows: slice | None = None) -> torch.Tensor:
+    """Embedding of ``x`` (n_samples, n_features) -> (n_samples, embedding_dim), in eval mode.
+
+    ``rows`` (a slice) embeds only those rows, read chunk by chunk like the whole: ``x[rows]`` of a
+    streamed ``x`` would read the block into memory at once.
+    """
     encoder.eval()
-    return _batched(encoder, x, batch_size)
+    return _batched(encoder, x, batch_size, rows)
 
 
 def reconstruction_error(ae: Autoencoder, x: torch.Tensor) -> float:
@@ -223,11 +227,12 @@ def reconstruction_error(ae: Autoencoder, x: torch.Tensor) -> float:
     return total / x.numel()
 
 
-def _chunks(fn, x: torch.Tensor, batch_size: int = 4096):
-    """Yield (start, fn(x[start:start + batch_size])) without autograd."""
+def _chunks(fn, x: torch.Tensor, batch_size: int = 4096, rows: slice | None = None):
+    """Yield (start, fn(x[start:start + batch_size])) without autograd, over ``rows`` (default all)."""
+    first, stop, _ = (rows or slice(None)).indices(x.shape[0])
     with torch.no_grad():
-        for s in range(0, x.shape[0], batch_size):
-            yield s, fn(x[s : s + batch_size])
+        for s in range(first, stop, batch_size):
+            yield s, fn(x[s : min(s + batch_size, stop)])
 
 
 def _batch_indices(n: int, batch_size: int):
@@ -375,7 +380,7 @@ def self_train(
         z_fixed = None
     else:
         params = [centroids]
-        z_fixed = distributed.all_gather_rows(embed(encoder, x[rows]))  # (n, d); the encoder never changes
+        z_fixed = distributed.all_gather_rows(embed(encoder, x, rows=rows))  # (n, d); the encoder never changes
     distributed.broadcast_parameters(params)
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, foreach=True)
     prev = None
@@ -385,7 +390,7 @@ def self_train(
     while True:
         if it % update_interval == 0 or it >= max_iter:
             with torch.no_grad():
-                z_rows = z_fixed[rows] if z_fixed is not None else embed(encoder, x[rows])
+                z_rows = z_fixed[rows] if z_fixed is not None else embed(encoder, x, rows=rows)
                 q_rows = soft_assignment(z_rows, centroids, alpha)  # (n_rows, k)
                 frequencies = distributed.all_reduce_sum(q_rows.sum(0))  # f_j over the whole data set
                 p_rows = target_distribution(q_rows, frequencies)
