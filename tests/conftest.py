@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,7 @@ from sklearn.datasets import make_blobs
 
 from dec_mlflow import DEC
 
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BLOB_FEATURES, BLOB_CLUSTERS = 20, 4
 # A network small enough that a fit takes a second or two.
 SMALL = dict(n_clusters=BLOB_CLUSTERS, hidden_dims=(32, 16, 4), pretrain_epochs=20, pretrain_lr=0.1, update_interval=10,
@@ -35,3 +39,14 @@ def blobs() -> tuple[np.ndarray, np.ndarray]:
 def fitted(blobs) -> DEC:
     """DEC fitted on ``blobs`` with the SMALL settings."""
     return DEC(**SMALL).fit(blobs[0])
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    """The official MNIST .gz files: under $DEC_DATA_DIR if set, else the repo's sibling shared/data.
+
+    Skips where they are absent: tests must not download (no network here)."""
+    root = Path(os.environ.get("DEC_DATA_DIR") or SHARED_DATA)
+    if not (root / "mnist").is_dir():
+        pytest.skip(f"no MNIST files under {root}")
+    return root / "mnist"

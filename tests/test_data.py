@@ -14,17 +14,7 @@ import pytest
 from dec_mlflow import data
 from dec_mlflow.data import KNOWN_DATASETS, DataError, Dataset, data_dirs, load_dataset
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LABELS_SPEC = next(s for s in data._REGISTRY["mnist"].files if s.filename == "t10k-labels-idx1-ubyte.gz")
-
-
-@pytest.fixture
-def mnist_dir() -> Path:
-    """The official MNIST .gz files: under $DEC_DATA_DIR if set, else the repo's sibling shared/data."""
-    root = Path(os.environ.get("DEC_DATA_DIR") or SHARED_DATA)
-    if not (root / "mnist").is_dir():
-        pytest.skip(f"no MNIST files under {root}")
-    return root / "mnist"
 
 
 @pytest.fixture

@@ -94,7 +94,8 @@ def test_default_pretraining_stays_finite_without_restarts(name, tmp_path):
     assert ae.lr == 1.0
 
 
-def test_mnist_written_to_a_file_trains_under_defaults(tmp_path):
+def test_mnist_written_to_a_file_trains_under_defaults(tmp_path, mnist_dir, monkeypatch):
+    monkeypatch.setenv("DEC_DATA_DIR", str(mnist_dir.parent))
     mnist = load_dataset("mnist")
     path = tmp_path / "mnist_sample.npz"
     np.savez(path, x=mnist.x[:ROWS].astype(np.float32) / 255.0, y=mnist.y[:ROWS])
