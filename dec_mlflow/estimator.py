@@ -51,8 +51,8 @@ DISTILL_LR = 0.01
 PRETRAIN_RETRIES = 3  # divergent pretraining restarts this many times, each at a quarter of the rate
 # the label-free score that ranks runs best on every kind of data measured: Spearman correlation with ACC
 # +0.87 (MNIST, 9 runs), +0.41 (digits), +0.49 (wine), +0.66 (breast cancer; 6 runs each, two recipes x 3
-# seeds). init_agreement reached +0.93 on MNIST but -0.39 on breast cancer, the silhouette +0.81 on digits
-# but -0.87 on MNIST (BENCHMARKS.md, "Label-free trust scores")
+# seeds); +0.38 averaged over five datasets. init_agreement reached +0.93 on MNIST but -0.39 on breast
+# cancer, the silhouette +0.81 on digits but -0.87 on MNIST (BENCHMARKS.md, "Label-free trust scores")
 TRUST_SCORE = "balance"
 
 
