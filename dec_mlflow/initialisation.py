@@ -16,9 +16,9 @@ INITS = ("manifold", "kmeans")
 # packs each cluster tightly; 20 neighbours keep the local structure of digits while joining a class's
 # sub-styles, and a full-covariance GMM on the UMAP output follows elongated clusters k-means would cut.
 UMAP_NEIGHBORS = 20
-# GMM starts on the UMAP map, the best by likelihood kept (label-free). One start fell into a local optimum
-# that merges two digits in 1 of 10 seeds on MNIST's map (ACC 0.83 against 0.97, log-likelihood 15.6 against
-# 16.5 per point); ten cost ~8 s there and raised digits' initial ACC from 0.860 to 0.936 (BENCHMARKS.md, "Manifold initialisation: GMM starts")
+# GMM starts on the UMAP map, the best by likelihood kept (label-free). A single start fell into a local
+# optimum that merges two digits for 8 of 50 seeds over five MNIST maps (ACC 0.83 against 0.97, always at a
+# lower log-likelihood per point); ten cost ~5 s there and raised digits' initial ACC from 0.860 to 0.936 (BENCHMARKS.md, "Manifold initialisation: GMM starts")
 GMM_N_INIT = 10
 # Mean squared distance of a point to its initial centroid once the embedding is rescaled. The Student's
 # t kernel (alpha=1) is not scale-free: in an embedding 100 times too small every q_ij is 1/k and
