@@ -18,7 +18,8 @@ INITS = ("manifold", "kmeans")
 UMAP_NEIGHBORS = 20
 # GMM starts on the UMAP map, the best by likelihood kept (label-free). A single start fell into a local
 # optimum that merges two digits for 8 of 50 seeds over five MNIST maps (ACC 0.83 against 0.97, always at a
-# lower log-likelihood per point); ten cost ~5 s there and raised digits' initial ACC from 0.860 to 0.936 (BENCHMARKS.md, "Manifold initialisation: GMM starts")
+# lower log-likelihood per point); ten cost ~5 s there and raised digits' initial ACC from 0.860 to 0.936
+# (BENCHMARKS.md, "Manifold initialisation: GMM starts")
 GMM_N_INIT = 10
 # Mean squared distance of a point to its initial centroid once the embedding is rescaled. The Student's
 # t kernel (alpha=1) is not scale-free: in an embedding 100 times too small every q_ij is 1/k and
