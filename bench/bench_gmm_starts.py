@@ -13,47 +13,26 @@ mean log-likelihood per point (the label-free criterion n_init uses) and the ACC
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import time
 
-import numpy as np
-import torch
-from sklearn.mixture import GaussianMixture
-
 from _report import machine, write_section
-from bench_quality import OUT, load
-from dec_mlflow.estimator import PretrainedAutoencoder
-from dec_mlflow.initialisation import umap_map
+from bench_quality import cached_embedding
+from dec_mlflow.initialisation import map_gmm, umap_map
 from dec_mlflow.metrics import cluster_accuracy
-from dec_mlflow.training import embed
-
-
-def gmm(u: np.ndarray, k: int, seed: int, n_init: int) -> GaussianMixture:
-    """The GMM of ``dec_mlflow.initialisation.cluster_map`` with ``n_init`` starts."""
-    return GaussianMixture(k, covariance_type="full", random_state=seed, reg_covar=1e-4, n_init=n_init).fit(u)
 
 
 def measure(tag: str, starts: int) -> dict:
-    dataset, seed = tag.rsplit("-s", 1)
-    seed = int(seed)
-    paths = sorted(glob.glob(str(OUT / "ae" / f"{dataset}-s{seed}-*augment=False*.pt")))
-    if not paths:
-        raise SystemExit(f"no autoencoder for {tag} in {OUT / 'ae'}: run bench/bench_quality.py run --datasets {dataset} "
-                         f"--seeds {seed} first")
-    ae = PretrainedAutoencoder.load(paths[0])
-    x, y = load(dataset)
-    k = len(np.unique(y))
-    z = embed(ae.autoencoder.encoder, torch.from_numpy((x - ae.offset) * ae.scale)).numpy()
+    seed, y, k, z = cached_embedding(tag)
     u = umap_map(z, k, seed=seed)
     single = []
     for s in range(seed, seed + starts):
-        g = gmm(u, k, s, 1)
+        g = map_gmm(u, k, seed=s, n_init=1)
         single.append({"seed": s, "loglik": float(g.score(u)), "acc": cluster_accuracy(y, g.predict(u))})
     start = time.perf_counter()
-    g = gmm(u, k, seed, starts)
+    g = map_gmm(u, k, seed=seed, n_init=starts)
     seconds = time.perf_counter() - start
-    return {"tag": tag, "n": len(x), "single": single, "multi_loglik": float(g.score(u)),
+    return {"tag": tag, "n": len(y), "single": single, "multi_loglik": float(g.score(u)),
             "multi_acc": cluster_accuracy(y, g.predict(u)), "multi_seconds": seconds}
 
 

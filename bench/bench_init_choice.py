@@ -14,34 +14,20 @@ on every dataset, the initialisation it prefers is the one with the higher ACC.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import time
 
-import numpy as np
-import torch
 from sklearn.metrics import davies_bouldin_score
 
 from _report import machine, write_section
-from bench_quality import OUT, load
+from bench_quality import cached_embedding
 from dec_mlflow import trust
-from dec_mlflow.estimator import PretrainedAutoencoder
 from dec_mlflow.initialisation import cluster_map, kmeans_init, umap_map
 from dec_mlflow.metrics import cluster_accuracy
-from dec_mlflow.training import embed
 
 
 def measure(tag: str) -> dict:
-    dataset, seed = tag.rsplit("-s", 1)
-    seed = int(seed)
-    paths = sorted(glob.glob(str(OUT / "ae" / f"{dataset}-s{seed}-*augment=False*.pt")))
-    if not paths:
-        raise SystemExit(f"no autoencoder for {tag} in {OUT / 'ae'}: run bench/bench_quality.py run --datasets {dataset} "
-                         f"--seeds {seed} first")
-    ae = PretrainedAutoencoder.load(paths[0])
-    x, y = load(dataset)
-    k = len(np.unique(y))
-    z = embed(ae.autoencoder.encoder, torch.from_numpy((x - ae.offset) * ae.scale)).numpy()
+    seed, y, k, z = cached_embedding(tag)
     start = time.perf_counter()
     u = umap_map(z, k, seed=seed)  # manifold_init is cluster_map(z, umap_map(z))
     inits = {"kmeans": kmeans_init(z, k, n_init=20, seed=seed), "manifold": cluster_map(z, u, k, seed=seed)}

@@ -22,12 +22,14 @@ settings reuse the autoencoder (kept in bench/out/ae/). The floor row of each da
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.stats import spearmanr
 from sklearn import datasets as skdata
 from sklearn.cluster import KMeans
@@ -38,6 +40,7 @@ from dec_mlflow.estimator import TRUST_SCORE, PretrainedAutoencoder, embedding_k
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.presets import PRESETS, preset_params
 from dec_mlflow.scaling import fit_scaling
+from dec_mlflow.training import embed
 
 OUT = Path(__file__).resolve().parent / "out"
 RESULTS = OUT / "quality.jsonl"
@@ -85,6 +88,21 @@ def pretrained(est: DEC, x: np.ndarray, dataset: str, seed: int, timer: StageTim
     ae.save(path)
     path.with_suffix(".json").write_text(json.dumps({"seconds": seconds}))
     return ae, seconds
+
+
+def cached_embedding(tag: str) -> tuple[int, np.ndarray, int, np.ndarray]:
+    """(seed, y, k, z) for ``tag`` = dataset-s<seed>: the embedding of the whole dataset by the autoencoder
+    `run` pretrained and kept in bench/out/ae/ (default pretraining, no augmentation)."""
+    dataset, seed = tag.rsplit("-s", 1)
+    seed = int(seed)
+    paths = sorted(glob.glob(str(OUT / "ae" / f"{dataset}-s{seed}-*augment=False*.pt")))
+    if not paths:
+        raise SystemExit(f"no autoencoder for {tag} in {OUT / 'ae'}: run bench/bench_quality.py run --datasets {dataset} "
+                         f"--seeds {seed} first")
+    ae = PretrainedAutoencoder.load(paths[0])
+    x, y = load(dataset)
+    z = embed(ae.autoencoder.encoder, torch.from_numpy((x - ae.offset) * ae.scale)).numpy()
+    return seed, y, len(np.unique(y)), z
 
 
 def floor_acc(x: np.ndarray, y: np.ndarray, dataset: str, scaling: str, seed: int) -> float:

@@ -99,12 +99,17 @@ def umap_map(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UM
     return reducer.fit_transform(z).astype(np.float64)
 
 
+def map_gmm(u: np.ndarray, n_clusters: int, *, seed: int, n_init: int = GMM_N_INIT) -> GaussianMixture:
+    """The full-covariance Gaussian mixture of ``cluster_map``, fitted to ``u``: the most likely of ``n_init`` starts."""
+    return GaussianMixture(n_clusters, covariance_type="full", random_state=seed, reg_covar=1e-4, n_init=n_init).fit(u)
+
+
 def cluster_map(z: np.ndarray, u: np.ndarray, n_clusters: int, *, seed: int) -> Initialisation:
     """Full-covariance GMM on the map ``u`` (n_samples, m) of ``z``; centroids in ``z``'s space.
 
     The GMM keeps the most likely of ``GMM_N_INIT`` starts: a single start can merge two clusters.
     """
-    gmm = GaussianMixture(n_clusters, covariance_type="full", random_state=seed, reg_covar=1e-4, n_init=GMM_N_INIT).fit(u)
+    gmm = map_gmm(u, n_clusters, seed=seed)
     posteriors = gmm.predict_proba(u)  # (n, k)
     labels = posteriors.argmax(1)
     centroids = np.empty((n_clusters, z.shape[1]), np.float64)

@@ -420,7 +420,7 @@ def spark_session(master: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROW
         # `python3` is on PATH), SPARK_LOCAL_IP the JVM's address (default: the host's interface).
         # Locally: this interpreter, and loopback only.
         environ = {"PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"} if local else {}
-        with _environ({k: v for k, v in environ.items() if not os.environ.get(k)}):
+        with temporary_environ({k: v for k, v in environ.items() if not os.environ.get(k)}):
             session = builder.getOrCreate()
         session.sparkContext.setLogLevel("WARN")
     for key, value in _ARROW_BATCH_CONF.items():
@@ -488,7 +488,7 @@ def _stage_as_parquet(inp: ScoringInput, staging: Path, chunk_rows: int) -> tupl
 
 
 @contextmanager
-def _environ(values: dict[str, str]):
+def temporary_environ(values: dict[str, str]):
     """Set these environment variables for the block, then restore the previous environment."""
     previous = {k: os.environ.get(k) for k in values}
     os.environ.update(values)

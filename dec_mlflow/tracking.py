@@ -33,6 +33,7 @@ from dec_mlflow.estimator import PretrainCheckpoint, PretrainedAutoencoder
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.model import DECNet
 from dec_mlflow.rows import Features, chunks, dense
+from dec_mlflow.scoring import temporary_environ
 
 AUTOENCODER_ARTIFACT = "autoencoder/autoencoder.pt"
 NETWORK_ARTIFACT = "network/dec_network.pt"  # the trained DECNet, for re-export without retraining
@@ -110,16 +111,8 @@ def run_environment(run: mlflow.ActiveRun) -> Iterator[None]:
     """
     values = {"MLFLOW_RUN_ID": run.info.run_id, "MLFLOW_EXPERIMENT_ID": run.info.experiment_id,
               "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_REGISTRY_URI": mlflow.get_registry_uri()}
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
+    with temporary_environ(values):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _experiment_id(name: str) -> str:
