@@ -41,6 +41,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dec_mlflow.environment import temporary_environ
+
 ENGINES = ("local", "spark")
 FORMATS = (".parquet", ".csv", ".npy")
 ROW_COLUMN = "row"  # the key when the input has no id column: position of the row in the input
@@ -485,21 +487,6 @@ def _stage_as_parquet(inp: ScoringInput, staging: Path, chunk_rows: int) -> tupl
         for start, keys, x in iter_chunks(inp, chunk_rows):
             writer.write(start, pa.table({inp.key: keys, **{name: x[:, j] for j, name in enumerate(features)}}))
     return features
-
-
-@contextmanager
-def temporary_environ(values: dict[str, str]):
-    """Set these environment variables for the block, then restore the previous environment."""
-    previous = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in previous.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _quote(column: str) -> str:

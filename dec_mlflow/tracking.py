@@ -29,11 +29,11 @@ from scipy import sparse
 from dec_mlflow.callbacks import Callback, SelfTrainRecorder
 from dec_mlflow.checkpoint import load_tensors, save_tensors
 from dec_mlflow.data import Dataset
+from dec_mlflow.environment import temporary_environ
 from dec_mlflow.estimator import PretrainCheckpoint, PretrainedAutoencoder
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.model import DECNet
 from dec_mlflow.rows import Features, chunks, dense
-from dec_mlflow.scoring import temporary_environ
 
 AUTOENCODER_ARTIFACT = "autoencoder/autoencoder.pt"
 NETWORK_ARTIFACT = "network/dec_network.pt"  # the trained DECNet, for re-export without retraining
