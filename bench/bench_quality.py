@@ -90,16 +90,21 @@ def pretrained(est: DEC, x: np.ndarray, dataset: str, seed: int, timer: StageTim
     return ae, seconds
 
 
-def cached_embedding(tag: str) -> tuple[int, np.ndarray, int, np.ndarray]:
-    """(seed, y, k, z) for ``tag`` = dataset-s<seed>: the embedding of the whole dataset by the autoencoder
-    `run` pretrained and kept in bench/out/ae/ (default pretraining, no augmentation)."""
+def cached_autoencoder(tag: str) -> tuple[str, int, PretrainedAutoencoder]:
+    """(dataset, seed, autoencoder) for ``tag`` = dataset-s<seed>: the autoencoder `run` pretrained and kept in
+    bench/out/ae/ (default pretraining, no augmentation)."""
     dataset, seed = tag.rsplit("-s", 1)
     seed = int(seed)
     paths = sorted(glob.glob(str(OUT / "ae" / f"{dataset}-s{seed}-*augment=False*.pt")))
     if not paths:
         raise SystemExit(f"no autoencoder for {tag} in {OUT / 'ae'}: run bench/bench_quality.py run --datasets {dataset} "
                          f"--seeds {seed} first")
-    ae = PretrainedAutoencoder.load(paths[0])
+    return dataset, seed, PretrainedAutoencoder.load(paths[0])
+
+
+def cached_embedding(tag: str) -> tuple[int, np.ndarray, int, np.ndarray]:
+    """(seed, y, k, z) for ``tag`` = dataset-s<seed>: the embedding of the whole dataset by its cached autoencoder."""
+    dataset, seed, ae = cached_autoencoder(tag)
     x, y = load(dataset)
     z = embed(ae.autoencoder.encoder, torch.from_numpy((x - ae.offset) * ae.scale)).numpy()
     return seed, y, len(np.unique(y)), z

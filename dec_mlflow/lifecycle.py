@@ -43,7 +43,7 @@ from dec_mlflow.rows import Features, dense
 from dec_mlflow.presets import preset_params
 
 # Options whose 'auto' the preset decides (else the estimator's default).
-PRESET_CHOICES = ("augment", "init", "pretrain_epochs")
+PRESET_CHOICES = ("augment", "init", "pretrain_epochs", "distill_epochs")
 _DEC_DEFAULTS = DEC().get_params()
 # The estimator's parameters and their defaults at the stages: 'auto' scaling is resolved per dataset,
 # an empty image_shape is the dataset's, and 'auto' preset choices are the preset's.
@@ -93,7 +93,7 @@ def build_estimator(params: dict, data: Dataset | None = None, *, preset: str = 
 
     'auto' scaling becomes the dataset's own default (which may be 'auto', the estimator's rule),
     an empty ``image_shape`` the dataset's (e.g. 28x28 for MNIST; a string such as '28,28' is
-    parsed), and ``augment``, ``init`` and ``pretrain_epochs`` left at 'auto' what ``preset``
+    parsed), and ``augment``, ``init``, ``pretrain_epochs`` and ``distill_epochs`` left at 'auto' what ``preset``
     chooses for that image shape, else the estimator's defaults. Called once before the data is
     loaded (``data`` None), so parameter errors come before any work, and again with the dataset.
     """
@@ -107,9 +107,10 @@ def build_estimator(params: dict, data: Dataset | None = None, *, preset: str = 
         if params.get(name, "auto") == "auto":
             params[name] = chosen.get(name, _DEC_DEFAULTS[name])
     if isinstance(params["augment"], str):
-        if params["augment"].lower() not in ("true", "false", "finetune"):
-            raise ValueError(f"augment must be 'auto', 'true', 'false' or 'finetune'; got {params['augment']!r}")
-        params["augment"] = "finetune" if params["augment"].lower() == "finetune" else params["augment"].lower() == "true"
+        value = params["augment"].lower()
+        if value not in ("true", "false", "finetune", "distill"):
+            raise ValueError(f"augment must be 'auto', 'true', 'false', 'finetune' or 'distill'; got {params['augment']!r}")
+        params["augment"] = value if value in ("finetune", "distill") else value == "true"
     params["image_shape"] = image_shape
     if params.get("scaling") == "auto" and data is not None:
         params["scaling"] = data.default_scaling
@@ -171,7 +172,7 @@ def _pretrain_key(est: DEC, digest: str, resolved: dict) -> str:
     load (pickled checkpoints of older versions), is never reused as if it were identical.
     """
     params = est.get_params()
-    params["augment"] = params["augment"] is True  # 'finetune' pretrains on clean images, as False does
+    params["augment"] = params["augment"] is True  # 'finetune' and 'distill' pretrain on clean images, as False does
     return tracking.fingerprint({"data_digest": digest, "checkpoint_format": CHECKPOINT_FORMAT,
                                  "package_version": PACKAGE_VERSION, "precision_resolved": resolved["precision"],
                                  "device_type": resolved["device"].split(":")[0],

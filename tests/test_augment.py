@@ -6,6 +6,7 @@ import torch
 
 from dec_mlflow import DEC
 from dec_mlflow.augment import check_image_shape, random_shift_rotate
+from dec_mlflow.callbacks import Callback
 
 
 def test_shapes_and_dtype_are_kept():
@@ -85,6 +86,47 @@ def test_finetune_augments_self_training_but_not_pretraining():
                               finetuned.network_.encoder[0].weight.detach().numpy())  # self-training saw shifted ones
 
 
+@pytest.mark.parametrize("augment, distill_augmented, self_train_augmented", [
+    (False, False, False), ("distill", True, False), ("finetune", True, True), (True, True, True)])
+def test_each_augment_value_augments_the_stages_it_names(monkeypatch, augment, distill_augmented, self_train_augmented):
+    import dec_mlflow.estimator as estimator
+    seen = {}
+
+    def recording(stage, real):
+        def run(*args, **kwargs):
+            seen[stage] = kwargs.get("transform") is not None
+            return real(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(estimator, "distill", recording("distill", estimator.distill))
+    monkeypatch.setattr(estimator, "self_train", recording("self_train", estimator.self_train))
+    x = np.random.default_rng(0).uniform(0, 1, size=(120, 16)).astype(np.float32)
+    DEC(n_clusters=2, image_shape=(4, 4), hidden_dims=(8, 2), pretrain_epochs=2, update_interval=2, max_iter=6,
+        batch_size=32, pretrain_batch_size=32, precision="fp32", augment=augment).fit(x)
+    assert seen == {"distill": distill_augmented, "self_train": self_train_augmented}
+
+
+def test_distill_epochs_sets_the_length_of_distillation():
+    stages = {}
+
+    class Lengths(Callback):
+        def on_stage_begin(self, stage, total):
+            stages[stage] = total
+
+    x = np.random.default_rng(0).uniform(0, 1, size=(640, 16)).astype(np.float32)
+    small = dict(n_clusters=2, hidden_dims=(8, 2), pretrain_epochs=1, max_iter=4, batch_size=32, precision="fp32")
+    ae = DEC(**small).pretrain(x)
+    for epochs, expected in [(2, 500), (30, 30 * 640 // 32)]:  # at least 500 steps, else epochs x batches per epoch
+        DEC(**small, distill_epochs=epochs).fit(x, autoencoder=ae, callback=Lengths())
+        assert stages["distill"] == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "20"])
+def test_distill_epochs_is_checked(value):
+    with pytest.raises(ValueError, match=f"distill_epochs must be an integer >= 1; got {value!r}"):
+        DEC(distill_epochs=value).validate_params()
+
+
 def test_augment_values_are_checked():
-    with pytest.raises(ValueError, match="augment must be True, False or 'finetune'; got 'yes'"):
+    with pytest.raises(ValueError, match="augment must be True, False, 'finetune' or 'distill'; got 'yes'"):
         DEC(n_clusters=2, augment="yes", image_shape=(2, 3)).validate_params()

@@ -226,8 +226,9 @@ def test_cli_defaults_are_the_estimator_defaults():
     defaults = DEC().get_params()
     options = {p.name: p for p in main.commands["cluster"].params}
     assert set(defaults) <= set(options)
-    # left to the dataset (scaling, image_shape) or to the preset (augment, init, pretrain_epochs)
-    stage_level = {"scaling": "auto", "image_shape": "", "augment": "auto", "init": "auto", "pretrain_epochs": "auto"}
+    # left to the dataset (scaling, image_shape) or to the preset (augment, init, pretrain_epochs, distill_epochs)
+    stage_level = {"scaling": "auto", "image_shape": "", "augment": "auto", "init": "auto", "pretrain_epochs": "auto",
+                   "distill_epochs": "auto"}
     for name, default in defaults.items():
         expected = ",".join(map(str, default)) if name == "hidden_dims" else stage_level.get(name, default)
         assert options[name].default == expected, name

@@ -120,7 +120,7 @@ def test_sklearn_clone_and_params_round_trip():
         ({"pretrain_epochs": 0}, "pretrain_epochs must be >= 1 when pretrain_mode='end_to_end'"),
         ({"pretrain_epochs": "many"}, "pretrain_epochs must be an integer >= 0 or 'auto'; got 'many'"),
         ({"init": "spectral"}, "init must be one of manifold, kmeans; got 'spectral'"),
-        ({"augment": "yes"}, "augment must be True, False or 'finetune'; got 'yes'"),
+        ({"augment": "yes"}, "augment must be True, False, 'finetune' or 'distill'; got 'yes'"),
     ],
 )
 def test_bad_params_are_named(blobs, params, message):

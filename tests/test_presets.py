@@ -7,7 +7,8 @@ from dec_mlflow.presets import PRESETS, preset_params
 
 
 def test_best_augments_images_only():
-    assert preset_params("best", image_shape=(28, 28)) == {"image_shape": (28, 28), "augment": "finetune"}
+    assert preset_params("best", image_shape=(28, 28)) == {"image_shape": (28, 28), "augment": "distill",
+                                                           "distill_epochs": 20}
     assert preset_params("best", image_shape=None) == preset_params("default", image_shape=None) == {"image_shape": None}
 
 
