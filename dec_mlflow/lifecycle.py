@@ -135,7 +135,7 @@ def _image_shape(value) -> tuple[int, ...] | None:
 def resolved_params(est: DEC, x: Features) -> dict:
     """What the stage-level and estimator 'auto' settings resolved to, as params ``<name>_resolved``
     (precision and device among them), and the package version ``dec_mlflow_version``."""
-    values = {**{n: est.get_params()[n] for n in ("augment", "init", "image_shape")}, **est.resolve(x)}
+    values = {**{n: est.get_params()[n] for n in ("augment", "init", "distill_epochs", "image_shape")}, **est.resolve(x)}
     resolved = {f"{k}_resolved": ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in values.items()}
     return {**resolved, "dec_mlflow_version": PACKAGE_VERSION}
 

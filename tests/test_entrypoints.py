@@ -78,6 +78,7 @@ def test_cluster_logs_params_metrics_artifacts_and_registers(store, first_cluste
     assert 0.0 <= m["trust_score"] <= 1.0 and m["trust_score"] == m["trust_balance"]
     assert {"trust_init_agreement", "trust_silhouette", "trust_confidence"} <= set(m)
     assert run.data.params["init_resolved"] == "manifold" and run.data.params["pretrain_lr_resolved"] == "0.1"
+    assert run.data.params["distill_epochs"] == "auto" and run.data.params["distill_epochs_resolved"] == "2"
     assert run.data.params["scaling_resolved"] == "standard" and run.data.params["update_interval_resolved"] == "10"
     # per-update curves with steps
     kl = client.get_metric_history(run.info.run_id, "kl_loss")

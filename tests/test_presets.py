@@ -24,3 +24,14 @@ def test_every_preset_is_a_valid_estimator(preset):
 def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="preset must be one of default, best, paper; got 'fast'"):
         preset_params("fast")
+
+
+def test_stage_options_left_at_auto_take_the_presets_values_and_given_ones_win():
+    from dec_mlflow.lifecycle import build_estimator
+
+    best = build_estimator({"image_shape": "28,28"}, preset="best")
+    assert (best.augment, best.distill_epochs, best.init) == ("distill", 20, "manifold")
+    given = build_estimator({"image_shape": "28,28", "distill_epochs": 5, "augment": "finetune"}, preset="best")
+    assert (given.augment, given.distill_epochs) == ("finetune", 5)
+    tables = build_estimator({}, preset="best")  # no image shape: nothing to augment, the default's distillation
+    assert (tables.augment, tables.distill_epochs) == (False, 2)
