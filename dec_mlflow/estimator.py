@@ -397,6 +397,9 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"augment must be True, False, 'finetune' or 'distill'; got {self.augment!r}")
         if isinstance(self.distill_epochs, bool) or not isinstance(self.distill_epochs, Integral) or self.distill_epochs < 1:
             raise ValueError(f"distill_epochs must be an integer >= 1; got {self.distill_epochs!r}")
+        if self.augment == "distill" and (self.init != "manifold" or self.variant == "frozen"):
+            raise ValueError("augment='distill' augments distillation, which only init='manifold' with a trained encoder "
+                             f"runs; got init={self.init!r}, variant={self.variant!r} (use augment='finetune' or True)")
         if self.augment and self.image_shape is None:
             raise ValueError("augment=True needs image_shape, the (height, width[, channels]) of one sample; "
                              "augmentation only applies to images, never to tabular data")

@@ -127,6 +127,12 @@ def test_distill_epochs_is_checked(value):
         DEC(distill_epochs=value).validate_params()
 
 
+@pytest.mark.parametrize("other", [{"init": "kmeans"}, {"variant": "frozen"}])
+def test_augmenting_distillation_is_refused_where_there_is_none(other):
+    with pytest.raises(ValueError, match="augment='distill' augments distillation, which only init='manifold'"):
+        DEC(n_clusters=2, augment="distill", image_shape=(2, 3), **other).validate_params()
+
+
 def test_augment_values_are_checked():
     with pytest.raises(ValueError, match="augment must be True, False, 'finetune' or 'distill'; got 'yes'"):
         DEC(n_clusters=2, augment="yes", image_shape=(2, 3)).validate_params()
