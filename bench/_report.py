@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import statistics
@@ -41,6 +42,15 @@ def matmul_peak_gflops(dtype=torch.float32, n: int = 2048, seconds: float = 2.0)
 
 def median(values) -> float:
     return float(statistics.median(values))
+
+
+def latest_rows(path: Path, key: tuple[str, ...]) -> list[dict]:
+    """The rows of a JSON-lines results file, the last one per ``key`` (a rerun replaces an earlier row)."""
+    latest = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        latest[tuple(row[k] for k in key)] = row
+    return list(latest.values())
 
 
 def write_section(name: str, body: str) -> None:

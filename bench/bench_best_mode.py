@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from _report import StageTimer, machine, write_section
+from _report import StageTimer, latest_rows, machine, write_section
 from bench_quality import IMAGE_SHAPES, OUT, cached_autoencoder, load
 from dec_mlflow import DEC
 from dec_mlflow.metrics import cluster_accuracy
@@ -72,19 +72,16 @@ def cmd_run(args) -> None:
 
 
 def cmd_report(args) -> None:
-    latest = {}
-    for line in RESULTS.read_text().splitlines():
-        row = json.loads(line)
-        latest[(row["tag"], row["variant"])] = row
+    rows = sorted(latest_rows(RESULTS, ("tag", "variant")), key=lambda r: (r["tag"], r["variant"]))
     lines = ["| autoencoder | augment : distill_epochs | init ACC (UMAP + GMM) | ACC after distillation | DEC ACC | "
              "self-training iterations | converged | minutes (fit, from a pretrained autoencoder) |",
              "|---|---|---|---|---|---|---|---|"]
-    for (tag, variant), r in sorted(latest.items()):
-        lines.append(f"| {tag} | {variant} | {r['init_acc']:.4f} | {r['distilled_acc']:.4f} | **{r['acc']:.4f}** | "
+    for r in rows:
+        lines.append(f"| {r['tag']} | {r['variant']} | {r['init_acc']:.4f} | {r['distilled_acc']:.4f} | **{r['acc']:.4f}** | "
                      f"{r['n_iter']} | {'yes' if r['converged'] else 'no'} | {r['minutes']:.1f} |")
     body = ("Command: `DEC_DATA_DIR=../shared/data python bench/bench_best_mode.py run <tags> --variants ...`, then "
             "`python bench/bench_best_mode.py report`\n\n"
-            f"Machine: {next(iter(latest.values()))['machine']}; runs side by side with others, minutes are noisy.\n\n"
+            f"Machine: {rows[0]['machine']}; runs side by side with others, minutes are noisy.\n\n"
             + "\n".join(lines) + "\n" + (f"\n{args.note.strip()}\n" if args.note else ""))
     print(body)
     write_section("Best mode: where to augment, how long to distil", body)

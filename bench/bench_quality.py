@@ -34,7 +34,7 @@ from scipy.stats import spearmanr
 from sklearn import datasets as skdata
 from sklearn.cluster import KMeans
 
-from _report import StageTimer, machine, write_section
+from _report import StageTimer, latest_rows, machine, write_section
 from dec_mlflow import DEC
 from dec_mlflow.estimator import TRUST_SCORE, PretrainedAutoencoder, embedding_kmeans
 from dec_mlflow.metrics import clustering_scores
@@ -164,14 +164,6 @@ def cmd_run(args) -> None:
                 print(json.dumps({k: v for k, v in row.items() if k not in ("stage_seconds", "machine")}, default=float), flush=True)
 
 
-def _rows() -> list[dict]:
-    latest = {}
-    for line in RESULTS.read_text().splitlines():
-        row = json.loads(line)
-        latest[(row["dataset"], row["recipe"], row["seed"])] = row  # a rerun replaces an earlier row
-    return list(latest.values())
-
-
 def _mean_std(values) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
@@ -180,7 +172,7 @@ TRUST = f"trust_{TRUST_SCORE}"
 
 
 def cmd_report(args) -> None:
-    rows = _rows()
+    rows = latest_rows(RESULTS, ("dataset", "recipe", "seed"))
     order = ["mnist", "mnist_test", "digits", "wine", "breast_cancer", "blobs"]
     datasets = [d for d in order if any(r["dataset"] == d for r in rows)]
     lines = ["| dataset | recipe | seed | k-means ACC (floor) | AE+k-means ACC | init ACC | DEC ACC | NMI | trust_score | minutes |",
