@@ -17,7 +17,7 @@ import inspect
 import click
 
 from dec_mlflow import distributed, lifecycle, lifecycle_experiments
-from dec_mlflow.estimator import LR_SCHEDULES, PRECISIONS, PRETRAIN_MODES, SCALINGS, SELECTIONS, TRUST_SCORE, VARIANTS
+from dec_mlflow.estimator import AUGMENT_MODES, LR_SCHEDULES, PRECISIONS, PRETRAIN_MODES, SCALINGS, SELECTIONS, TRUST_SCORE, VARIANTS
 from dec_mlflow.initialisation import INITS
 from dec_mlflow.presets import DESCRIPTIONS, PRESETS
 
@@ -52,7 +52,7 @@ ESTIMATOR_OPTIONS = {
     "pretrain_lr_schedule": (click.Choice(LR_SCHEDULES), "Pretraining learning-rate schedule."),
     "dropout": (click.FLOAT, "Corruption (dropout) rate of the layerwise denoising stage."),
     "precision": (click.Choice(PRECISIONS), "Pretraining matmul precision; 'auto' = bf16 where the CPU has it natively."),
-    "augment": (click.Choice(("auto", "true", "false", "finetune", "distill"), case_sensitive=False),
+    "augment": (click.Choice(("auto", "true", "false", *AUGMENT_MODES), case_sensitive=False),
                 "DEC-DA: random shifts and rotations of images in every training stage (true), in distillation and self-training only (finetune) or in distillation only (distill); needs an image shape, never for tables; 'auto' = the preset's."),
     "image_shape": (str, "Shape of one sample as an image, e.g. 28,28 or 32,32,3 (channels last); default: the dataset's (28,28 for mnist)."),
     "n_pretrain_init": (click.INT, "Autoencoders to pretrain (seeds random_state, +1, ...); the best by pretrain_selection is kept."),

@@ -36,6 +36,8 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
 VARIANTS = ("dec", "frozen", "idec")
 SELECTIONS = ("reconstruction", "inertia")
+# augment besides True (every stage) and False: the stages after pretraining, or distillation alone
+AUGMENT_MODES = ("finetune", "distill")
 # 'auto' budgets. The paper's schedule is counted in SGD iterations; 75 epochs of MNIST are 20,500 of
 # them, and a small table at 75 epochs would get a few hundred: too few for the autoencoder to learn.
 PRETRAIN_EPOCHS = 75
@@ -393,7 +395,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         if self.pretrain_mode == "end_to_end" and self.pretrain_epochs == 0:
             raise ValueError("pretrain_epochs must be >= 1 when pretrain_mode='end_to_end'; got 0")
         _check_device(self.device)
-        if not isinstance(self.augment, (bool, np.bool_)) and self.augment not in ("finetune", "distill"):
+        if not isinstance(self.augment, (bool, np.bool_)) and self.augment not in AUGMENT_MODES:
             raise ValueError(f"augment must be True, False, 'finetune' or 'distill'; got {self.augment!r}")
         if isinstance(self.distill_epochs, bool) or not isinstance(self.distill_epochs, Integral) or self.distill_epochs < 1:
             raise ValueError(f"distill_epochs must be an integer >= 1; got {self.distill_epochs!r}")
@@ -607,8 +609,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         decoder = copy.deepcopy(autoencoder.autoencoder.decoder).to(device) if self.variant == "idec" else None
         x = scaled(X, autoencoder.offset, autoencoder.scale, device)
         transform = self._transform(autoencoder.scale, device, self.selected_seed_)
-        train = dict(alpha=self.alpha, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-                     callback=callback, transform=None if self.augment == "distill" else transform)
+        train = dict(alpha=self.alpha, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, callback=callback)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.selected_seed_)
             init, scale = self._initial_clusters(encoder, decoder, x, callback)
@@ -616,10 +617,11 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             if init.posteriors is not None and self.variant != "frozen":
                 n_iter = max(DISTILL_MIN_ITER, self.distill_epochs * max(1, x.shape[0] // min(self.batch_size, x.shape[0])))
                 distill(encoder, centroids, x, torch.from_numpy(init.posteriors).to(device), n_iter=n_iter,
-                        **{**train, "lr": min(self.lr, DISTILL_LR), "transform": transform})
+                        transform=transform, **{**train, "lr": min(self.lr, DISTILL_LR)})
             result = self_train(
                 encoder, centroids, x, update_interval=resolved["update_interval"], tol=self.tol,
                 max_iter=self.max_iter, train_encoder=self.variant != "frozen", decoder=decoder, gamma=self.gamma,
+                transform=None if self.augment == "distill" else transform,
                 **train,
             )
         self.network_ = DECNet(

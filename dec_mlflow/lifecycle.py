@@ -37,7 +37,7 @@ from dec_mlflow import distributed, scoring, tracking
 from dec_mlflow.callbacks import Callback, CallbackList, ProgressBar
 from dec_mlflow.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from dec_mlflow.data import Dataset, load_dataset
-from dec_mlflow.estimator import DEC, TRUST_SCORE, PretrainedAutoencoder, selection_criteria
+from dec_mlflow.estimator import AUGMENT_MODES, DEC, TRUST_SCORE, PretrainedAutoencoder, selection_criteria
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.rows import Features, dense
 from dec_mlflow.presets import preset_params
@@ -108,9 +108,9 @@ def build_estimator(params: dict, data: Dataset | None = None, *, preset: str = 
             params[name] = chosen.get(name, _DEC_DEFAULTS[name])
     if isinstance(params["augment"], str):
         value = params["augment"].lower()
-        if value not in ("true", "false", "finetune", "distill"):
+        if value not in ("true", "false", *AUGMENT_MODES):
             raise ValueError(f"augment must be 'auto', 'true', 'false', 'finetune' or 'distill'; got {params['augment']!r}")
-        params["augment"] = value if value in ("finetune", "distill") else value == "true"
+        params["augment"] = value if value in AUGMENT_MODES else value == "true"
     params["image_shape"] = image_shape
     if params.get("scaling") == "auto" and data is not None:
         params["scaling"] = data.default_scaling
