@@ -9,7 +9,7 @@ even side by side); `report` writes the table, the seed stability of MNIST and t
 of each label-free score with ACC to BENCHMARKS.md. Recipes:
 
 - default: every parameter at its default (manifold initialisation);
-- best: `preset=best` (20 epochs of distillation on augmented images, then clean self-training, for image data;
+- best: `preset=best` (40 epochs of distillation on augmented images, then clean self-training, twice, for image data;
   for other data it is the default, so not rerun);
 - kmeans: the paper's k-means initialisation on the default's pretrained autoencoder (the previous
   default of this project), run to give the trust-score correlation runs of varied quality.
@@ -211,7 +211,7 @@ def cmd_report(args) -> None:
         "Command: `DEC_DATA_DIR=../shared/data python bench/bench_quality.py run --datasets ... --recipes ... --seeds ...`, "
         "then `python bench/bench_quality.py report` (results accumulate in bench/out/quality.jsonl).\n\n"
         f"Machine: {'; '.join(machines)}. Shared machine: several fits ran side by side, so minutes carry noise.\n"
-        "Recipes: `default` (all defaults: manifold initialisation), `best` (`preset=best`: 20 epochs of distillation on DEC-DA augmented images, then clean self-training; image data only), "
+        "Recipes: `default` (all defaults: manifold initialisation), `best` (`preset=best`: 40 epochs of distillation on DEC-DA augmented images, then clean self-training, two rounds; image data only), "
         "`kmeans` (the paper's k-means initialisation on the default's autoencoder: this project's previous default). "
         "Floor: k-means (n_init=20) on the scaled input. AE+k-means: k-means in the pretrained embedding. init: the initial "
         "clustering the recipe starts self-training from. minutes: pretraining + fit.\n\n"

@@ -43,7 +43,7 @@ from dec_mlflow.rows import Features, dense
 from dec_mlflow.presets import preset_params
 
 # Options whose 'auto' the preset decides (else the estimator's default).
-PRESET_CHOICES = ("augment", "init", "pretrain_epochs", "distill_epochs")
+PRESET_CHOICES = ("augment", "init", "pretrain_epochs", "distill_epochs", "distill_rounds")
 _DEC_DEFAULTS = DEC().get_params()
 # The estimator's parameters and their defaults at the stages: 'auto' scaling is resolved per dataset,
 # an empty image_shape is the dataset's, and 'auto' preset choices are the preset's.
@@ -93,7 +93,7 @@ def build_estimator(params: dict, data: Dataset | None = None, *, preset: str = 
 
     'auto' scaling becomes the dataset's own default (which may be 'auto', the estimator's rule),
     an empty ``image_shape`` the dataset's (e.g. 28x28 for MNIST; a string such as '28,28' is
-    parsed), and ``augment``, ``init``, ``pretrain_epochs`` and ``distill_epochs`` left at 'auto' what ``preset``
+    parsed), and ``augment``, ``init``, ``pretrain_epochs``, ``distill_epochs`` and ``distill_rounds`` left at 'auto' what ``preset``
     chooses for that image shape, else the estimator's defaults. Called once before the data is
     loaded (``data`` None), so parameter errors come before any work, and again with the dataset.
     """
@@ -135,7 +135,7 @@ def _image_shape(value) -> tuple[int, ...] | None:
 def resolved_params(est: DEC, x: Features) -> dict:
     """What the stage-level and estimator 'auto' settings resolved to, as params ``<name>_resolved``
     (precision and device among them), and the package version ``dec_mlflow_version``."""
-    values = {**{n: est.get_params()[n] for n in ("augment", "init", "distill_epochs", "image_shape")}, **est.resolve(x)}
+    values = {**{n: est.get_params()[n] for n in ("augment", "init", "distill_epochs", "distill_rounds", "image_shape")}, **est.resolve(x)}
     resolved = {f"{k}_resolved": ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in values.items()}
     return {**resolved, "dec_mlflow_version": PACKAGE_VERSION}
 

@@ -269,12 +269,19 @@ class MlflowCallback(Callback):
 
     Pretraining: ``pretrain_loss`` (end to end), ``pretrain_layer<i>_loss`` and ``finetune_loss``
     per epoch. Self-training, at every target update: ``kl_loss``, ``delta_label``, cluster size
-    fractions and, when ``y_true`` is given, ``acc``, ``nmi`` and ``ari``.
+    fractions and, when ``y_true`` is given, ``acc``, ``nmi`` and ``ari``. Under ``distill_rounds``
+    > 1 the steps of each round's self-training continue after the previous round's last, so
+    the curves run on instead of drawing every round over the first.
     """
 
     def __init__(self, n_clusters: int, y_true: np.ndarray | None = None):
         self.n_clusters = n_clusters
         self.y_true = y_true
+        self._offset, self._last = 0, -1  # the first round starts at step 0
+
+    def on_stage_begin(self, stage, total):
+        if stage == "self_train":
+            self._offset = self._last + 1
 
     def on_step(self, stage, step, metrics):
         if not stage.startswith("pretrain"):
@@ -286,6 +293,7 @@ class MlflowCallback(Callback):
         mlflow.set_tag(f"dec.{stage.replace('/', '_')}_restart_{attempt}", message[:5000])
 
     def on_update(self, step, labels, metrics):
+        step = self._last = self._offset + step
         mlflow.log_metrics({**metrics, **cluster_size_metrics(labels, self.n_clusters)}, step=step)
         if self.y_true is not None:
             mlflow.log_metrics(clustering_scores(self.y_true, labels), step=step)

@@ -127,6 +127,51 @@ def test_distill_epochs_is_checked(value):
         DEC(distill_epochs=value).validate_params()
 
 
+def test_each_further_round_distils_the_previous_rounds_target_then_self_trains_again(monkeypatch):
+    import torch
+
+    import dec_mlflow.estimator as estimator
+    from dec_mlflow.objectives import target_distribution
+    calls = []
+
+    def recording(stage, real):
+        def run(*args, **kwargs):
+            result = real(*args, **kwargs)
+            calls.append((stage, args[3].clone() if stage == "distill" else result))
+            return result
+        return run
+
+    monkeypatch.setattr(estimator, "distill", recording("distill", estimator.distill))
+    monkeypatch.setattr(estimator, "self_train", recording("self_train", estimator.self_train))
+    x = np.random.default_rng(0).uniform(0, 1, size=(200, 16)).astype(np.float32)
+    small = dict(n_clusters=3, hidden_dims=(8, 2), pretrain_epochs=1, update_interval=2, max_iter=6, batch_size=32,
+                 precision="fp32", random_state=0)
+    ae = DEC(**small).pretrain(x)
+    est = DEC(**small, distill_rounds=3).fit(x, autoencoder=ae)
+    assert [stage for stage, _ in calls] == ["distill", "self_train"] * 3
+    results = [value for stage, value in calls if stage == "self_train"]
+    teachers = [value for stage, value in calls if stage == "distill"]
+    for previous, teacher in zip(results, teachers[1:]):  # rounds 2 and 3 learn the previous round's P
+        torch.testing.assert_close(teacher, target_distribution(previous.q))
+    assert len(est.round_labels_) == 3
+    np.testing.assert_array_equal(est.round_labels_[-1], est.labels_)
+    assert est.n_iter_ == sum(r.n_iter for r in results)
+    one = DEC(**small).fit(x, autoencoder=ae)  # one round: the first round of three, to the bit
+    np.testing.assert_array_equal(one.labels_, est.round_labels_[0])
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
+def test_distill_rounds_is_checked(value):
+    with pytest.raises(ValueError, match=f"distill_rounds must be an integer >= 1; got {value!r}"):
+        DEC(distill_rounds=value).validate_params()
+
+
+@pytest.mark.parametrize("other", [{"init": "kmeans"}, {"variant": "frozen"}])
+def test_more_rounds_are_refused_where_there_is_no_distillation(other):
+    with pytest.raises(ValueError, match="distill_rounds=2 repeats distillation, which only init='manifold'"):
+        DEC(n_clusters=2, distill_rounds=2, **other).validate_params()
+
+
 @pytest.mark.parametrize("other", [{"init": "kmeans"}, {"variant": "frozen"}])
 def test_augmenting_distillation_is_refused_where_there_is_none(other):
     with pytest.raises(ValueError, match="augment='distill' augments distillation, which only init='manifold'"):

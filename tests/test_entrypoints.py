@@ -79,6 +79,7 @@ def test_cluster_logs_params_metrics_artifacts_and_registers(store, first_cluste
     assert {"trust_init_agreement", "trust_silhouette", "trust_confidence"} <= set(m)
     assert run.data.params["init_resolved"] == "manifold" and run.data.params["pretrain_lr_resolved"] == "0.1"
     assert run.data.params["distill_epochs"] == "auto" and run.data.params["distill_epochs_resolved"] == "2"
+    assert run.data.params["distill_rounds"] == "auto" and run.data.params["distill_rounds_resolved"] == "1"
     assert run.data.params["scaling_resolved"] == "standard" and run.data.params["update_interval_resolved"] == "10"
     # per-update curves with steps
     kl = client.get_metric_history(run.info.run_id, "kl_loss")
@@ -227,9 +228,10 @@ def test_cli_defaults_are_the_estimator_defaults():
     defaults = DEC().get_params()
     options = {p.name: p for p in main.commands["cluster"].params}
     assert set(defaults) <= set(options)
-    # left to the dataset (scaling, image_shape) or to the preset (augment, init, pretrain_epochs, distill_epochs)
+    # left to the dataset (scaling, image_shape) or to the preset (augment, init, pretrain_epochs, distill_epochs,
+    # distill_rounds)
     stage_level = {"scaling": "auto", "image_shape": "", "augment": "auto", "init": "auto", "pretrain_epochs": "auto",
-                   "distill_epochs": "auto"}
+                   "distill_epochs": "auto", "distill_rounds": "auto"}
     for name, default in defaults.items():
         expected = ",".join(map(str, default)) if name == "hidden_dims" else stage_level.get(name, default)
         assert options[name].default == expected, name

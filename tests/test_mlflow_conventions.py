@@ -150,3 +150,14 @@ def test_pretrain_stage_returns_its_run_and_a_loadable_autoencoder(store):
     assert tracking.load_autoencoder(result["autoencoder_uri"]).loss == pytest.approx(result["loss"])
     with pytest.raises(ValueError, match="unknown parameter.s. n_clusters; this stage takes hidden_dims, scaling"):
         lifecycle.pretrain(store["data"], n_clusters=3)
+
+
+def test_self_training_curves_of_later_rounds_continue_the_steps(store):
+    # two rounds of distillation then self-training: the second round's kl_loss steps follow the first's
+    small = {**SMALL, "init": "manifold", "distill_rounds": 2}
+    with mlflow.start_run(experiment_id=mlflow.create_experiment("rounds")) as run:
+        callback = tracking.MlflowCallback(3)
+        est = lifecycle.build_estimator(small).fit(np.load(store["data"])["x"], callback=callback)
+    steps = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "kl_loss")]
+    assert len(est.round_labels_) == 2 and len(steps) >= 2
+    assert steps == sorted(steps) and len(set(steps)) == len(steps), steps

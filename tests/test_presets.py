@@ -8,7 +8,7 @@ from dec_mlflow.presets import PRESETS, preset_params
 
 def test_best_augments_images_only():
     assert preset_params("best", image_shape=(28, 28)) == {"image_shape": (28, 28), "augment": "distill",
-                                                           "distill_epochs": 20}
+                                                           "distill_epochs": 40, "distill_rounds": 2}
     assert preset_params("best", image_shape=None) == preset_params("default", image_shape=None) == {"image_shape": None}
 
 
@@ -30,8 +30,9 @@ def test_stage_options_left_at_auto_take_the_presets_values_and_given_ones_win()
     from dec_mlflow.lifecycle import build_estimator
 
     best = build_estimator({"image_shape": "28,28"}, preset="best")
-    assert (best.augment, best.distill_epochs, best.init) == ("distill", 20, "manifold")
-    given = build_estimator({"image_shape": "28,28", "distill_epochs": 5, "augment": "finetune"}, preset="best")
-    assert (given.augment, given.distill_epochs) == ("finetune", 5)
+    assert (best.augment, best.distill_epochs, best.distill_rounds, best.init) == ("distill", 40, 2, "manifold")
+    given = build_estimator({"image_shape": "28,28", "distill_epochs": 5, "distill_rounds": 1, "augment": "finetune"},
+                            preset="best")
+    assert (given.augment, given.distill_epochs, given.distill_rounds) == ("finetune", 5, 1)
     tables = build_estimator({}, preset="best")  # no image shape: nothing to augment, the default's distillation
-    assert (tables.augment, tables.distill_epochs) == (False, 2)
+    assert (tables.augment, tables.distill_epochs, tables.distill_rounds) == (False, 2, 1)
