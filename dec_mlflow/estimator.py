@@ -416,10 +416,10 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"distill_epochs must be an integer >= 1; got {self.distill_epochs!r}")
         if isinstance(self.distill_rounds, bool) or not isinstance(self.distill_rounds, Integral) or self.distill_rounds < 1:
             raise ValueError(f"distill_rounds must be an integer >= 1; got {self.distill_rounds!r}")
-        if self.distill_rounds > 1 and (self.init != "manifold" or self.variant == "frozen"):
+        if self.distill_rounds > 1 and not self._distills():
             raise ValueError(f"distill_rounds={self.distill_rounds} repeats distillation, which only init='manifold' with a "
                              f"trained encoder runs; got init={self.init!r}, variant={self.variant!r} (use distill_rounds=1)")
-        if self.augment == "distill" and (self.init != "manifold" or self.variant == "frozen"):
+        if self.augment == "distill" and not self._distills():
             raise ValueError("augment='distill' augments distillation, which only init='manifold' with a trained encoder "
                              f"runs; got init={self.init!r}, variant={self.variant!r} (use augment='finetune' or True)")
         if self.augment and self.image_shape is None:
@@ -430,6 +430,10 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         if self.augment and self.scaling == "standard":
             raise ValueError("augment=True needs one scale for every pixel: scaling must be 'auto', 'max' or 'none', "
                              "not 'standard' (a shifted image would carry each pixel's own mean and deviation)")
+
+    def _distills(self) -> bool:
+        """Whether fit distils: a manifold initialisation (it has posteriors to learn) and a trained encoder."""
+        return self.init == "manifold" and self.variant != "frozen"
 
     def _check_X(self, X, *, fitting: bool) -> Features:
         """``X`` as float32 (n_samples, n_features), checked; a memory map or sparse matrix is checked
@@ -634,12 +638,15 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             torch.manual_seed(self.selected_seed_)
             init, scale = self._initial_clusters(encoder, decoder, x, callback)
             centroids = torch.nn.Parameter(torch.from_numpy(init.centroids * scale).to(device))
-            distilling = init.posteriors is not None and self.variant != "frozen"
-            teacher = torch.from_numpy(init.posteriors).to(device) if distilling else None
+            distilling = self._distills() and init.posteriors is not None  # one cluster: no posteriors to learn
             n_iter = max(DISTILL_MIN_ITER, self.distill_epochs * max(1, x.shape[0] // min(self.batch_size, x.shape[0])))
             self.round_labels_, total_iter = [], 0
-            for _ in range(self.distill_rounds if distilling else 1):
+            for round_ in range(self.distill_rounds if distilling else 1):
                 if distilling:
+                    # the first round learns the mixture's posteriors, each further one the sharpened target P of the
+                    # previous round, from the clean data's Q
+                    teacher = (torch.from_numpy(init.posteriors).to(device) if round_ == 0
+                               else target_distribution(result.q.to(device)).detach())
                     distill(encoder, centroids, x, teacher, n_iter=n_iter, transform=transform,
                             **{**train, "lr": min(self.lr, DISTILL_LR)})
                 result = self_train(
@@ -648,8 +655,6 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
                     transform=None if self.augment == "distill" else transform,
                     **train,
                 )
-                # the next round learns the sharpened target of this one, from the clean data's Q
-                teacher = target_distribution(result.q.to(device)).detach()
                 self.round_labels_.append(result.labels)
                 total_iter += result.n_iter
         self.network_ = DECNet(
