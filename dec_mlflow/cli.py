@@ -146,7 +146,8 @@ def _user_errors(fn):
 
 
 def _echo_model(result: dict) -> None:
-    message = f"Logged model {result['model_uri']} (ONNX max |dq| {result['onnx_max_abs_dq']:.1e})"
+    message = (f"Logged model {result['model_uri']} (ONNX max |dq| {result['onnx_max_abs_dq']:.1e}, "
+               f"labels identical but for {result['onnx_near_ties']} near-ties not compared)")
     if result["registered_model_version"] is not None:
         message += f", registered as {result['registered_model_name']} version {result['registered_model_version']}"
     click.echo(message)

@@ -402,7 +402,7 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
     Returns
     -------
     dict with ``run_id``, ``model_uri``, ``registered_model_name`` and ``registered_model_version``
-    (None when not registered), ``autoencoder_source``, ``onnx_max_abs_dq`` and ``metrics``: the
+    (None when not registered), ``autoencoder_source``, ``onnx_max_abs_dq``, ``onnx_near_ties`` and ``metrics``: the
     run's summary scores (``trust_score`` and the ``trust_*`` scores it is chosen from, always;
     ``final_*`` and ``init_*`` when the data has labels); those matching ``VERSION_METRIC_PREFIXES``
     also tag and describe the registered version. With ``nproc`` > 1, ``run_id`` and ``nproc`` (rank
@@ -494,7 +494,8 @@ def _log_model(network, data: Dataset, digest: str, name: str, tags: dict, summa
 
     ``summary`` says where the network comes from and what it scored; it goes into the
     registered version's description. Returns ``model_uri``, ``registered_model_name``,
-    ``registered_model_version`` (both None when not registered) and ``onnx_max_abs_dq``.
+    ``registered_model_version`` (both None when not registered), ``onnx_max_abs_dq`` and
+    ``onnx_near_ties`` (check rows whose labels were not compared, see ``dec_mlflow.export.NEAR_TIE``).
     """
     from serving.model_io import log_dec_model  # onnx / onnxruntime are heavy: import on use
 
@@ -517,10 +518,12 @@ def _log_model(network, data: Dataset, digest: str, name: str, tags: dict, summa
             version_description=(
                 f"DEC network of {summary}. Trained on {data.name!r} ({data.x.shape[0]} x {data.x.shape[1]}, "
                 f"data digest {digest}, source {data.source or 'unknown'}). ONNX graph checked "
-                f"against PyTorch on {int(check['onnx_check_rows'])} rows: max |dq| {check['onnx_max_abs_dq']:.1e}."),
+                f"against PyTorch on {int(check['onnx_check_rows'])} rows: max |dq| {check['onnx_max_abs_dq']:.1e}, "
+                f"identical labels outside {int(check['onnx_near_ties'])} near-ties."),
         )
     return {"model_uri": info.model_uri, "registered_model_name": name if register else None,
-            "registered_model_version": version, "onnx_max_abs_dq": check["onnx_max_abs_dq"]}
+            "registered_model_version": version, "onnx_max_abs_dq": check["onnx_max_abs_dq"],
+            "onnx_near_ties": int(check["onnx_near_ties"])}
 
 
 # ------------------------------------------------------------------------------------ evaluate
