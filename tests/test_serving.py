@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -154,6 +155,17 @@ def test_loaded_model_exposes_and_logs_its_provider(logged, caplog):
     provider = model.unwrap_python_model().provider
     assert provider in ("CUDAExecutionProvider", "CPUExecutionProvider")
     assert f"20 features, 4 clusters) runs on {provider}" in caplog.text
+
+
+def test_loading_a_model_prints_no_warning(logged, capfd):
+    # MLflow warned "Add type hints to the `predict` method ..." at every load of the model file
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mlflow.pyfunc.load_model(f"models:/{NAME}@champion")  # runs the onnx_pyfunc.py stored with the model
+        load_dec_model(f"models:/{NAME}@champion")  # runs the installed serving.onnx_pyfunc
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    assert capfd.readouterr().err == ""
 
 
 def _with(X, row, col, value):
