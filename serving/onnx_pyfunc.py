@@ -213,14 +213,17 @@ class DECOnnxModel(mlflow.pyfunc.PythonModel):
         x = check_batch(model_input, n_features=self.n_features, max_batch_rows=self.max_batch_rows)
         return predictions_frame(*self.predict_arrays(x, bool((params or {}).get("include_embedding"))))
 
-    def predict_arrays(self, x: np.ndarray, include_embedding: bool = False) -> list[np.ndarray]:
+    def predict_arrays(self, x: np.ndarray, include_embedding: bool = False,
+                       run_options: "ort.RunOptions | None" = None) -> list[np.ndarray]:
         """Checked float32 features (n, n_features) -> [q (n, k), labels (n,)] and the embedding (n, e) if asked.
 
         The arrays behind ``predict``'s DataFrame; ``serving.server`` encodes them to JSON directly.
+        ``run_options``: setting its ``terminate`` from another thread stops the computation at the
+        next graph node, with an onnxruntime error (``serving.server`` does so when a request times out).
         """
         outputs = [_Q, _LABELS, _EMBEDDING] if include_embedding else [_Q, _LABELS]
         chunks = [
-            self.session.run(outputs, {_INPUT: x[start:start + _CHUNK_ROWS]})
+            self.session.run(outputs, {_INPUT: x[start:start + _CHUNK_ROWS]}, run_options)
             for start in range(0, len(x), _CHUNK_ROWS)
         ]
         if len(chunks) == 1:
