@@ -145,6 +145,15 @@ def load_data(dataset: str, label_column: str | None = "", n_clusters: int | Non
     return load_dataset(dataset, label_column=label_column or None, n_clusters=n_clusters)
 
 
+def check_fit_data(est: DEC, data: Dataset, dataset: str) -> None:
+    """Refuse data that ``est`` could not train on (``DEC.check_fit_data``: too few rows for ``n_clusters``, no
+    spread at all, ...) before any run or pretraining starts; the ValueError names ``dataset``."""
+    try:
+        est.check_fit_data(data.x)
+    except ValueError as e:
+        raise ValueError(f"dataset {dataset!r}: {e}") from None
+
+
 def data_params(data: Dataset) -> dict:
     """What identifies the data of a run, logged as params (the digest is a hash of the features)."""
     return {"dataset_name": data.name, "data_digest": tracking.data_digest(data.x),
@@ -214,6 +223,7 @@ def pretrain(dataset: str, *, label_column: str = "", preset: str = "default", e
     stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
     data = load_data(dataset, label_column)
     est = build_estimator(params, data, preset=preset)
+    check_fit_data(est, data, dataset)
     run_name = f"pretrain-{data.name}-s{est.random_state}"
     if nproc > 1 and not distributed.in_torchrun():
         del data  # each rank loads its own
@@ -414,6 +424,7 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
     build_estimator(params, preset=preset)
     data = load_data(dataset, label_column, params["n_clusters"])
     est = build_estimator(params, data, preset=preset)
+    check_fit_data(est, data, dataset)
     name = registered_model_name or f"dec-{data.name}"
     run_name = f"cluster-{data.name}-k{est.n_clusters}-s{est.random_state}"
     stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
@@ -563,13 +574,13 @@ def evaluate(model: str, dataset: str, *, label_column: str = "", sample_size: i
         scores = clustering_scores(data.y, labels)
         mlflow.log_metrics(scores)
         mlflow.log_dict({"cluster_sizes": np.bincount(labels, minlength=q.shape[1]).tolist()}, "cluster_sizes.json")
-        mlflow.log_figure(plots.confusion_figure(data.y, labels), "confusion_matrix.png")
-        mlflow.log_figure(plots.cluster_sizes_figure(labels, q.shape[1]), "cluster_sizes.png")
+        tracking.log_figure("confusion_matrix.png", lambda: plots.confusion_figure(data.y, labels))
+        tracking.log_figure("cluster_sizes.png", lambda: plots.cluster_sizes_figure(labels, q.shape[1]))
         rng = np.random.default_rng(random_state)
         sub = rng.choice(len(labels), size=min(sample_size, len(labels)), replace=False)
-        mlflow.log_figure(plots.embedding_figure(z[sub], labels[sub], random_state=random_state), "embedding_tsne.png")
+        tracking.log_figure("embedding_tsne.png", lambda: plots.embedding_figure(z[sub], labels[sub], random_state=random_state))
         if data.image_shape is not None:
-            mlflow.log_figure(plots.top_images_figure(data.x, q, data.image_shape), "top_images_per_cluster.png")
+            tracking.log_figure("top_images_per_cluster.png", lambda: plots.top_images_figure(data.x, q, data.image_shape))
     return {"run_id": run.info.run_id, "model_uri": uri, "metrics": scores}
 
 

@@ -10,10 +10,11 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,6 +58,7 @@ HEARTBEAT_EVERY_S = 60
 STALE_AFTER_S = 1800
 RESUMED_BY_TAG = "dec.resumed_by"  # on a run that was resumed (or ended as dead): the run that took over
 RESUMED_FROM_TAG = "dec.resumed_from_run"  # on the run that resumed it
+FIGURE_WARNING_TAG = "dec.figure_warning"  # + .<artifact name>: why a figure was drawn simplified or not at all
 # tags of an `mlflow run` run that say where the code came from; copied when the work moves to another run
 _SOURCE_TAG_PREFIXES = ("mlflow.source.", "mlflow.project.", "mlflow.gitRepoURL", "mlflow.user")
 
@@ -513,7 +515,7 @@ def self_training_recorder(x: Features, y: np.ndarray | None, pretrained: Pretra
 
 
 def log_self_training_figures(recorder: SelfTrainRecorder, *, tol: float, seed: int) -> None:
-    """The paper's self-training figures, as artifacts of the active run.
+    """The paper's self-training figures, as artifacts of the active run (see :func:`log_figure`).
 
     ``self_training_tsne.png`` (t-SNE of the subsample at 4 points of self-training, Figure 5),
     ``self_training_curves.png`` (label change, KL and accuracy per update) and
@@ -523,6 +525,39 @@ def log_self_training_figures(recorder: SelfTrainRecorder, *, tol: float, seed: 
 
     if not recorder.snapshots:
         return
-    mlflow.log_figure(plots.embedding_snapshots_figure(recorder.snapshots, recorder.y, random_state=seed), "self_training_tsne.png")
-    mlflow.log_figure(plots.self_training_curves_figure(recorder.history, tol=tol), "self_training_curves.png")
-    mlflow.log_figure(plots.gradient_vs_q_figure(recorder.gradient["q"], recorder.gradient["grad_norm"]), "gradient_vs_q.png")
+    log_figure("self_training_tsne.png", lambda: plots.embedding_snapshots_figure(recorder.snapshots, recorder.y, random_state=seed))
+    log_figure("self_training_curves.png", lambda: plots.self_training_curves_figure(recorder.history, tol=tol))
+    log_figure("gradient_vs_q.png", lambda: plots.gradient_vs_q_figure(recorder.gradient["q"], recorder.gradient["grad_norm"]))
+
+
+def log_figure(name: str, draw: Callable[[], object]) -> None:
+    """Log the figure ``draw()`` makes as the artifact ``name`` of the active run; a figure never fails the run.
+
+    A figure drawn simplified (``plots.FigureWarning``: an embedding t-SNE cannot lay out, such as identical
+    points) or not drawn at all because its data made drawing fail (ValueError, ArithmeticError, RuntimeError) is
+    reported in the run as the tag ``dec.figure_warning.<name>`` and on stderr, and the stage goes on: the
+    model, metrics and other artifacts of a finished training matter more than one picture of it.
+    """
+    import matplotlib.pyplot as plt
+
+    from dec_mlflow.plots import FigureWarning
+
+    notes, figure = [], None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FigureWarning)
+        try:
+            figure = draw()
+        except (ValueError, ArithmeticError, RuntimeError) as e:
+            notes.append(f"not drawn: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    for w in caught:
+        if issubclass(w.category, FigureWarning):
+            notes.append(str(w.message))
+        else:  # not ours to judge: pass it on as if it had not been recorded
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if figure is not None:
+        mlflow.log_figure(figure, name)
+        plt.close(figure)
+    if notes:
+        message = "; ".join(dict.fromkeys(notes))  # one note per reason, in order
+        mlflow.set_tag(f"{FIGURE_WARNING_TAG}.{name}", message[:5000])
+        print(f"Warning: {name}: {message}", file=sys.stderr, flush=True)
