@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import signal
 
 import click
 
 from dec_mlflow import distributed, lifecycle, lifecycle_experiments
+from dec_mlflow.environment import Stopped, sigterm_stops
 from dec_mlflow.estimator import AUGMENT_MODES, LR_SCHEDULES, PRECISIONS, PRETRAIN_MODES, SCALINGS, SELECTIONS, TRUST_SCORE, VARIANTS
 from dec_mlflow.initialisation import INITS
 from dec_mlflow.presets import DESCRIPTIONS, PRESETS
@@ -132,16 +134,27 @@ _PRESET_HELP = {"preset": (click.Choice(PRESETS), "Named recipe for the options 
 
 
 def _user_errors(fn):
-    """Turn user-caused errors into one line ``Error: ...`` and exit status 1 (the MLflow run is then FAILED)."""
+    """Turn user-caused errors into one line ``Error: ...`` and exit status 1 (the MLflow run is then FAILED).
+
+    Ctrl-C and SIGTERM end the command with one line too, exit status 128 + the signal number (130,
+    143), and the stage's MLflow runs KILLED (``tracking.stage_run``), so that the same command started
+    again finds them stopped and resumes.
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with sigterm_stops():
+                return fn(*args, **kwargs)
         # ValueError: parameters and data (DataError), each naming what is wrong;
         # FloatingPointError: training diverged, the message names the learning rate to lower;
         # WorkerFailed: a torchrun rank failed, its own error is printed above
         except (ValueError, FloatingPointError, distributed.WorkerFailed) as e:
             raise click.ClickException(" ".join(line.strip() for line in str(e).splitlines() if line.strip())) from e
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Stopped)
+            signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+            click.echo(f"\nError: stopped by {signal.Signals(signum).name}; the runs in progress were ended KILLED "
+                       "(the same command started again resumes pretraining from its last checkpoint)", err=True)
+            raise click.exceptions.Exit(128 + signum) from None
     return wrapper
 
 

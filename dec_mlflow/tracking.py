@@ -73,7 +73,8 @@ def stage_run(run_name: str, experiment: str = "") -> Iterator[mlflow.ActiveRun]
     run before the command sees ``-P experiment``; when that run is in another experiment, the
     stage starts a new run in ``experiment`` (tagged ``dec.launcher_run``, with the project's source
     tags) and the ``mlflow run`` run is left as a launcher tagged ``dec.launched_run``.
-    The run ends FAILED if the block raises, FINISHED otherwise.
+    The run ends KILLED if the block is interrupted (Ctrl-C, or a SIGTERM the entry point turned into
+    ``environment.Stopped``), FAILED if it raises anything else, FINISHED otherwise.
     """
     experiment_id, tags = None, {}
     if experiment:
@@ -92,16 +93,36 @@ def stage_run(run_name: str, experiment: str = "") -> Iterator[mlflow.ActiveRun]
                                    f"This run only launched run {run.info.run_id} ({run_name}) in experiment "
                                    f"{experiment!r} (-P experiment); its results are there. "
                                    f"`mlflow run --experiment-name {experiment}` would have started it there directly.")
-        yield run
+        with _killed_on_interrupt():
+            yield run
 
 
 @contextmanager
 def child_run(run_name: str) -> Iterator[mlflow.ActiveRun]:
-    """A run nested in the active run, in the same experiment (start_run alone would use the default one)."""
+    """A run nested in the active run, in the same experiment (start_run alone would use the default one).
+
+    It ends as ``stage_run``'s does: KILLED when interrupted, FAILED on an error, else FINISHED.
+    """
     experiment_id = mlflow.active_run().info.experiment_id
     with mlflow.start_run(run_name=run_name, nested=True, experiment_id=experiment_id) as run:
         mlflow.set_tag("mlflow.runName", run_name)
-        yield run
+        with _killed_on_interrupt():
+            yield run
+
+
+@contextmanager
+def _killed_on_interrupt() -> Iterator[None]:
+    """End the active run KILLED when the block is interrupted, where MLflow would end it FAILED.
+
+    A KeyboardInterrupt is Ctrl-C, or SIGTERM turned into ``environment.Stopped`` by the entry point;
+    the run was stopped from outside, not failed, and the resume logic finds it as stopped either way.
+    Nested runs end first, each in its own block.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
 
 
 @contextmanager

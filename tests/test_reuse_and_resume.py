@@ -211,8 +211,42 @@ def test_a_killed_job_started_again_resumes_from_its_checkpoint(store, big_blobs
     assert sorted(m.step for m in history) == list(range(1, 151))
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_pretraining_ends_both_runs_killed_and_the_same_command_resumes(store, big_blobs, signum):
+    # SIGTERM (timeout, batch schedulers, Kubernetes) used to kill the process at once and leave both runs RUNNING
+    experiment = f"signalled-{signum.name}"
+    artifacts = store["dir"] / experiment
+    MlflowClient().create_experiment(experiment, artifact_location=str(artifacts))
+    options = ("--n_clusters", "3", "--init", "kmeans", "--registered_model_name", "none", "--figure_sample_size", "50",
+               "--max_iter", "50", "--pretrain_epochs", "30")
+    log = store["dir"] / f"{experiment}-1.log"
+    first = start_cli(store, "cluster", experiment, big_blobs, *options, log=log)
+    deadline = time.monotonic() + 900
+    while not list(artifacts.glob("*/artifacts/checkpoint/pretrain_state.pt")):  # in pretraining, past a checkpoint
+        assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    first.send_signal(signum)
+    assert first.wait(timeout=120) == 128 + signum, log.read_text()[-3000:]
+    output = log.read_text()
+    assert output.strip().splitlines()[-1] == (f"Error: stopped by {signum.name}; the runs in progress were ended KILLED "
+                                               "(the same command started again resumes pretraining from its last checkpoint)")
+    assert "Traceback" not in output
+    exp_id = MlflowClient().get_experiment_by_name(experiment).experiment_id
+    stopped = {r.data.tags[tracking.STAGE_TAG]: r for r in MlflowClient().search_runs([exp_id])}
+    assert {stage: r.info.status for stage, r in stopped.items()} == {"cluster": "KILLED", "pretrain": "KILLED"}
+    if signum != signal.SIGTERM:
+        return  # resuming from a KILLED run is the same for both signals
+    log = store["dir"] / f"{experiment}-2.log"
+    second = start_cli(store, "cluster", experiment, big_blobs, *options, log=log)
+    assert second.wait(timeout=1800) == 0, log.read_text()[-3000:]
+    assert f"Resuming pretrain run {stopped['pretrain'].info.run_id} (KILLED) from its checkpoint" in log.read_text()
+    after = {r.info.run_id: r for r in MlflowClient().search_runs([exp_id])}
+    assert after[stopped["pretrain"].info.run_id].data.tags[tracking.RESUMED_BY_TAG] in after
+    assert sorted(r.info.status for r in after.values()) == ["FINISHED", "FINISHED", "KILLED", "KILLED"]
+
+
 def interrupt_pretraining(store, monkeypatch, experiment: str):
-    """lifecycle.pretrain stopped by Ctrl-C right after its epoch-2 checkpoint; returns the FAILED run."""
+    """lifecycle.pretrain stopped by Ctrl-C right after its epoch-2 checkpoint; returns the KILLED run."""
     write = tracking.CheckpointCallback.on_checkpoint
 
     def write_then_interrupt(self, stage, epoch, state):
@@ -228,16 +262,16 @@ def interrupt_pretraining(store, monkeypatch, experiment: str):
             lifecycle.pretrain(store["data"], experiment=experiment, **PRETRAIN_SMALL)
     exp_id = MlflowClient().get_experiment_by_name(experiment).experiment_id
     run = MlflowClient().search_runs([exp_id], order_by=["attributes.start_time DESC"])[0]
-    assert run.info.status == "FAILED" and run.data.tags["dec.checkpoint"] == "pretrain epoch 2"
+    assert run.info.status == "KILLED" and run.data.tags["dec.checkpoint"] == "pretrain epoch 2"  # stopped, not failed
     return run
 
 
 def test_an_interrupted_pretraining_is_resumed_and_an_unreadable_checkpoint_means_starting_over(store, monkeypatch, capsys):
-    failed = interrupt_pretraining(store, monkeypatch, "interrupted")
+    killed = interrupt_pretraining(store, monkeypatch, "interrupted")
     result = lifecycle.pretrain(store["data"], experiment="interrupted", **PRETRAIN_SMALL)
     resumed = MlflowClient().get_run(result["run_id"])
-    assert resumed.data.params["resumed_from_epoch"] == "2" and resumed.data.params["resumed_from_run"] == failed.info.run_id
-    assert MlflowClient().get_run(failed.info.run_id).data.tags[tracking.RESUMED_BY_TAG] == result["run_id"]
+    assert resumed.data.params["resumed_from_epoch"] == "2" and resumed.data.params["resumed_from_run"] == killed.info.run_id
+    assert MlflowClient().get_run(killed.info.run_id).data.tags[tracking.RESUMED_BY_TAG] == result["run_id"]
     assert [m.step for m in MlflowClient().get_metric_history(result["run_id"], "pretrain_loss")] == [1, 2, 3]
     # a resumed run is not resumed twice: the next identical pretraining starts from scratch
     again = MlflowClient().get_run(lifecycle.pretrain(store["data"], experiment="interrupted", **PRETRAIN_SMALL)["run_id"])
@@ -248,6 +282,7 @@ def test_an_interrupted_pretraining_is_resumed_and_an_unreadable_checkpoint_mean
     stored.write_bytes(stored.read_bytes()[:100])  # what a kill while copying the artifact could leave
     capsys.readouterr()
     fresh = lifecycle.pretrain(store["data"], experiment="interrupted", **PRETRAIN_SMALL)
-    assert f"Not resuming pretrain run {cut.info.run_id} (FAILED): " in capsys.readouterr().err
+    assert f"Not resuming pretrain run {cut.info.run_id} (KILLED): " in capsys.readouterr().err
     assert "resumed_from_epoch" not in MlflowClient().get_run(fresh["run_id"]).data.params
     assert MlflowClient().get_run(cut.info.run_id).data.tags[tracking.RESUMED_BY_TAG] == fresh["run_id"]
+
