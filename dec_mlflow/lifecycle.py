@@ -59,6 +59,8 @@ PRETRAIN_PARAMS = (
 PRETRAIN_STAGE_PARAMS = PRETRAIN_PARAMS + ("device",)  # what the pretrain stage takes
 MODEL_ARTIFACT = "model"  # name of the logged pyfunc model in cluster and export runs
 ONNX_CHECK_ROWS = 2000  # rows on which the ONNX graph is compared with PyTorch before it is logged
+# stopped pretrain runs tried in turn when other processes take over the same ones at the same time; then start over
+TAKE_OVER_ATTEMPTS = 3
 # The cluster run's summary metrics that tag and describe its registered version (a label-free
 # quality score logged by cluster belongs here too, so that the registry shows it without labels).
 VERSION_METRIC_PREFIXES = ("final_", "trust_score")
@@ -249,18 +251,18 @@ def _run_pretraining(est: DEC, data: Dataset, stage_params: dict, data_params_: 
     key = _pretrain_key(est, data_params_["data_digest"], est.resolve(data.x))
     mlflow.set_tags({tracking.STAGE_TAG: "pretrain", tracking.KEY_TAG: key,
                      "dataset": data.name, "method": f"pretrain-{est.pretrain_mode}", "seed": est.random_state})
-    tracking.claim_run()
-    tracking.log_params_once({**stage_params, **data_params_, **resolved_params(est, data.x),
-                              "world_size": distributed.world_size()})
-    tracking.log_dataset(data, data_params_["data_digest"], context="training")
-    # under torchrun the other ranks pretrain from scratch in step with rank 0, so a checkpoint is not resumed there
-    resume = _resume_point(key) if distributed.world_size() == 1 else None
-    callbacks = [tracking.MlflowCallback(est.n_clusters), tracking.CheckpointCallback()]
-    with progress_bar() as bar:
-        ae = est.pretrain(data.x, callback=CallbackList([bar, *callbacks]), resume=resume)
-    tracking.log_params_once({"pretrain_lr_resolved": ae.lr})
-    mlflow.log_metric("final_pretrain_loss", ae.loss)
-    tracking.log_autoencoder(ae)
+    with tracking.heartbeat():
+        tracking.log_params_once({**stage_params, **data_params_, **resolved_params(est, data.x),
+                                  "world_size": distributed.world_size()})
+        tracking.log_dataset(data, data_params_["data_digest"], context="training")
+        # under torchrun the other ranks pretrain from scratch in step with rank 0, so a checkpoint is not resumed there
+        resume = _resume_point(key) if distributed.world_size() == 1 else None
+        callbacks = [tracking.MlflowCallback(est.n_clusters), tracking.CheckpointCallback()]
+        with progress_bar() as bar:
+            ae = est.pretrain(data.x, callback=CallbackList([bar, *callbacks]), resume=resume)
+        tracking.log_params_once({"pretrain_lr_resolved": ae.lr})
+        mlflow.log_metric("final_pretrain_loss", ae.loss)
+        tracking.log_autoencoder(ae)
     return ae
 
 
@@ -270,15 +272,22 @@ def _resume_point(key: str):
     The stopped run is left KILLED (if it was still RUNNING: its process died) and tagged
     ``dec.resumed_by``; the active run is tagged ``dec.resumed_from_run``, logs the params
     ``resumed_from_run``, ``resumed_from_stage`` and ``resumed_from_epoch`` and gets the stopped
-    run's curves up to the checkpoint. A checkpoint that cannot be read (cut short by the kill) is
-    reported and pretraining starts over.
+    run's curves up to the checkpoint. When another process takes the same run over at the same time,
+    exactly one of them resumes it (``tracking.take_over``); the other looks for another stopped run, else
+    pretrains from the start. A checkpoint that cannot be read (cut short by the kill) is reported and
+    pretraining starts over.
     """
-    stopped = tracking.find_resumable_run("pretrain", key)
-    if stopped is None:
+    active = mlflow.active_run().info.run_id
+    for _ in range(TAKE_OVER_ATTEMPTS):
+        stopped = tracking.find_resumable_run("pretrain", key, by_run_id=active)
+        if stopped is None:
+            return None
+        if stopped.info.run_id in tracking.take_over([stopped], active):  # taken over, whether resumable or not
+            break
+        report(f"Not resuming pretrain run {stopped.info.run_id}: another process is taking it over")
+    else:
         return None
-    run_id, active = stopped.info.run_id, mlflow.active_run().info.run_id
-    tracking.end_dead_runs([stopped], active)
-    mlflow.MlflowClient().set_tag(run_id, tracking.RESUMED_BY_TAG, active)  # taken over, whether resumable or not
+    run_id = stopped.info.run_id
     try:
         checkpoint = tracking.load_checkpoint(run_id)
     except ValueError as e:
@@ -445,15 +454,14 @@ def _cluster_run(est: DEC, data: Dataset, run_name: str, experiment: str, name: 
                  own_params: dict) -> dict:
     """The run of ``cluster`` (in one process, or on rank 0): see :func:`cluster`."""
     autoencoder, figure_sample_size = own_params["autoencoder"], own_params["figure_sample_size"]
-    with tracking.stage_run(run_name, experiment) as run:
+    with tracking.stage_run(run_name, experiment) as run, tracking.heartbeat():
         mlflow.set_tags({tracking.STAGE_TAG: "cluster", "dataset": data.name, "method": "dec", "seed": est.random_state})
         data_params_ = data_params(data)
         # the same job killed before: leave it KILLED rather than RUNNING forever (its pretraining is resumed below)
         key = tracking.fingerprint({**stage_params, "autoencoder": autoencoder, "data_digest": data_params_["data_digest"],
                                     "package_version": PACKAGE_VERSION})
         mlflow.set_tag(tracking.CLUSTER_KEY_TAG, key)
-        tracking.claim_run()
-        tracking.end_dead_runs(tracking.find_dead_runs("cluster", key, tracking.CLUSTER_KEY_TAG), run.info.run_id)
+        tracking.take_over(tracking.find_dead_runs("cluster", key, tracking.CLUSTER_KEY_TAG), run.info.run_id)
         tracking.log_params_once({**stage_params, **own_params, **data_params_, **resolved_params(est, data.x),
                                   "world_size": distributed.world_size()})
         tracking.log_dataset(data, data_params_["data_digest"], context="training")
@@ -464,7 +472,7 @@ def _cluster_run(est: DEC, data: Dataset, run_name: str, experiment: str, name: 
         mlflow.set_tag("dec.autoencoder_source", source)
         recorder = tracking.self_training_recorder(data.x, data.y, ae, alpha=est.alpha, sample_size=figure_sample_size, seed=est.random_state)
         with progress_bar() as bar:
-            callbacks = [tracking.MlflowCallback(est.n_clusters, data.y), recorder, tracking.CheckpointCallback()]  # heartbeat
+            callbacks = [tracking.MlflowCallback(est.n_clusters, data.y), recorder]
             est.fit(data.x, autoencoder=ae, callback=CallbackList([bar, *callbacks]))
         tracking.log_self_training_figures(recorder, tol=est.tol, seed=est.random_state)
         metrics = _log_cluster_results(est, data)
