@@ -19,7 +19,7 @@ import click
 
 from dec_mlflow import distributed, lifecycle, lifecycle_experiments
 from dec_mlflow.environment import Stopped, sigterm_stops
-from dec_mlflow.estimator import AUGMENT_MODES, LR_SCHEDULES, PRECISIONS, PRETRAIN_MODES, SCALINGS, SELECTIONS, TRUST_SCORE, VARIANTS
+from dec_mlflow.estimator import AUGMENT_MODES, DISTILL_LR, LR_SCHEDULES, PRECISIONS, PRETRAIN_MODES, SCALINGS, SELECTIONS, TRUST_SCORE, VARIANTS
 from dec_mlflow.initialisation import INITS
 from dec_mlflow.presets import DESCRIPTIONS, PRESETS
 
@@ -65,7 +65,7 @@ ESTIMATOR_OPTIONS = {
     "n_init": (click.INT, "k-means restarts (init=kmeans, and the 'inertia' selection)."),
     "alpha": (click.FLOAT, "Student's t degrees of freedom."),
     "batch_size": (click.INT, "Self-training batch size."),
-    "lr": (click.FLOAT, "Distillation and self-training SGD learning rate."),
+    "lr": (click.FLOAT, f"Self-training SGD learning rate; distillation runs at the smaller of lr and {DISTILL_LR:g}."),
     "momentum": (click.FLOAT, "Distillation and self-training SGD momentum."),
     "update_interval": (INT_OR_AUTO, "Iterations between target-distribution updates over the whole data; 'auto' = 140, or one epoch if shorter."),
     "tol": (click.FLOAT, "Stop when fewer than this fraction of labels change between updates."),

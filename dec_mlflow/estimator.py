@@ -253,8 +253,11 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     batch_size : int, default=256
         Self-training batch size.
     lr : float, default=0.01
+        SGD learning rate of self-training. Distillation runs at ``min(lr, DISTILL_LR)`` (0.01): faster,
+        it overshoots its soft targets on small data and merges clusters, so a larger ``lr`` (IDEC's
+        0.1) changes self-training only.
     momentum : float, default=0.9
-        SGD settings of distillation and self-training.
+        SGD momentum of distillation and self-training.
     update_interval : int or 'auto', default='auto'
         Iterations between recomputations of the target P over the whole data set; 'auto' is the
         paper's 140, or one epoch when an epoch is shorter.
