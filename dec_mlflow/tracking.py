@@ -464,7 +464,14 @@ def log_dataset(data: Dataset, digest: str, context: str) -> None:
         features = np.broadcast_to(np.zeros((), data.x.dtype), data.x.shape) if sparse.issparse(data.x) else data.x
         dataset = mlflow.data.from_numpy(features, targets=data.y, name=data.name, digest=digest,
                                          source=data.source or None)
-    mlflow.log_input(dataset, context=context)
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as e:
+        # MLflow's store looks the dataset up, then inserts it if it was missing: two runs logging the same data at the
+        # same moment (two jobs on one tracking server) collide on its unique key; the second try finds the row
+        if not any(word in str(e).lower() for word in ("unique constraint", "duplicate")):
+            raise
+        mlflow.log_input(dataset, context=context)
 
 
 def log_params_once(params: dict[str, object]) -> None:
