@@ -493,7 +493,7 @@ def load_section(args, model_uri, servers, abuse, soak) -> str:
             body.append("- `mlflow-w2-h11`: with several workers uvicorn gives each a listening socket whose `proto` is 0, "
                         "so asyncio does not set TCP_NODELAY on its connections, and each response body waits for the "
                         "client's delayed ACK of the headers (~40 ms). uvloop sets TCP_NODELAY itself; "
-                        "`serving.server` sets it in its uvicorn protocol (`dec-h11` runs without uvloop).")
+                        "`serving.server` sets it on its listening socket, which every connection inherits (`dec-h11` runs without uvloop).")
     if abuse:
         body += ["", f"**Oversized body.** One `inputs` request of {args.abuse_rows:,} MNIST rows "
                  f"({next(iter(abuse.values()))['mb']:.0f} MiB of JSON) over a raw socket that reads while it sends; "

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import signal
 
 import click
 
 from dec_mlflow import distributed, lifecycle, lifecycle_experiments
-from dec_mlflow.estimator import AUGMENT_MODES, LR_SCHEDULES, PRECISIONS, PRETRAIN_MODES, SCALINGS, SELECTIONS, TRUST_SCORE, VARIANTS
+from dec_mlflow.environment import Stopped, sigterm_stops
+from dec_mlflow.estimator import AUGMENT_MODES, DISTILL_LR, LR_SCHEDULES, PRECISIONS, PRETRAIN_MODES, SCALINGS, SELECTIONS, TRUST_SCORE, VARIANTS
 from dec_mlflow.initialisation import INITS
 from dec_mlflow.presets import DESCRIPTIONS, PRESETS
 
@@ -63,7 +65,7 @@ ESTIMATOR_OPTIONS = {
     "n_init": (click.INT, "k-means restarts (init=kmeans, and the 'inertia' selection)."),
     "alpha": (click.FLOAT, "Student's t degrees of freedom."),
     "batch_size": (click.INT, "Self-training batch size."),
-    "lr": (click.FLOAT, "Distillation and self-training SGD learning rate."),
+    "lr": (click.FLOAT, f"Self-training SGD learning rate; distillation runs at the smaller of lr and {DISTILL_LR:g}."),
     "momentum": (click.FLOAT, "Distillation and self-training SGD momentum."),
     "update_interval": (INT_OR_AUTO, "Iterations between target-distribution updates over the whole data; 'auto' = 140, or one epoch if shorter."),
     "tol": (click.FLOAT, "Stop when fewer than this fraction of labels change between updates."),
@@ -132,21 +134,33 @@ _PRESET_HELP = {"preset": (click.Choice(PRESETS), "Named recipe for the options 
 
 
 def _user_errors(fn):
-    """Turn user-caused errors into one line ``Error: ...`` and exit status 1 (the MLflow run is then FAILED)."""
+    """Turn user-caused errors into one line ``Error: ...`` and exit status 1 (the MLflow run is then FAILED).
+
+    Ctrl-C and SIGTERM end the command with one line too, exit status 128 + the signal number (130,
+    143), and the stage's MLflow runs KILLED (``tracking.stage_run``), so that the same command started
+    again finds them stopped and resumes.
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with sigterm_stops():
+                return fn(*args, **kwargs)
         # ValueError: parameters and data (DataError), each naming what is wrong;
         # FloatingPointError: training diverged, the message names the learning rate to lower;
         # WorkerFailed: a torchrun rank failed, its own error is printed above
         except (ValueError, FloatingPointError, distributed.WorkerFailed) as e:
             raise click.ClickException(" ".join(line.strip() for line in str(e).splitlines() if line.strip())) from e
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Stopped)
+            signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+            click.echo(f"\nError: stopped by {signal.Signals(signum).name}; the runs in progress were ended KILLED "
+                       "(the same command started again resumes pretraining from its last checkpoint)", err=True)
+            raise click.exceptions.Exit(128 + signum) from None
     return wrapper
 
 
 def _echo_model(result: dict) -> None:
-    message = f"Logged model {result['model_uri']} (ONNX max |dq| {result['onnx_max_abs_dq']:.1e})"
+    message = (f"Logged model {result['model_uri']} (ONNX max |dq| {result['onnx_max_abs_dq']:.1e}, "
+               f"labels identical but for {result['onnx_near_ties']} near-ties not compared)")
     if result["registered_model_version"] is not None:
         message += f", registered as {result['registered_model_name']} version {result['registered_model_version']}"
     click.echo(message)

@@ -28,6 +28,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from dec_mlflow.environment import Stopped
+
 # The initial clustering runs on rank 0 alone (UMAP on a large embedding takes minutes) while the
 # other ranks wait in a broadcast; a crashed peer is noticed at once (its connection closes).
 TIMEOUT = datetime.timedelta(hours=2)
@@ -98,8 +100,9 @@ def launch(nproc: int, module: str, args: Sequence[str]) -> None:
     Raises
     ------
     WorkerFailed
-        When a rank fails, naming the first that did and how, or when this process is stopped by a
-        signal (the ranks are then stopped too).
+        When a rank fails, naming the first that did and how.
+    Stopped
+        When this process is told to stop (Ctrl-C, SIGTERM): torchrun has then stopped the ranks.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -115,7 +118,7 @@ def launch(nproc: int, module: str, args: Sequence[str]) -> None:
         raise WorkerFailed(f"training process rank {failed} of {nproc} failed ({how}); its error, if any, "
                            "is printed above; the other ranks were stopped") from None
     except SignalException as e:  # this process was told to stop (Ctrl-C, SIGTERM): torchrun stopped the ranks
-        raise WorkerFailed(f"stopped by signal {signal.Signals(e.sigval).name}; the {nproc} training processes were stopped") from None
+        raise Stopped(e.sigval) from None
 
 
 # ---------------------------------------------------------------------------- collectives

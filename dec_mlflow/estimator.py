@@ -253,8 +253,11 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     batch_size : int, default=256
         Self-training batch size.
     lr : float, default=0.01
+        SGD learning rate of self-training. Distillation runs at ``min(lr, DISTILL_LR)`` (0.01): faster,
+        it overshoots its soft targets on small data and merges clusters, so a larger ``lr`` (IDEC's
+        0.1) changes self-training only.
     momentum : float, default=0.9
-        SGD settings of distillation and self-training.
+        SGD momentum of distillation and self-training.
     update_interval : int or 'auto', default='auto'
         Iterations between recomputations of the target P over the whole data set; 'auto' is the
         paper's 140, or one epoch when an epoch is shorter.
@@ -449,21 +452,52 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             # scikit-learn's own messages for 1-D, sparse, complex and empty input (its estimator checks match them)
             X = check_array(X, dtype=np.float32, ensure_all_finite=False, estimator=self)
         n_bad, first, start = 0, 0, 0
+        low, high = np.full(X.shape[1], np.inf, np.float32), np.full(X.shape[1], -np.inf, np.float32)  # (n_features,)
         for block in chunks(X):
             bad = ~np.isfinite(block)
             if bad.any():
                 first = first if n_bad else start + int(np.argwhere(bad)[0][0])
                 n_bad += int(bad.sum())
+            if fitting:
+                np.minimum(low, block.min(0), out=low)
+                np.maximum(high, block.max(0), out=high)
             start += len(block)
         if n_bad:
             raise ValueError(f"X has {n_bad} NaN or infinite values (first at row {first})")
-        if fitting and X.shape[0] < self.n_clusters:
-            raise ValueError(f"n_samples={X.shape[0]} should be >= n_clusters={self.n_clusters}")
-        if fitting and self.image_shape is not None:
-            check_image_shape(self.image_shape, X.shape[1])
+        if fitting:
+            self._check_fit_data(X, no_spread=bool((low == high).all()))
         if not fitting and X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, but DEC is expecting {self.n_features_in_} features as input")
         return X
+
+    def _check_fit_data(self, X: Features, *, no_spread: bool) -> None:
+        """Refuse, before any training, data that ``fit`` with these parameters could not train on."""
+        n = X.shape[0]
+        if n < self.n_clusters:
+            raise ValueError(f"n_samples={n} should be >= n_clusters={self.n_clusters}")
+        if no_spread and n > 1:
+            # the autoencoder would learn one point and every later stage divide by a zero spread
+            raise ValueError(f"X has no spread: all {n} rows are identical (every feature is constant); there is "
+                             "nothing to cluster")
+        if self.init == "manifold" and 1 < self.n_clusters and n <= self.n_clusters:  # UMAP + GMM, after pretraining
+            raise ValueError(f"init='manifold' needs more samples than clusters; got n_samples={n}, "
+                             f"n_clusters={self.n_clusters} (use fewer clusters, or init='kmeans')")
+        if self.image_shape is not None:
+            check_image_shape(self.image_shape, X.shape[1])
+        if self.augment and self.scaling == "auto" and auto_scaling(X) == "standard":  # else found after pretraining
+            raise ValueError(f"augment={self.augment!r} needs one scale for every pixel, but scaling='auto' chooses "
+                             "'standard' (per feature) for this data; give scaling='max' or 'none'")
+
+    def check_fit_data(self, X) -> None:
+        """Raise ValueError, naming the rule and the value, if ``fit`` could not train on ``X`` with these parameters.
+
+        ``fit`` and ``pretrain`` run the same checks first; callers that start other work before them (a
+        tracked run, a pretraining) call this so that the refusal comes before it: bad parameters, too few
+        samples for ``n_clusters`` (more than clusters for ``init='manifold'``), data with no spread at all,
+        a wrong ``image_shape``, or ``augment`` on data that 'auto' scales per feature.
+        """
+        self.validate_params()
+        self._check_X(X, fitting=True)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -24,6 +24,10 @@ OUTPUT_NAMES = ("q", "labels", "embedding")
 # reached 1.0e-05 on a two-process MNIST run (different GEMM summation orders on both sides); a wrong
 # graph differs by 1e-3 or more.
 MAX_ABS_DQ = 1e-4
+# Rows whose two largest q (in PyTorch) differ by at most this are near-ties: each of the two may move by
+# MAX_ABS_DQ, so their order, hence the label, may legitimately differ between PyTorch and onnxruntime. Labels
+# are compared on every other row (tests/test_export.py: two centroids 16 float32 steps apart flip 155 of 2,000 labels).
+NEAR_TIE = 2 * MAX_ABS_DQ
 CUDA = "CUDAExecutionProvider"
 # torch.export specialises a dimension of size 1 to a constant, so trace with a larger batch.
 _EXAMPLE_ROWS = 2
@@ -53,9 +57,10 @@ def export_onnx(network: DECNet, path: str | Path, X_check: np.ndarray, *,
     -------
     dict
         ``onnx_max_abs_dq`` (max |q_onnx - q_torch| over all sessions), ``onnx_labels_match``
-        (smallest fraction of equal labels), ``onnx_check_rows`` (n_samples) and
-        ``onnx_checked_on_cuda`` (1.0 if a CUDAExecutionProvider session was among those checked),
-        ready to log as metrics.
+        (smallest fraction of equal labels among the rows that are not near-ties), ``onnx_check_rows``
+        (n_samples), ``onnx_near_ties`` (rows whose two largest q differ by at most ``NEAR_TIE``,
+        whose labels are not compared) and ``onnx_checked_on_cuda`` (1.0 if a
+        CUDAExecutionProvider session was among those checked), ready to log as metrics.
 
     Raises
     ------
@@ -63,7 +68,7 @@ def export_onnx(network: DECNet, path: str | Path, X_check: np.ndarray, *,
         If ``X_check`` is not a finite 2-D array with the network's number of features.
     RuntimeError
         If PyTorch or onnxruntime output NaN or infinite values, max |dq| exceeds ``MAX_ABS_DQ``
-        or any label differs.
+        or any label differs outside the near-ties.
     """
     path = Path(path)
     X_check = _check_features(X_check, n_features=network.offset.shape[0])
@@ -101,33 +106,45 @@ def verify_onnx(network: DECNet, path: str | Path, X_check: np.ndarray, *,
     ------
     RuntimeError
         If either side outputs NaN or infinite values (a comparison with NaN is False, so this is
-        checked first), max |dq| exceeds ``MAX_ABS_DQ`` or any label differs; the message names the
-        execution provider and gives the figures.
+        checked first), max |dq| exceeds ``MAX_ABS_DQ`` or any label differs on a row that is not a
+        near-tie (see ``NEAR_TIE``); the message names the execution provider and gives the figures.
     """
     X_check = _check_features(X_check, n_features=network.offset.shape[0])
     with torch.no_grad():
         q_torch, labels_torch, z_torch = (t.numpy() for t in network(torch.from_numpy(X_check)))
     _refuse_non_finite("the PyTorch network", len(X_check), q=q_torch, embedding=z_torch)
+    decided = top_two_gap(q_torch) > NEAR_TIE  # (n_samples,): rows whose label rounding cannot flip
+    n_compared = int(decided.sum())
     sessions = (open_sessions or _cpu_sessions)(str(path))
     if not sessions:
         raise ValueError("open_sessions returned no onnxruntime session to check")
     check = {"onnx_max_abs_dq": 0.0, "onnx_labels_match": 1.0, "onnx_check_rows": float(len(X_check)),
-             "onnx_checked_on_cuda": 0.0}
+             "onnx_near_ties": float(len(X_check) - n_compared), "onnx_checked_on_cuda": 0.0}
     for session in sessions:
         provider = session.get_providers()[0]
         q_onnx, labels_onnx, z_onnx = session.run(list(OUTPUT_NAMES), {INPUT_NAME: X_check})
         _refuse_non_finite(f"the ONNX graph on {provider}", len(X_check), q=q_onnx, embedding=z_onnx)
         dq = float(np.abs(q_onnx - q_torch).max())
-        match = float((labels_onnx == labels_torch).mean())
+        match = float((labels_onnx[decided] == labels_torch[decided]).mean()) if n_compared else 1.0
         if not dq <= MAX_ABS_DQ or match < 1.0:
             raise RuntimeError(
                 f"ONNX graph on {provider} disagrees with PyTorch on {len(X_check)} rows: max |dq| = "
-                f"{dq:.3g} (must be <= {MAX_ABS_DQ:g}), labels match on {match:.2%} of rows (must be 100%)"
+                f"{dq:.3g} (must be <= {MAX_ABS_DQ:g}), labels match on {match:.2%} of the {n_compared} rows "
+                f"whose two largest q differ by more than {NEAR_TIE:g} (must be 100%; "
+                f"{len(X_check) - n_compared} near-ties not compared)"
             )
         check["onnx_max_abs_dq"] = max(check["onnx_max_abs_dq"], dq)
         check["onnx_labels_match"] = min(check["onnx_labels_match"], match)
         check["onnx_checked_on_cuda"] = max(check["onnx_checked_on_cuda"], float(provider == CUDA))
     return check
+
+
+def top_two_gap(q: np.ndarray) -> np.ndarray:
+    """(n_samples,) difference between the largest and the second largest q of each row (inf with one cluster)."""
+    if q.shape[1] < 2:
+        return np.full(q.shape[0], np.inf)
+    top_two = np.partition(q, q.shape[1] - 2, axis=1)[:, -2:]  # (n_samples, 2): second largest, largest
+    return top_two[:, 1] - top_two[:, 0]
 
 
 def _refuse_non_finite(what: str, n_rows: int, **outputs: np.ndarray) -> None:

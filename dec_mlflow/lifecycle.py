@@ -59,6 +59,8 @@ PRETRAIN_PARAMS = (
 PRETRAIN_STAGE_PARAMS = PRETRAIN_PARAMS + ("device",)  # what the pretrain stage takes
 MODEL_ARTIFACT = "model"  # name of the logged pyfunc model in cluster and export runs
 ONNX_CHECK_ROWS = 2000  # rows on which the ONNX graph is compared with PyTorch before it is logged
+# stopped pretrain runs tried in turn when other processes take over the same ones at the same time; then start over
+TAKE_OVER_ATTEMPTS = 3
 # The cluster run's summary metrics that tag and describe its registered version (a label-free
 # quality score logged by cluster belongs here too, so that the registry shows it without labels).
 VERSION_METRIC_PREFIXES = ("final_", "trust_score")
@@ -145,6 +147,15 @@ def load_data(dataset: str, label_column: str | None = "", n_clusters: int | Non
     return load_dataset(dataset, label_column=label_column or None, n_clusters=n_clusters)
 
 
+def check_fit_data(est: DEC, data: Dataset, dataset: str) -> None:
+    """Refuse data that ``est`` could not train on (``DEC.check_fit_data``: too few rows for ``n_clusters``, no
+    spread at all, ...) before any run or pretraining starts; the ValueError names ``dataset``."""
+    try:
+        est.check_fit_data(data.x)
+    except ValueError as e:
+        raise ValueError(f"dataset {dataset!r}: {e}") from None
+
+
 def data_params(data: Dataset) -> dict:
     """What identifies the data of a run, logged as params (the digest is a hash of the features)."""
     return {"dataset_name": data.name, "data_digest": tracking.data_digest(data.x),
@@ -214,6 +225,7 @@ def pretrain(dataset: str, *, label_column: str = "", preset: str = "default", e
     stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
     data = load_data(dataset, label_column)
     est = build_estimator(params, data, preset=preset)
+    check_fit_data(est, data, dataset)
     run_name = f"pretrain-{data.name}-s{est.random_state}"
     if nproc > 1 and not distributed.in_torchrun():
         del data  # each rank loads its own
@@ -239,18 +251,18 @@ def _run_pretraining(est: DEC, data: Dataset, stage_params: dict, data_params_: 
     key = _pretrain_key(est, data_params_["data_digest"], est.resolve(data.x))
     mlflow.set_tags({tracking.STAGE_TAG: "pretrain", tracking.KEY_TAG: key,
                      "dataset": data.name, "method": f"pretrain-{est.pretrain_mode}", "seed": est.random_state})
-    tracking.claim_run()
-    tracking.log_params_once({**stage_params, **data_params_, **resolved_params(est, data.x),
-                              "world_size": distributed.world_size()})
-    tracking.log_dataset(data, data_params_["data_digest"], context="training")
-    # under torchrun the other ranks pretrain from scratch in step with rank 0, so a checkpoint is not resumed there
-    resume = _resume_point(key) if distributed.world_size() == 1 else None
-    callbacks = [tracking.MlflowCallback(est.n_clusters), tracking.CheckpointCallback()]
-    with progress_bar() as bar:
-        ae = est.pretrain(data.x, callback=CallbackList([bar, *callbacks]), resume=resume)
-    tracking.log_params_once({"pretrain_lr_resolved": ae.lr})
-    mlflow.log_metric("final_pretrain_loss", ae.loss)
-    tracking.log_autoencoder(ae)
+    with tracking.heartbeat():
+        tracking.log_params_once({**stage_params, **data_params_, **resolved_params(est, data.x),
+                                  "world_size": distributed.world_size()})
+        tracking.log_dataset(data, data_params_["data_digest"], context="training")
+        # under torchrun the other ranks pretrain from scratch in step with rank 0, so a checkpoint is not resumed there
+        resume = _resume_point(key) if distributed.world_size() == 1 else None
+        callbacks = [tracking.MlflowCallback(est.n_clusters), tracking.CheckpointCallback()]
+        with progress_bar() as bar:
+            ae = est.pretrain(data.x, callback=CallbackList([bar, *callbacks]), resume=resume)
+        tracking.log_params_once({"pretrain_lr_resolved": ae.lr})
+        mlflow.log_metric("final_pretrain_loss", ae.loss)
+        tracking.log_autoencoder(ae)
     return ae
 
 
@@ -260,15 +272,22 @@ def _resume_point(key: str):
     The stopped run is left KILLED (if it was still RUNNING: its process died) and tagged
     ``dec.resumed_by``; the active run is tagged ``dec.resumed_from_run``, logs the params
     ``resumed_from_run``, ``resumed_from_stage`` and ``resumed_from_epoch`` and gets the stopped
-    run's curves up to the checkpoint. A checkpoint that cannot be read (cut short by the kill) is
-    reported and pretraining starts over.
+    run's curves up to the checkpoint. When another process takes the same run over at the same time,
+    exactly one of them resumes it (``tracking.take_over``); the other looks for another stopped run, else
+    pretrains from the start. A checkpoint that cannot be read (cut short by the kill) is reported and
+    pretraining starts over.
     """
-    stopped = tracking.find_resumable_run("pretrain", key)
-    if stopped is None:
+    active = mlflow.active_run().info.run_id
+    for _ in range(TAKE_OVER_ATTEMPTS):
+        stopped = tracking.find_resumable_run("pretrain", key, by_run_id=active)
+        if stopped is None:
+            return None
+        if stopped.info.run_id in tracking.take_over([stopped], active):  # taken over, whether resumable or not
+            break
+        report(f"Not resuming pretrain run {stopped.info.run_id}: another process is taking it over")
+    else:
         return None
-    run_id, active = stopped.info.run_id, mlflow.active_run().info.run_id
-    tracking.end_dead_runs([stopped], active)
-    mlflow.MlflowClient().set_tag(run_id, tracking.RESUMED_BY_TAG, active)  # taken over, whether resumable or not
+    run_id = stopped.info.run_id
     try:
         checkpoint = tracking.load_checkpoint(run_id)
     except ValueError as e:
@@ -402,7 +421,7 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
     Returns
     -------
     dict with ``run_id``, ``model_uri``, ``registered_model_name`` and ``registered_model_version``
-    (None when not registered), ``autoencoder_source``, ``onnx_max_abs_dq`` and ``metrics``: the
+    (None when not registered), ``autoencoder_source``, ``onnx_max_abs_dq``, ``onnx_near_ties`` and ``metrics``: the
     run's summary scores (``trust_score`` and the ``trust_*`` scores it is chosen from, always;
     ``final_*`` and ``init_*`` when the data has labels); those matching ``VERSION_METRIC_PREFIXES``
     also tag and describe the registered version. With ``nproc`` > 1, ``run_id`` and ``nproc`` (rank
@@ -414,6 +433,7 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
     build_estimator(params, preset=preset)
     data = load_data(dataset, label_column, params["n_clusters"])
     est = build_estimator(params, data, preset=preset)
+    check_fit_data(est, data, dataset)
     name = registered_model_name or f"dec-{data.name}"
     run_name = f"cluster-{data.name}-k{est.n_clusters}-s{est.random_state}"
     stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
@@ -434,15 +454,14 @@ def _cluster_run(est: DEC, data: Dataset, run_name: str, experiment: str, name: 
                  own_params: dict) -> dict:
     """The run of ``cluster`` (in one process, or on rank 0): see :func:`cluster`."""
     autoencoder, figure_sample_size = own_params["autoencoder"], own_params["figure_sample_size"]
-    with tracking.stage_run(run_name, experiment) as run:
+    with tracking.stage_run(run_name, experiment) as run, tracking.heartbeat():
         mlflow.set_tags({tracking.STAGE_TAG: "cluster", "dataset": data.name, "method": "dec", "seed": est.random_state})
         data_params_ = data_params(data)
         # the same job killed before: leave it KILLED rather than RUNNING forever (its pretraining is resumed below)
         key = tracking.fingerprint({**stage_params, "autoencoder": autoencoder, "data_digest": data_params_["data_digest"],
                                     "package_version": PACKAGE_VERSION})
         mlflow.set_tag(tracking.CLUSTER_KEY_TAG, key)
-        tracking.claim_run()
-        tracking.end_dead_runs(tracking.find_dead_runs("cluster", key, tracking.CLUSTER_KEY_TAG), run.info.run_id)
+        tracking.take_over(tracking.find_dead_runs("cluster", key, tracking.CLUSTER_KEY_TAG), run.info.run_id)
         tracking.log_params_once({**stage_params, **own_params, **data_params_, **resolved_params(est, data.x),
                                   "world_size": distributed.world_size()})
         tracking.log_dataset(data, data_params_["data_digest"], context="training")
@@ -453,7 +472,7 @@ def _cluster_run(est: DEC, data: Dataset, run_name: str, experiment: str, name: 
         mlflow.set_tag("dec.autoencoder_source", source)
         recorder = tracking.self_training_recorder(data.x, data.y, ae, alpha=est.alpha, sample_size=figure_sample_size, seed=est.random_state)
         with progress_bar() as bar:
-            callbacks = [tracking.MlflowCallback(est.n_clusters, data.y), recorder, tracking.CheckpointCallback()]  # heartbeat
+            callbacks = [tracking.MlflowCallback(est.n_clusters, data.y), recorder]
             est.fit(data.x, autoencoder=ae, callback=CallbackList([bar, *callbacks]))
         tracking.log_self_training_figures(recorder, tol=est.tol, seed=est.random_state)
         metrics = _log_cluster_results(est, data)
@@ -494,7 +513,8 @@ def _log_model(network, data: Dataset, digest: str, name: str, tags: dict, summa
 
     ``summary`` says where the network comes from and what it scored; it goes into the
     registered version's description. Returns ``model_uri``, ``registered_model_name``,
-    ``registered_model_version`` (both None when not registered) and ``onnx_max_abs_dq``.
+    ``registered_model_version`` (both None when not registered), ``onnx_max_abs_dq`` and
+    ``onnx_near_ties`` (check rows whose labels were not compared, see ``dec_mlflow.export.NEAR_TIE``).
     """
     from serving.model_io import log_dec_model  # onnx / onnxruntime are heavy: import on use
 
@@ -517,10 +537,12 @@ def _log_model(network, data: Dataset, digest: str, name: str, tags: dict, summa
             version_description=(
                 f"DEC network of {summary}. Trained on {data.name!r} ({data.x.shape[0]} x {data.x.shape[1]}, "
                 f"data digest {digest}, source {data.source or 'unknown'}). ONNX graph checked "
-                f"against PyTorch on {int(check['onnx_check_rows'])} rows: max |dq| {check['onnx_max_abs_dq']:.1e}."),
+                f"against PyTorch on {int(check['onnx_check_rows'])} rows: max |dq| {check['onnx_max_abs_dq']:.1e}, "
+                f"identical labels outside {int(check['onnx_near_ties'])} near-ties."),
         )
     return {"model_uri": info.model_uri, "registered_model_name": name if register else None,
-            "registered_model_version": version, "onnx_max_abs_dq": check["onnx_max_abs_dq"]}
+            "registered_model_version": version, "onnx_max_abs_dq": check["onnx_max_abs_dq"],
+            "onnx_near_ties": int(check["onnx_near_ties"])}
 
 
 # ------------------------------------------------------------------------------------ evaluate
@@ -560,13 +582,13 @@ def evaluate(model: str, dataset: str, *, label_column: str = "", sample_size: i
         scores = clustering_scores(data.y, labels)
         mlflow.log_metrics(scores)
         mlflow.log_dict({"cluster_sizes": np.bincount(labels, minlength=q.shape[1]).tolist()}, "cluster_sizes.json")
-        mlflow.log_figure(plots.confusion_figure(data.y, labels), "confusion_matrix.png")
-        mlflow.log_figure(plots.cluster_sizes_figure(labels, q.shape[1]), "cluster_sizes.png")
+        tracking.log_figure("confusion_matrix.png", lambda: plots.confusion_figure(data.y, labels))
+        tracking.log_figure("cluster_sizes.png", lambda: plots.cluster_sizes_figure(labels, q.shape[1]))
         rng = np.random.default_rng(random_state)
         sub = rng.choice(len(labels), size=min(sample_size, len(labels)), replace=False)
-        mlflow.log_figure(plots.embedding_figure(z[sub], labels[sub], random_state=random_state), "embedding_tsne.png")
+        tracking.log_figure("embedding_tsne.png", lambda: plots.embedding_figure(z[sub], labels[sub], random_state=random_state))
         if data.image_shape is not None:
-            mlflow.log_figure(plots.top_images_figure(data.x, q, data.image_shape), "top_images_per_cluster.png")
+            tracking.log_figure("top_images_per_cluster.png", lambda: plots.top_images_figure(data.x, q, data.image_shape))
     return {"run_id": run.info.run_id, "model_uri": uri, "metrics": scores}
 
 

@@ -25,6 +25,7 @@ from dec_mlflow.estimator import DEC, selection_criteria
 from dec_mlflow.lifecycle import (
     ESTIMATOR_PARAMS,
     build_estimator,
+    check_fit_data,
     data_params,
     estimator_params,
     fmt_scores,
@@ -100,6 +101,7 @@ def compare(dataset: str, *, label_column: str = "", seeds: Sequence[int] = (0, 
     build_estimator({**params, "random_state": seeds[0], "lr": idec_lr, "momentum": idec_momentum}, preset=preset)  # IDEC's too
     build_estimator({**params, "random_state": seeds[0]}, preset=preset)
     data = load_data(dataset, label_column, params["n_clusters"])
+    check_fit_data(build_estimator({**params, "random_state": seeds[0]}, data, preset=preset), data, dataset)
     stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
     idec_optimizer = {"lr": idec_lr, "momentum": idec_momentum}
     with tracking.stage_run(f"compare-{data.name}", experiment) as run:
@@ -186,6 +188,7 @@ def k_sweep(dataset: str, *, label_column: str = "", ks: Sequence[int] = (6, 7, 
     data = load_data(dataset, label_column, max(ks))
     train, val = experiments.train_validation_split(data.x.shape[0], validation_fraction, params["random_state"])
     train_data = replace(data, name=f"{data.name}-train", x=data.x[train], y=None if data.y is None else data.y[train])
+    check_fit_data(build_estimator({**params, "n_clusters": max(ks)}, data, preset=preset), train_data, dataset)
     stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
     with tracking.stage_run(f"k_sweep-{data.name}", experiment) as run:
         _start_parent("k_sweep", data, {**stage_params, "ks": ks, "validation_fraction": validation_fraction,
@@ -210,7 +213,7 @@ def k_sweep(dataset: str, *, label_column: str = "", ks: Sequence[int] = (6, 7, 
         best = experiments.recommend_k(table["k"].tolist(), table["generalizability"].tolist())
         mlflow.log_metric("recommended_k", best)
         _log_frame(table, "k_sweep")
-        mlflow.log_figure(plots.k_sweep_figure(table, best), "k_sweep.png")
+        tracking.log_figure("k_sweep.png", lambda: plots.k_sweep_figure(table, best))
     return {"run_id": run.info.run_id, "table": table, "recommended_k": best}
 
 
@@ -237,6 +240,7 @@ def imbalance(dataset: str, *, label_column: str = "", r_mins: Sequence[float] =
     data = load_data(dataset, label_column, params["n_clusters"])
     if data.y is None:
         raise ValueError(f"dataset {dataset!r} has no labels; the subsampling is by class (give label_column)")
+    check_fit_data(build_estimator(params, data, preset=preset), data, dataset)
     stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
     with tracking.stage_run(f"imbalance-{data.name}", experiment) as run:
         _start_parent("imbalance", data, {**stage_params, "r_mins": r_mins, "autoencoder": autoencoder})
@@ -249,7 +253,7 @@ def imbalance(dataset: str, *, label_column: str = "", r_mins: Sequence[float] =
         markdown = experiments.imbalance_markdown(table)
         _log_frame(table, "imbalance")
         mlflow.log_text(markdown, "imbalance.md")
-        mlflow.log_figure(plots.imbalance_figure(table), "imbalance.png")
+        tracking.log_figure("imbalance.png", lambda: plots.imbalance_figure(table))
     return {"run_id": run.info.run_id, "table": table, "markdown": markdown}
 
 

@@ -2,10 +2,14 @@
 and for self-training (embedding over iterations, label change / loss / accuracy curves, gradient
 magnitude against soft assignment), the latter from a :class:`~dec_mlflow.callbacks.SelfTrainRecorder`.
 
-Each function builds and returns a matplotlib Figure; logging them is the caller's business.
+Each function builds and returns a matplotlib Figure; logging them is the caller's business. No
+input makes one fail: an embedding that t-SNE cannot lay out (no spread, NaN) gets a panel saying
+so instead, with a :class:`FigureWarning` that the caller can report.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import matplotlib
 
@@ -16,6 +20,10 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.manifold import TSNE
 
 from dec_mlflow.metrics import contingency
+
+
+class FigureWarning(UserWarning):
+    """A figure was drawn simplified because its data cannot be drawn as asked (e.g. a degenerate embedding)."""
 
 
 def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray):
@@ -50,10 +58,16 @@ def cluster_sizes_figure(labels: np.ndarray, n_clusters: int):
 
 
 def embedding_figure(z: np.ndarray, labels: np.ndarray, *, random_state: int = 0):
-    """Scatter of a 2-D t-SNE of the embedding ``z`` (n, e), coloured by cluster (PCA-initialised)."""
-    xy = _tsne(z, random_state)
+    """Scatter of a 2-D t-SNE of the embedding ``z`` (n, e), coloured by cluster (PCA-initialised).
+
+    An embedding t-SNE cannot lay out gets a panel saying why, and a :class:`FigureWarning`.
+    """
     fig, ax = plt.subplots(figsize=(6, 6))
-    ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap=_cmap(labels.max() + 1), s=3)
+    xy = _tsne(z, random_state)
+    if xy is None:
+        _no_layout(ax, z)
+    else:
+        ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap=_cmap(labels.max() + 1), s=3)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(f"Embedding, t-SNE of {len(z)} samples, coloured by cluster")
@@ -61,11 +75,47 @@ def embedding_figure(z: np.ndarray, labels: np.ndarray, *, random_state: int = 0
     return fig
 
 
-def _tsne(z: np.ndarray, random_state: int) -> np.ndarray:
-    """2-D t-SNE of ``z`` (n, e), PCA-initialised so the layout is stable; ``z`` itself if already 2-D."""
+def embedding_problem(z: np.ndarray) -> str | None:
+    """Why t-SNE cannot lay out the points ``z`` (n, e), or None when it can.
+
+    Non-finite values; fewer than 3 points; or no spread: every point the same up to float32 rounding.
+    scikit-learn's t-SNE starts from PCA scaled by the first component's spread, which is then 0,
+    and its Barnes-Hut tree crashes the whole process (segmentation fault) on the NaN start.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    n_bad = int((~np.isfinite(z)).sum())
+    if n_bad:
+        return f"the embedding has {n_bad} NaN or infinite values"
+    if len(z) < 3:
+        return f"{len(z)} points are too few for t-SNE"
+    spread = np.sqrt(np.square(z - z.mean(0)).sum(1).mean())  # RMS distance to the mean
+    if spread <= 1e-6 * np.abs(z).max():  # also when all are 0
+        return f"all {len(z)} points share one embedding (no spread)"
+    return None
+
+
+def _tsne(z: np.ndarray, random_state: int) -> np.ndarray | None:
+    """2-D t-SNE of ``z`` (n, e), PCA-initialised so the layout is stable; ``z`` itself if already 2-D.
+
+    None, with a :class:`FigureWarning`, when :func:`embedding_problem` finds a reason not to run it.
+    """
+    problem = embedding_problem(z)
+    if problem is not None:
+        warnings.warn(f"{problem}; t-SNE skipped", FigureWarning, stacklevel=3)
+        return None
     if z.shape[1] == 2:
         return z
+    # t-SNE's affinities do not depend on the embedding's scale (perplexity fixes each point's bandwidth); scaled to
+    # unit spread in float64, PCA's start stays finite even for values near float32's limit
+    z = np.asarray(z, dtype=np.float64)
+    z = (z - z.mean(0)) / z.std()
     return TSNE(2, init="pca", random_state=random_state, perplexity=min(30, len(z) - 1)).fit_transform(z)
+
+
+def _no_layout(ax, z: np.ndarray) -> None:
+    """In place of a t-SNE panel: the reason there is none."""
+    ax.text(0.5, 0.5, f"no t-SNE:\n{embedding_problem(z)}", ha="center", va="center", wrap=True,
+            transform=ax.transAxes, fontsize=8)
 
 
 def _cmap(n_colors: int) -> str:
@@ -130,7 +180,10 @@ def embedding_snapshots_figure(snapshots, y: np.ndarray | None = None, n_panels:
     fig, axes = plt.subplots(1, len(chosen), figsize=(3 * len(chosen), 3.3), squeeze=False)
     for ax, (step, z, _), c in zip(axes[0], chosen, codes):
         xy = _tsne(np.asarray(z), random_state)
-        ax.scatter(xy[:, 0], xy[:, 1], c=c, cmap=_cmap(n_colors), vmin=0, vmax=max(n_colors - 1, 1), s=3)
+        if xy is None:
+            _no_layout(ax, np.asarray(z))
+        else:
+            ax.scatter(xy[:, 0], xy[:, 1], c=c, cmap=_cmap(n_colors), vmin=0, vmax=max(n_colors - 1, 1), s=3)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"iteration {step}")

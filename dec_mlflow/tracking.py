@@ -10,10 +10,13 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import tempfile
+import threading
 import time
+import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,13 +53,19 @@ CHECKPOINT_EVERY = 5
 # and writing the weights and momentum every 5 of them would cost more than the training
 CHECKPOINT_MIN_INTERVAL_S = 60
 OWNER_TAG = "dec.owner"  # host, pid and start time of the process running the run, to tell whether it still lives
-HEARTBEAT_TAG = "dec.heartbeat"  # unix time the run last showed progress (its owner refreshes it at most every minute)
+HEARTBEAT_TAG = "dec.heartbeat"  # unix time of the owner's last sign of life (a timer thread writes it every minute)
 HEARTBEAT_EVERY_S = 60
 # A RUNNING run of another machine counts as dead once its heartbeat is this old; one of this machine as soon as
 # its process is gone. Pretraining epochs far longer than this would need DEC_STALE_AFTER_S raised.
 STALE_AFTER_S = 1800
 RESUMED_BY_TAG = "dec.resumed_by"  # on a run that was resumed (or ended as dead): the run that took over
 RESUMED_FROM_TAG = "dec.resumed_from_run"  # on the run that resumed it
+CLAIM_TAG = "dec.takeover_claim"  # on a stopped run: '<run id>:<token>' of the run claiming to take it over
+# A claimant waits this long between writing its claim and reading it back (claim_runs). It must exceed the time
+# from a claimant's read of the run to its write landing, which each claimant checks of itself; an MLflow call
+# takes milliseconds on sqlite and tens of them through a tracking server.
+CLAIM_SETTLE_S = 2.0
+FIGURE_WARNING_TAG = "dec.figure_warning"  # + .<artifact name>: why a figure was drawn simplified or not at all
 # tags of an `mlflow run` run that say where the code came from; copied when the work moves to another run
 _SOURCE_TAG_PREFIXES = ("mlflow.source.", "mlflow.project.", "mlflow.gitRepoURL", "mlflow.user")
 
@@ -71,7 +80,8 @@ def stage_run(run_name: str, experiment: str = "") -> Iterator[mlflow.ActiveRun]
     run before the command sees ``-P experiment``; when that run is in another experiment, the
     stage starts a new run in ``experiment`` (tagged ``dec.launcher_run``, with the project's source
     tags) and the ``mlflow run`` run is left as a launcher tagged ``dec.launched_run``.
-    The run ends FAILED if the block raises, FINISHED otherwise.
+    The run ends KILLED if the block is interrupted (Ctrl-C, or a SIGTERM the entry point turned into
+    ``environment.Stopped``), FAILED if it raises anything else, FINISHED otherwise.
     """
     experiment_id, tags = None, {}
     if experiment:
@@ -90,16 +100,36 @@ def stage_run(run_name: str, experiment: str = "") -> Iterator[mlflow.ActiveRun]
                                    f"This run only launched run {run.info.run_id} ({run_name}) in experiment "
                                    f"{experiment!r} (-P experiment); its results are there. "
                                    f"`mlflow run --experiment-name {experiment}` would have started it there directly.")
-        yield run
+        with _killed_on_interrupt():
+            yield run
 
 
 @contextmanager
 def child_run(run_name: str) -> Iterator[mlflow.ActiveRun]:
-    """A run nested in the active run, in the same experiment (start_run alone would use the default one)."""
+    """A run nested in the active run, in the same experiment (start_run alone would use the default one).
+
+    It ends as ``stage_run``'s does: KILLED when interrupted, FAILED on an error, else FINISHED.
+    """
     experiment_id = mlflow.active_run().info.experiment_id
     with mlflow.start_run(run_name=run_name, nested=True, experiment_id=experiment_id) as run:
         mlflow.set_tag("mlflow.runName", run_name)
-        yield run
+        with _killed_on_interrupt():
+            yield run
+
+
+@contextmanager
+def _killed_on_interrupt() -> Iterator[None]:
+    """End the active run KILLED when the block is interrupted, where MLflow would end it FAILED.
+
+    A KeyboardInterrupt is Ctrl-C, or SIGTERM turned into ``environment.Stopped`` by the entry point;
+    the run was stopped from outside, not failed, and the resume logic finds it as stopped either way.
+    Nested runs end first, each in its own block.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
 
 
 @contextmanager
@@ -140,9 +170,38 @@ def owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
 
 
-def claim_run() -> None:
-    """Tag the active run with this process as its owner, and a first heartbeat."""
-    mlflow.set_tags({OWNER_TAG: owner(), HEARTBEAT_TAG: f"{time.time():.0f}"})
+@contextmanager
+def heartbeat(every_s: float | None = None) -> Iterator[None]:
+    """Own the active run for the block: tag it with this process (``dec.owner``) and keep its
+    ``dec.heartbeat`` fresh every ``every_s`` seconds (``HEARTBEAT_EVERY_S``, ``DEC_HEARTBEAT_EVERY_S``).
+
+    The heartbeat comes from a timer thread, not from training steps, so it stays fresh through every
+    long stage: an epoch, UMAP + GMM, the ONNX export, a slow upload. It stops with the block. A beat
+    that fails (the tracking server is unreachable for a moment) is reported on stderr and the next one
+    tried. What it cannot cover: a call that holds Python's GIL for longer than ``STALE_AFTER_S``.
+    """
+    every_s = float(os.environ.get("DEC_HEARTBEAT_EVERY_S", HEARTBEAT_EVERY_S)) if every_s is None else every_s
+    run_id, client = mlflow.active_run().info.run_id, MlflowClient()
+    client.set_tag(run_id, OWNER_TAG, owner())
+    client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+    stop = threading.Event()
+    beats = threading.Thread(target=_beat, args=(client, run_id, every_s, stop), name=f"dec-heartbeat-{run_id[:8]}",
+                             daemon=True)  # never keeps a finished process alive
+    beats.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beats.join()
+
+
+def _beat(client: MlflowClient, run_id: str, every_s: float, stop: threading.Event) -> None:
+    while not stop.wait(every_s):
+        try:
+            client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+        except Exception as e:  # a thread's exception would vanish: say it, and beat again next time
+            print(f"Warning: run {run_id}: heartbeat not written ({type(e).__name__}: {str(e)[:200]}); retrying "
+                  f"in {every_s:g} s", file=sys.stderr, flush=True)
 
 
 def run_is_dead(run: Run) -> bool:
@@ -167,17 +226,81 @@ def run_is_dead(run: Run) -> bool:
     return time.time() - heartbeat > float(os.environ.get("DEC_STALE_AFTER_S", STALE_AFTER_S))
 
 
-def end_dead_runs(runs: list[Run], by_run_id: str) -> list[str]:
-    """Mark each RUNNING-but-dead run of ``runs``, and its dead parent, KILLED, tagged as taken over by ``by_run_id``."""
-    client, ended = MlflowClient(), []
+def take_over(runs: list[Run], by_run_id: str) -> list[str]:
+    """Take over each stopped run of ``runs`` for the active run ``by_run_id``; the ids of those taken over.
+
+    A run taken over is tagged ``dec.resumed_by`` = ``by_run_id`` and, if it was RUNNING with a dead
+    process, ended KILLED; so is each of its parents that is RUNNING and dead. When several processes
+    take over the same run at the same time, exactly one gets it (:func:`claim_runs`); for the others
+    it is left out of the result.
+    """
+    client, chain = MlflowClient(), []
     for run in runs:
-        while run is not None and run_is_dead(run):
-            client.set_tag(run.info.run_id, RESUMED_BY_TAG, by_run_id)
+        chain.append(run)
+        parent_id = run.data.tags.get("mlflow.parentRunId")
+        while parent_id and run_is_dead(parent := client.get_run(parent_id)):
+            chain.append(parent)
+            parent_id = parent.data.tags.get("mlflow.parentRunId")
+    taken = claim_runs(chain, by_run_id)
+    for run in taken:
+        client.set_tag(run.info.run_id, RESUMED_BY_TAG, by_run_id)
+        if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, status="KILLED")
-            ended.append(run.info.run_id)
-            parent = run.data.tags.get("mlflow.parentRunId")
-            run = client.get_run(parent) if parent else None
-    return ended
+    return [run.info.run_id for run in taken]
+
+
+def claim_runs(runs: list[Run], by_run_id: str, *, settle_s: float | None = None) -> list[Run]:
+    """The stopped runs of ``runs`` that the active run ``by_run_id`` wins the right to take over, as they are now.
+
+    MLflow has no conditional write (no compare-and-set of a tag), so this is Fischer's mutual exclusion
+    on the tag ``dec.takeover_claim``: a claimant reads the run afresh; if it is stopped
+    (:func:`is_stopped`), not taken over and not claimed by a live run, the claimant writes
+    '<by_run_id>:<random token>', waits ``settle_s`` (``CLAIM_SETTLE_S``, ``DEC_CLAIM_SETTLE_S``) and
+    reads the tag back: only the claimant whose token still stands goes on. Of claimants that overlap,
+    the last to write wins; one that comes later finds a live claim and gives up. It holds when
+    (a) each claimant's read-then-write takes less than ``settle_s``: a claimant measures its own and
+    gives up when it took longer, and (b) the store shows every client the latest write: sqlite, the
+    SQL stores (PostgreSQL, MySQL) and an MLflow tracking server in front of one, as this project
+    uses them. It does not hold for a file store on a network share, nor for a database read from
+    lagging replicas. A claim whose claimant run ended or died without taking over does not count.
+    """
+    settle_s = float(os.environ.get("DEC_CLAIM_SETTLE_S", CLAIM_SETTLE_S)) if settle_s is None else settle_s
+    client, tokens = MlflowClient(), {}
+    for run in runs:
+        run_id, started = run.info.run_id, time.monotonic()
+        current = client.get_run(run_id)
+        if not is_stopped(current) or RESUMED_BY_TAG in current.data.tags or _live_claim(current, by_run_id):
+            continue
+        token = _claim_token(by_run_id)
+        client.set_tag(run_id, CLAIM_TAG, token)
+        if time.monotonic() - started < settle_s:  # else another claimant may already have read back its own claim
+            tokens[run_id] = token
+    if not tokens:
+        return []
+    time.sleep(settle_s)
+    after = [client.get_run(run_id) for run_id in tokens]
+    return [run for run in after if run.data.tags.get(CLAIM_TAG) == tokens[run.info.run_id]]
+
+
+def _claim_token(by_run_id: str) -> str:
+    return f"{by_run_id}:{uuid.uuid4().hex}"
+
+
+def _live_claim(run: Run, by_run_id: str) -> bool:
+    """True when another run claimed ``run`` (:func:`claim_runs`) and is still RUNNING and alive."""
+    claimant = run.data.tags.get(CLAIM_TAG, "").split(":")[0]
+    if not claimant or claimant == by_run_id:
+        return False
+    try:
+        claimant_run = MlflowClient().get_run(claimant)
+    except MlflowException:  # deleted
+        return False
+    return claimant_run.info.status == "RUNNING" and not run_is_dead(claimant_run)
+
+
+def is_stopped(run: Run) -> bool:
+    """FAILED or KILLED, or RUNNING while nothing runs it (:func:`run_is_dead`)."""
+    return run.info.status in ("FAILED", "KILLED") or run_is_dead(run)
 
 
 def find_dead_runs(stage: str, key: str, key_tag: str = KEY_TAG) -> list[Run]:
@@ -186,17 +309,16 @@ def find_dead_runs(stage: str, key: str, key_tag: str = KEY_TAG) -> list[Run]:
     return [r for r in MlflowClient().search_runs([_current_experiment_id()], query) if run_is_dead(r)]
 
 
-def find_resumable_run(stage: str, key: str) -> Run | None:
+def find_resumable_run(stage: str, key: str, by_run_id: str = "") -> Run | None:
     """Newest run of ``stage`` with fingerprint ``key`` that stopped before finishing and left a checkpoint.
 
-    Stopped: FAILED or KILLED, or RUNNING with a dead process (:func:`run_is_dead`); a run already
-    resumed by another (tagged ``dec.resumed_by``) is not resumed twice.
+    Stopped: :func:`is_stopped`. A run already taken over (tagged ``dec.resumed_by``), or claimed by
+    another live run than ``by_run_id`` (:func:`claim_runs`), is not offered.
     """
     query = f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{KEY_TAG}` = '{key}'"
     client = MlflowClient()
     for run in client.search_runs([_current_experiment_id()], query, order_by=["attributes.start_time DESC"]):
-        stopped = run.info.status in ("FAILED", "KILLED") or run_is_dead(run)
-        if not stopped or RESUMED_BY_TAG in run.data.tags:
+        if not is_stopped(run) or RESUMED_BY_TAG in run.data.tags or _live_claim(run, by_run_id):
             continue
         artifacts = client.list_artifacts(run.info.run_id, str(Path(CHECKPOINT_ARTIFACT).parent))
         if any(a.path == CHECKPOINT_ARTIFACT for a in artifacts):
@@ -231,7 +353,7 @@ def pretraining_metric(stage: str) -> str:
 
 
 class CheckpointCallback(Callback):
-    """Writes pretraining's checkpoint to the active run every ``every`` epochs, and keeps its heartbeat fresh.
+    """Writes pretraining's checkpoint to the active run every ``every`` epochs.
 
     A checkpoint follows the previous one by at least ``min_interval_s`` seconds (the first is
     written at epoch ``every``), so thousands of short epochs do not write thousands of files.
@@ -243,13 +365,7 @@ class CheckpointCallback(Callback):
     def __init__(self, every: int | None = None, min_interval_s: float | None = None):
         self.every = int(os.environ.get("DEC_CHECKPOINT_EVERY", CHECKPOINT_EVERY)) if every is None else every
         self.min_interval_s = CHECKPOINT_MIN_INTERVAL_S if min_interval_s is None else min_interval_s
-        self._beat = time.monotonic()
         self._saved: float | None = None  # monotonic time of the last checkpoint written
-
-    def on_step(self, stage, step, metrics):
-        if time.monotonic() - self._beat >= HEARTBEAT_EVERY_S:
-            mlflow.set_tag(HEARTBEAT_TAG, f"{time.time():.0f}")
-            self._beat = time.monotonic()
 
     def on_checkpoint(self, stage, epoch, state):
         if self.every <= 0 or epoch % self.every:
@@ -260,8 +376,8 @@ class CheckpointCallback(Callback):
             path = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name
             state().save(path)
             mlflow.log_artifact(str(path), artifact_path=str(Path(CHECKPOINT_ARTIFACT).parent))
-        mlflow.set_tags({"dec.checkpoint": f"{stage} epoch {epoch}", HEARTBEAT_TAG: f"{time.time():.0f}"})
-        self._beat = self._saved = time.monotonic()
+        mlflow.set_tag("dec.checkpoint", f"{stage} epoch {epoch}")
+        self._saved = time.monotonic()
 
 
 class MlflowCallback(Callback):
@@ -348,7 +464,14 @@ def log_dataset(data: Dataset, digest: str, context: str) -> None:
         features = np.broadcast_to(np.zeros((), data.x.dtype), data.x.shape) if sparse.issparse(data.x) else data.x
         dataset = mlflow.data.from_numpy(features, targets=data.y, name=data.name, digest=digest,
                                          source=data.source or None)
-    mlflow.log_input(dataset, context=context)
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as e:
+        # MLflow's store looks the dataset up, then inserts it if it was missing: two runs logging the same data at the
+        # same moment (two jobs on one tracking server) collide on its unique key; the second try finds the row
+        if not any(word in str(e).lower() for word in ("unique constraint", "duplicate")):
+            raise
+        mlflow.log_input(dataset, context=context)
 
 
 def log_params_once(params: dict[str, object]) -> None:
@@ -513,7 +636,7 @@ def self_training_recorder(x: Features, y: np.ndarray | None, pretrained: Pretra
 
 
 def log_self_training_figures(recorder: SelfTrainRecorder, *, tol: float, seed: int) -> None:
-    """The paper's self-training figures, as artifacts of the active run.
+    """The paper's self-training figures, as artifacts of the active run (see :func:`log_figure`).
 
     ``self_training_tsne.png`` (t-SNE of the subsample at 4 points of self-training, Figure 5),
     ``self_training_curves.png`` (label change, KL and accuracy per update) and
@@ -523,6 +646,39 @@ def log_self_training_figures(recorder: SelfTrainRecorder, *, tol: float, seed: 
 
     if not recorder.snapshots:
         return
-    mlflow.log_figure(plots.embedding_snapshots_figure(recorder.snapshots, recorder.y, random_state=seed), "self_training_tsne.png")
-    mlflow.log_figure(plots.self_training_curves_figure(recorder.history, tol=tol), "self_training_curves.png")
-    mlflow.log_figure(plots.gradient_vs_q_figure(recorder.gradient["q"], recorder.gradient["grad_norm"]), "gradient_vs_q.png")
+    log_figure("self_training_tsne.png", lambda: plots.embedding_snapshots_figure(recorder.snapshots, recorder.y, random_state=seed))
+    log_figure("self_training_curves.png", lambda: plots.self_training_curves_figure(recorder.history, tol=tol))
+    log_figure("gradient_vs_q.png", lambda: plots.gradient_vs_q_figure(recorder.gradient["q"], recorder.gradient["grad_norm"]))
+
+
+def log_figure(name: str, draw: Callable[[], object]) -> None:
+    """Log the figure ``draw()`` makes as the artifact ``name`` of the active run; a figure never fails the run.
+
+    A figure drawn simplified (``plots.FigureWarning``: an embedding t-SNE cannot lay out, such as identical
+    points) or not drawn at all because its data made drawing fail (ValueError, ArithmeticError, RuntimeError) is
+    reported in the run as the tag ``dec.figure_warning.<name>`` and on stderr, and the stage goes on: the
+    model, metrics and other artifacts of a finished training matter more than one picture of it.
+    """
+    import matplotlib.pyplot as plt
+
+    from dec_mlflow.plots import FigureWarning
+
+    notes, figure = [], None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FigureWarning)
+        try:
+            figure = draw()
+        except (ValueError, ArithmeticError, RuntimeError) as e:
+            notes.append(f"not drawn: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    for w in caught:
+        if issubclass(w.category, FigureWarning):
+            notes.append(str(w.message))
+        else:  # not ours to judge: pass it on as if it had not been recorded
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if figure is not None:
+        mlflow.log_figure(figure, name)
+        plt.close(figure)
+    if notes:
+        message = "; ".join(dict.fromkeys(notes))  # one note per reason, in order
+        mlflow.set_tag(f"{FIGURE_WARNING_TAG}.{name}", message[:5000])
+        print(f"Warning: {name}: {message}", file=sys.stderr, flush=True)

@@ -18,6 +18,10 @@
 #                             the newest /usr/lib/postgresql/*/bin, then PATH)
 #   DEC_PG_OS_USER            system user that runs PostgreSQL when this script runs as root
 #                             (PostgreSQL refuses root; default postgres, created if missing)
+#   DEC_PG_DATA_ROOT          as root, where PostgreSQL's folder goes when that user cannot reach the
+#                             state folder (a parent such as /root or a mktemp -d folder is private):
+#                             a new folder under it (default /var/lib/dec-mlflow), linked from
+#                             $DEC_SERVER_DIR/postgres
 #   DEC_BACKEND_STORE_URI     use this database instead of the local PostgreSQL (nothing local is
 #                             started), e.g. postgresql+psycopg://mlflow@db.example:5432/mlflow
 #   DEC_ARTIFACTS_DESTINATION artifact store instead of $DEC_SERVER_DIR/artifacts, e.g. s3://bucket/mlflow
@@ -39,7 +43,7 @@ die() { echo "tracking-server: $*" >&2; exit 1; }
 case "$cmd" in start|stop|status) ;; *) die "unknown command '$cmd'; use start, stop or status" ;; esac
 mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
-pgdir="$dir/postgres"      # owned by the PostgreSQL user: data/ and postgres.log
+pgdir="$dir/postgres"      # owned by the PostgreSQL user: data/ and postgres.log (see setup_pg_user)
 pgdata="$pgdir/data"
 mlflow_pid="$dir/mlflow.pid"
 
@@ -53,9 +57,10 @@ find_pg_bin() {
     die "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: install PostgreSQL (Debian: apt-get install postgresql) or set DEC_PG_BIN"
 }
 
-# PostgreSQL refuses to run as root: as root, run its server commands as an unprivileged user.
+# PostgreSQL refuses to run as root: as root, run its server commands as an unprivileged user, from a folder it can
+# enter (its tools complain when they cannot return to a private working folder).
 as_pg() {
-    if [[ "$(id -u)" -ne 0 ]]; then "$@"; else runuser -u "$pg_os_user" -- "$@"; fi
+    if [[ "$(id -u)" -ne 0 ]]; then "$@"; else (cd / && runuser -u "$pg_os_user" -- "$@"); fi
 }
 
 setup_pg_user() {
@@ -67,11 +72,34 @@ setup_pg_user() {
             || die "cannot create the system user '$pg_os_user' to run PostgreSQL (set DEC_PG_OS_USER to an existing one)"
     fi
     command -v runuser >/dev/null || die "runuser (util-linux) is needed to run PostgreSQL as '$pg_os_user'"
-    mkdir -p "$pgdir"
+    place_pg_dir
+    [[ "$cmd" == start ]] || return 0  # stop and status only act on what start made
     chown "$pg_os_user" "$pgdir"
     chmod 700 "$pgdir"
     runuser -u "$pg_os_user" -- test -w "$pgdir" \
-        || die "user '$pg_os_user' cannot reach $pgdir: make its parent folders searchable (chmod o+x) or set DEC_SERVER_DIR elsewhere"
+        || die "user '$pg_os_user' cannot reach $pgdir: make its parent folders searchable (chmod o+x) or set DEC_PG_DATA_ROOT elsewhere"
+}
+
+# As root, PostgreSQL's user must reach its folder by itself, path and all. In a state folder under a private parent
+# (root's home, a mktemp -d folder) it cannot: the folder then goes under DEC_PG_DATA_ROOT, root-owned and 0755 up
+# to it, and $dir/postgres becomes a link to it, which later calls follow (PostgreSQL itself is given the real path).
+place_pg_dir() {
+    if [[ -L "$dir/postgres" ]]; then
+        pgdir="$(readlink -f "$dir/postgres")"
+    elif [[ "$cmd" != start ]]; then
+        :  # nothing to place
+    elif [[ -f "$dir/postgres/data/PG_VERSION" ]] || runuser -u "$pg_os_user" -- test -x "$dir"; then
+        mkdir -p "$pgdir"
+    else
+        # an empty folder left by a start that stopped here before: give way to the link
+        [[ -e "$dir/postgres" ]] && { rmdir "$dir/postgres" 2>/dev/null || die "$dir/postgres holds files but no PostgreSQL data: move it away"; }
+        local root="${DEC_PG_DATA_ROOT:-/var/lib/dec-mlflow}"
+        install -d -m 0755 "$root" || die "cannot create $root for PostgreSQL's data (set DEC_PG_DATA_ROOT)"
+        pgdir="$(mktemp -d "$root/postgres-XXXXXX")"
+        ln -s "$pgdir" "$dir/postgres"
+        echo "tracking-server: user '$pg_os_user' cannot reach $dir, so PostgreSQL's folder is $pgdir (linked from $dir/postgres)" >&2
+    fi
+    pgdata="$pgdir/data"
 }
 
 pg_running() { [[ -d "$pgdata" ]] && as_pg "$pg_bin/pg_ctl" -D "$pgdata" status >/dev/null 2>&1; }

@@ -63,7 +63,8 @@ def log_dec_model(
     -------
     model_info : mlflow.models.model.ModelInfo
     check : dict
-        ``onnx_max_abs_dq``, ``onnx_labels_match``, ``onnx_check_rows`` (also logged as metrics).
+        ``onnx_max_abs_dq``, ``onnx_labels_match``, ``onnx_check_rows``, ``onnx_near_ties`` and
+        ``onnx_checked_on_cuda`` (also logged as metrics; see ``dec_mlflow.export.verify_onnx``).
 
     Raises
     ------

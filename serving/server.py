@@ -17,21 +17,27 @@ The same endpoints, request formats and answers as ``mlflow models serve`` (``/p
 - several worker processes (``--workers``), each with ``--intra-op-threads`` onnxruntime threads so
   that together they do not oversubscribe the cores, scoring in one thread per worker (at most one
   batch in memory per worker) while the event loop keeps answering ``/ping``; no access log;
+- a request that times out is answered 504 and its onnxruntime run stopped; until its scoring thread
+  is free again, new requests to that worker are answered 503 at once instead of queueing behind it;
+- TCP_NODELAY on every connection, from the listening socket this module opens and hands to uvicorn
+  (its public ``fd`` option), whatever uvicorn's version, HTTP parser and event loop;
 - the model is loaded by ``serving.loading.load_dec_model``: no code from the artifact runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import click
 import numpy as np
-from uvicorn.protocols.http.h11_impl import H11Protocol
+import onnxruntime as ort
 from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PyFuncModel, scoring_server
@@ -42,6 +48,7 @@ from serving.onnx_pyfunc import check_batch
 
 DEFAULT_MAX_BODY_MB = 16.0  # ~8,000 MNIST rows of integer pixels, ~1,000 rows of full-precision floats
 DEFAULT_LIMIT_CONCURRENCY = 32  # connections per worker; beyond them 503 (bounds memory at ~32 bodies)
+BACKLOG = 2048  # pending connections on the listening socket (uvicorn's default)
 _ENV = {"model": "DEC_SERVING_MODEL_DIR", "max_body": "DEC_SERVING_MAX_BODY_BYTES", "threads": "DEC_SERVING_INTRA_OP_THREADS"}
 _JSON = "application/json"
 _logger = logging.getLogger(__name__)
@@ -58,6 +65,11 @@ class ScoringApp:
         Largest request body read; larger ones get 413 before any byte of them is parsed.
     timeout : float
         Seconds before a request is answered 504 (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``).
+
+    A request that times out is a runaway: Python cannot stop its thread. Its onnxruntime run (for
+    ``inputs`` requests) is told to terminate, which stops it at the next graph node; parsing and
+    MLflow's own scoring path cannot be interrupted. While the runaway's thread is still busy, new
+    requests are answered 503 with ``Retry-After`` without being read, instead of queueing behind it.
     """
 
     def __init__(self, model: PyFuncModel, max_body_bytes: int, timeout: float):
@@ -68,6 +80,7 @@ class ScoringApp:
         self.timeout = timeout
         # one scoring thread: batches are scored one at a time per worker, the event loop stays free
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="dec-score")
+        self._runaway: Future | None = None  # the scoring of a timed-out request, while its thread is still busy
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -81,18 +94,36 @@ class ScoringApp:
             return await _respond(send, 200, VERSION.encode(), _JSON)
         if path != "/invocations" or method != "POST":
             return await _respond(send, 404, _error("ENDPOINT_NOT_FOUND", f"no endpoint {method} {path}"), _JSON)
+        if self._runaway is not None and not self._runaway.done():
+            return await self._refuse_busy(send)
         headers = dict(scope["headers"])
         body = await self._read_body(headers, receive, send)
         if body is None:
             return  # refused (413) or the client went away
         content_type = headers.get(b"content-type", b"").decode("latin-1")
-        loop = asyncio.get_running_loop()
+        run_options = ort.RunOptions()  # its terminate flag stops the request's onnxruntime run from this thread
+        scoring = self.executor.submit(self.score, body, content_type, run_options)
         try:
-            status, payload, media = await asyncio.wait_for(
-                loop.run_in_executor(self.executor, self.score, body, content_type), self.timeout)
-        except asyncio.TimeoutError:
+            status, payload, media = await asyncio.wait_for(asyncio.wrap_future(scoring), self.timeout)
+        except asyncio.TimeoutError:  # wait_for cancelled the future: a request still queued never runs
+            run_options.terminate = True
+            if not scoring.cancelled():
+                self._watch_runaway(scoring)
             status, payload, media = 504, _error("DEADLINE_EXCEEDED", "Request processing time exceeded limit"), _JSON
         await _respond(send, status, payload, media)
+
+    def _watch_runaway(self, scoring: Future) -> None:
+        """Refuse new work while ``scoring`` (timed out) still holds the scoring thread; log when it lets go."""
+        self._runaway, started = scoring, time.monotonic()
+        scoring.add_done_callback(lambda _: _logger.warning(
+            "a request that timed out after %g s released its worker %.1f s later", self.timeout, time.monotonic() - started))
+
+    async def _refuse_busy(self, send) -> None:
+        message = (f"this worker is still stopping a request that exceeded the {self.timeout:g} s timeout "
+                   "(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT); retry shortly")
+        # the body is not read, so the connection is closed after the answer
+        await _respond(send, 503, _error("TEMPORARILY_UNAVAILABLE", message), _JSON, close=True,
+                       extra_headers=[(b"retry-after", b"1")])
 
     async def _read_body(self, headers: dict, receive, send) -> bytes | None:
         """The request body, or None after answering 413 when it is (or declares to be) over the limit."""
@@ -121,8 +152,12 @@ class ScoringApp:
         # close the connection: the rest of the body is never read
         await _respond(send, 413, _error("REQUEST_LIMIT_EXCEEDED", message), _JSON, close=True)
 
-    def score(self, body: bytes, content_type: str) -> tuple[int, bytes, str]:
-        """(status, payload, media type) for one request body, as MLflow's scoring server answers it."""
+    def score(self, body: bytes, content_type: str, run_options: ort.RunOptions | None = None) -> tuple[int, bytes, str]:
+        """(status, payload, media type) for one request body, as MLflow's scoring server answers it.
+
+        ``run_options`` goes to the onnxruntime run of an ``inputs`` request; once its ``terminate``
+        is set (the request timed out), the run stops and the answer is the 504 already sent.
+        """
         try:
             parts = [p.strip() for p in content_type.split(";")]
             options = dict(p.partition("=")[::2] for p in parts[1:])
@@ -132,17 +167,19 @@ class ScoringApp:
                 except ValueError as e:  # MLflow would echo the whole body back; keep it short
                     raise MlflowException.invalid_parameter_value(f"request body is not valid JSON: {e}") from None
                 if isinstance(request, dict) and "inputs" in request and set(request) <= {"inputs", "params"}:
-                    return 200, self._score_inputs(request), _JSON
+                    return 200, self._score_inputs(request, run_options), _JSON
                 body = request  # MLflow's parser takes the decoded dict as well
             result = scoring_server.invocations(body, content_type, self.model, self.input_schema)
             return result.status, result.response.encode(), result.mimetype
         except MlflowException as e:
             return e.get_http_status_code(), e.serialize_as_json().encode(), _JSON
         except Exception:  # a bug, not a bad request: log it, answer 500, keep serving
+            if run_options is not None and run_options.terminate:  # stopped because it timed out
+                return 504, _error("DEADLINE_EXCEEDED", "Request processing time exceeded limit"), _JSON
             _logger.exception("scoring failed")
             return 500, _error("INTERNAL_ERROR", "internal error while scoring; see the server log"), _JSON
 
-    def _score_inputs(self, request: dict) -> bytes:
+    def _score_inputs(self, request: dict, run_options: ort.RunOptions | None = None) -> bytes:
         params = request.get("params") or {}
         include_embedding = params.get("include_embedding", False) if isinstance(params, dict) else None
         if not isinstance(include_embedding, bool):
@@ -154,7 +191,7 @@ class ScoringApp:
             raise MlflowException.invalid_parameter_value(f"inputs must be a list of equally long rows of numbers: {e}") from None
         model = self.python_model
         x = check_batch(x, n_features=model.n_features, max_batch_rows=model.max_batch_rows)
-        return encode_predictions(*model.predict_arrays(x, include_embedding))
+        return encode_predictions(*model.predict_arrays(x, include_embedding, run_options))
 
     async def _lifespan(self, receive, send):
         while True:
@@ -182,39 +219,30 @@ def _error(code: str, message: str) -> bytes:
     return json.dumps({"error_code": code, "message": message}).encode()
 
 
-async def _respond(send, status: int, payload: bytes, media: str, close: bool = False) -> None:
-    headers = [(b"content-type", media.encode()), (b"content-length", str(len(payload)).encode())]
+async def _respond(send, status: int, payload: bytes, media: str, close: bool = False,
+                   extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+    headers = [(b"content-type", media.encode()), (b"content-length", str(len(payload)).encode()), *extra_headers]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
 
-class _NoDelay:
-    """Turns Nagle's algorithm off on each connection (uvicorn protocol mixin).
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host``:``port`` with TCP_NODELAY, for uvicorn's ``fd`` option.
 
-    With several workers uvicorn hands them a listening socket whose ``proto`` is 0, and asyncio then
-    skips the TCP_NODELAY it sets on TCP connections; the response headers and body, written
-    separately, then meet the client's delayed ACK: bench/bench_serving.py saw every request take
-    44 ms with the h11 parser and the asyncio loop (uvloop sets TCP_NODELAY itself).
+    Linux copies the options of a listening socket to each connection it accepts (checked by
+    ``tests/test_serving.py``), so every connection has Nagle's algorithm off whoever accepts it: the
+    worker processes (uvicorn hands them this socket) and any event loop. Without it, a response whose headers and body are written
+    separately waits for the client's delayed ACK: 44 ms per request (bench/bench_serving.py, two
+    workers, h11, asyncio, whose listening sockets uvicorn then made without IPPROTO_TCP, so asyncio
+    skipped TCP_NODELAY). uvicorn's ``fd`` option is public, where its protocol classes are not.
     """
-
-    def connection_made(self, transport):
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().connection_made(transport)
-
-
-class H11NoDelayProtocol(_NoDelay, H11Protocol):
-    """uvicorn's h11 protocol with TCP_NODELAY."""
-
-
-try:
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-except ImportError:  # httptools is optional: uvicorn then parses HTTP with h11
-    HttpToolsNoDelayProtocol = None
-else:
-    class HttpToolsNoDelayProtocol(_NoDelay, HttpToolsProtocol):
-        """uvicorn's httptools protocol with TCP_NODELAY."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.set_inheritable(True)
+    return sock
 
 
 def create_app() -> ScoringApp:
@@ -254,19 +282,22 @@ def main(model_uri, host, port, workers, intra_op_threads, max_body_mb, limit_co
         app = create_app()  # loads and checks the model here, so a bad model fails now with one line
     except ValueError as e:
         raise click.ClickException(str(e)) from e
-    click.echo(f"Serving {model_uri} on http://{host}:{port} with {workers} worker(s), {intra_op_threads} "
-               f"onnxruntime thread(s) each, on {app.python_model.provider}; bodies up to {max_body_bytes} bytes", err=True)
-    if http == "httptools" and HttpToolsNoDelayProtocol is None:
+    if http == "httptools" and importlib.util.find_spec("httptools") is None:
         raise click.BadParameter("httptools is not installed: pip install httptools", param_hint="--http")
-    use_httptools = http == "httptools" or (http == "auto" and HttpToolsNoDelayProtocol is not None)
-    protocol = f"serving.server:{'HttpToolsNoDelayProtocol' if use_httptools else 'H11NoDelayProtocol'}"  # importable by workers
-    options = dict(host=host, port=port, limit_concurrency=limit_concurrency, access_log=access_log, log_level="warning",
-                   http=protocol, loop=loop)
-    if workers == 1:
-        uvicorn.run(app, **options)
-    else:
-        del app  # each worker process loads its own copy
-        uvicorn.run("serving.server:create_app", factory=True, workers=workers, **options)
+    try:
+        sock = listening_socket(host, port)
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    click.echo(f"Serving {model_uri} on http://{host}:{sock.getsockname()[1]} with {workers} worker(s), {intra_op_threads} "
+               f"onnxruntime thread(s) each, on {app.python_model.provider}; bodies up to {max_body_bytes} bytes", err=True)
+    options = dict(fd=sock.fileno(), limit_concurrency=limit_concurrency, access_log=access_log, log_level="warning",
+                   http=http, loop=loop, backlog=BACKLOG)
+    with sock:
+        if workers == 1:
+            uvicorn.run(app, **options)
+        else:
+            del app  # each worker process loads its own copy
+            uvicorn.run("serving.server:create_app", factory=True, workers=workers, **options)
 
 
 if __name__ == "__main__":

@@ -158,6 +158,37 @@ def test_bad_input_is_rejected_before_training():
         DEC(**SMALL).fit(np.ones(10))
 
 
+class _NoPretraining(Callback):
+    def on_stage_begin(self, stage, total):
+        raise AssertionError(f"stage {stage!r} began: the data should have been refused before any training")
+
+
+@pytest.mark.parametrize("params, make, message", [
+    ({}, lambda x: np.ones((400, 12)), r"^X has no spread: all 400 rows are identical \(every feature is constant\); "
+                                       r"there is nothing to cluster$"),
+    ({"n_clusters": 400}, lambda x: x[:400], r"^init='manifold' needs more samples than clusters; got n_samples=400, "
+                                             r"n_clusters=400 \(use fewer clusters, or init='kmeans'\)$"),
+    ({"augment": "distill", "image_shape": (4, 5), "scaling": "auto"}, lambda x: x,
+     r"^augment='distill' needs one scale for every pixel, but scaling='auto' chooses 'standard' \(per feature\) for "
+     r"this data; give scaling='max' or 'none'$"),
+], ids=["identical-rows", "n_clusters-for-manifold", "augment-per-feature-scaling"])
+def test_data_fit_cannot_train_on_is_refused_before_pretraining(blobs, params, make, message):
+    est = DEC(**{**SMALL, "init": "manifold", **params})
+    with pytest.raises(ValueError, match=message):
+        est.check_fit_data(make(blobs[0]))
+    with pytest.raises(ValueError, match=message):  # fit and pretrain check the same, before their first stage
+        est.fit(make(blobs[0]), callback=_NoPretraining())
+    with pytest.raises(ValueError, match=message):
+        est.pretrain(make(blobs[0]), callback=_NoPretraining())
+
+
+def test_data_with_spread_in_one_feature_only_is_accepted(blobs):
+    x = np.ones((100, 5), np.float32)
+    x[:50, 3] = 2.0
+    DEC(**{**SMALL, "n_clusters": 2}).check_fit_data(x)
+    DEC(**{**SMALL, "n_clusters": 1}).check_fit_data(x[:1])  # one row, one cluster: nothing to spread
+
+
 def test_predict_checks_fitted_and_width(fitted):
     with pytest.raises(NotFittedError):
         DEC(**SMALL).predict(np.ones((2, 20)))

@@ -10,7 +10,7 @@ import torch
 from sklearn.datasets import make_blobs
 from torch import nn
 
-from dec_mlflow.export import MAX_ABS_DQ, export_onnx, verify_onnx
+from dec_mlflow.export import MAX_ABS_DQ, NEAR_TIE, export_onnx, top_two_gap, verify_onnx
 from dec_mlflow.model import DECNet
 
 from conftest import BLOB_CLUSTERS as N_CLUSTERS, BLOB_FEATURES as N_FEATURES
@@ -44,11 +44,12 @@ class _ShiftWhenExported(nn.Module):
 def test_export_writes_one_file_and_returns_parity_figures(exported):
     path, check = exported
     assert sorted(p.name for p in path.parent.iterdir()) == ["dec.onnx"]  # no .data file, no temp file
-    assert set(check) == {"onnx_max_abs_dq", "onnx_labels_match", "onnx_check_rows", "onnx_checked_on_cuda"}
+    assert set(check) == {"onnx_max_abs_dq", "onnx_labels_match", "onnx_check_rows", "onnx_near_ties", "onnx_checked_on_cuda"}
     assert check["onnx_checked_on_cuda"] == 0.0  # the default check runs on the CPU
     assert check["onnx_max_abs_dq"] <= MAX_ABS_DQ
     assert check["onnx_labels_match"] == 1.0
     assert check["onnx_check_rows"] == 500
+    assert check["onnx_near_ties"] == 0  # four well-separated blobs: every label is decided
 
 
 def test_exported_graph_has_named_tensors_and_dynamic_batch(exported):
@@ -77,7 +78,8 @@ def test_export_refuses_a_graph_that_disagrees_and_leaves_no_file(fitted, X_new,
     net = fitted.network_
     diverging = DECNet(nn.Sequential(net.encoder, _ShiftWhenExported()), net.centroids, net.offset,
                        net.scale, net.alpha).eval()
-    with pytest.raises(RuntimeError, match=r"disagrees with PyTorch on 300 rows: max \|dq\| = .* \(must be <= 0\.0001\)"):
+    with pytest.raises(RuntimeError, match=r"disagrees with PyTorch on 300 rows: max \|dq\| = .* \(must be <= 0\.0001\), "
+                                           r"labels match on .* of the 300 rows whose two largest q differ by more than 0\.0002"):
         export_onnx(diverging, tmp_path / "dec.onnx", X_new[:300])
     assert list(tmp_path.iterdir()) == []
 
@@ -127,3 +129,60 @@ def test_verify_refuses_an_exported_graph_with_nan_injected(fitted, exported, X_
     with pytest.raises(RuntimeError, match=r"^the ONNX graph on CPUExecutionProvider outputs NaN or infinite values "
                                            r"on the 200 check rows \(\d+ in q, \d+ in embedding\)"):
         verify_onnx(fitted.network_, tmp_path / "nan.onnx", X_new[:200])
+
+
+def test_top_two_gap_is_the_margin_of_each_rows_label():
+    q = np.array([[0.7, 0.2, 0.1], [0.4, 0.4, 0.2], [0.1, 0.5, 0.4]], dtype=np.float32)
+    np.testing.assert_allclose(top_two_gap(q), [0.5, 0.0, 0.1], atol=1e-7)
+    assert top_two_gap(np.ones((2, 1), np.float32)).tolist() == [np.inf, np.inf]  # one cluster: never a tie
+
+
+def _near_tie_network(fitted) -> DECNet:
+    """The fitted network with its second centroid moved onto its first, 16 float32 steps away: the points of
+    the two clusters are near-ties, whose labels PyTorch's and onnxruntime's rounding decide differently."""
+    net = DECNet.from_checkpoint(fitted.network_.checkpoint())
+    moved = net.centroids[0].detach().numpy().copy()
+    for _ in range(16):
+        moved = np.nextafter(moved, np.inf, dtype=np.float32)
+    with torch.no_grad():
+        net.centroids[1] = torch.from_numpy(moved)
+    return net
+
+
+def test_near_ties_whose_labels_flip_within_the_tolerance_are_counted_not_refused(fitted, X_new, tmp_path):
+    net = _near_tie_network(fitted)
+    X = X_new[:2000].astype(np.float32)
+    with torch.no_grad():
+        q_torch, labels_torch, _ = (t.numpy() for t in net(torch.from_numpy(X)))
+    near = top_two_gap(q_torch) <= NEAR_TIE
+    assert 0 < near.sum() < len(X)  # the two clusters' points tie, the other clusters' do not
+    path = tmp_path / "dec.onnx"
+    check = export_onnx(net, path, X)
+    q_onnx, labels_onnx, _ = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": X})
+    # the situation the check must survive: float rounding flips labels of tied rows, and only of those
+    flipped = labels_onnx != labels_torch
+    assert flipped.any(), "no label flipped: the constructed near-tie did not exercise the check"
+    assert not flipped[~near].any() and np.abs(q_onnx - q_torch).max() <= MAX_ABS_DQ
+    assert check["onnx_near_ties"] == near.sum() and check["onnx_labels_match"] == 1.0
+    assert path.exists()
+
+
+def test_a_wrong_label_output_is_refused_outside_the_near_ties(fitted, X_new, tmp_path):
+    net = _near_tie_network(fitted)
+    X = X_new[:500].astype(np.float32)
+    path = tmp_path / "dec.onnx"
+    export_onnx(net, path, X)
+    real = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    class LabelsOffByOne:  # q right, labels wrong: a graph whose label output is wired to something else
+        def get_providers(self):
+            return real.get_providers()
+
+        def run(self, names, feed):
+            q, labels, z = real.run(names, feed)
+            return q, (labels + 1) % q.shape[1], z
+
+    n_near = int((top_two_gap(net(torch.from_numpy(X))[0].detach().numpy()) <= NEAR_TIE).sum())
+    with pytest.raises(RuntimeError, match=rf"labels match on 0\.00% of the {500 - n_near} rows whose two largest q differ "
+                                           rf"by more than 0\.0002 \(must be 100%; {n_near} near-ties not compared\)"):
+        verify_onnx(net, path, X, open_sessions=lambda _: [LabelsOffByOne()])

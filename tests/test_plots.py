@@ -1,4 +1,10 @@
-"""Evaluation and self-training figures are built from the right data."""
+"""Evaluation and self-training figures are built from the right data, and no data makes one crash."""
+
+import json
+import os
+import re
+import subprocess
+import sys
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -175,3 +181,49 @@ def test_imbalance_figure_draws_a_line_per_method():
     ax = plots.imbalance_figure(table).axes[0]
     assert [line.get_label() for line in ax.lines] == ["dec", "kmeans"]
     assert list(ax.lines[0].get_ydata()) == [0.7, 0.8]
+
+
+# ---------------------------------------------------------------- degenerate embeddings never crash a figure
+def test_identical_points_get_a_panel_saying_so_instead_of_a_crashed_process():
+    # scikit-learn's Barnes-Hut t-SNE dies of a segmentation fault on identical points: run it where that cannot
+    # take the test session down
+    code = """
+import json, warnings
+import numpy as np
+from dec_mlflow import plots
+z = np.ones((1000, 10), np.float32)  # an embedding that collapsed to one point
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fig = plots.embedding_snapshots_figure([(0, z, np.zeros(1000, int)), (10, z, np.zeros(1000, int))])
+    plots.embedding_figure(z, np.zeros(1000, int))
+print(json.dumps([[w.category.__name__, str(w.message)] for w in caught]))
+print(json.dumps([t.get_text() for t in fig.axes[0].texts]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MPLBACKEND": "Agg"})
+    assert proc.returncode == 0, proc.stderr[-2000:]  # -11 was the segmentation fault
+    warned, texts = proc.stdout.splitlines()[-2:]
+    note = "all 1000 points share one embedding (no spread); t-SNE skipped"
+    assert json.loads(warned) == [["FigureWarning", note]] * 3  # both panels and the evaluation figure
+    assert json.loads(texts) == ["no t-SNE:\nall 1000 points share one embedding (no spread)"]
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda z: np.where(np.arange(len(z))[:, None] == 3, np.nan, z), "the embedding has 5 NaN or infinite values"),
+    (lambda z: z[:2], "2 points are too few for t-SNE"),
+    (lambda z: np.zeros_like(z), f"all {M} points share one embedding (no spread)"),
+    (lambda z: np.float32(1.0) + np.float32(1e-9) * z, f"all {M} points share one embedding (no spread)"),  # float32 rounding
+], ids=["nan", "two-points", "zeros", "within-rounding"])
+def test_an_embedding_tsne_cannot_lay_out_is_drawn_as_a_note_with_a_warning(make, problem):
+    z = make(np.random.default_rng(0).normal(size=(M, 5)).astype(np.float32))
+    assert plots.embedding_problem(z) == problem
+    with pytest.warns(plots.FigureWarning, match=rf"^{re.escape(problem)}; t-SNE skipped$"):
+        fig = plots.embedding_figure(z, np.zeros(len(z), int))
+    assert [t.get_text() for t in fig.axes[0].texts] == [f"no t-SNE:\n{problem}"]
+
+
+def test_an_embedding_near_float32s_limit_is_laid_out():
+    z = np.random.default_rng(0).normal(size=(M, 5)) * 1e30  # PCA's eigensolver did not converge on it unscaled
+    assert plots.embedding_problem(z) is None
+    fig = plots.embedding_figure(z.astype(np.float32), np.arange(M) % 3)
+    assert np.isfinite(fig.axes[0].collections[0].get_offsets()).all()

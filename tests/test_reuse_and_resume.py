@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -211,8 +212,42 @@ def test_a_killed_job_started_again_resumes_from_its_checkpoint(store, big_blobs
     assert sorted(m.step for m in history) == list(range(1, 151))
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_pretraining_ends_both_runs_killed_and_the_same_command_resumes(store, big_blobs, signum):
+    # SIGTERM (timeout, batch schedulers, Kubernetes) used to kill the process at once and leave both runs RUNNING
+    experiment = f"signalled-{signum.name}"
+    artifacts = store["dir"] / experiment
+    MlflowClient().create_experiment(experiment, artifact_location=str(artifacts))
+    options = ("--n_clusters", "3", "--init", "kmeans", "--registered_model_name", "none", "--figure_sample_size", "50",
+               "--max_iter", "50", "--pretrain_epochs", "30")
+    log = store["dir"] / f"{experiment}-1.log"
+    first = start_cli(store, "cluster", experiment, big_blobs, *options, log=log)
+    deadline = time.monotonic() + 900
+    while not list(artifacts.glob("*/artifacts/checkpoint/pretrain_state.pt")):  # in pretraining, past a checkpoint
+        assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    first.send_signal(signum)
+    assert first.wait(timeout=120) == 128 + signum, log.read_text()[-3000:]
+    output = log.read_text()
+    assert output.strip().splitlines()[-1] == (f"Error: stopped by {signum.name}; the runs in progress were ended KILLED "
+                                               "(the same command started again resumes pretraining from its last checkpoint)")
+    assert "Traceback" not in output
+    exp_id = MlflowClient().get_experiment_by_name(experiment).experiment_id
+    stopped = {r.data.tags[tracking.STAGE_TAG]: r for r in MlflowClient().search_runs([exp_id])}
+    assert {stage: r.info.status for stage, r in stopped.items()} == {"cluster": "KILLED", "pretrain": "KILLED"}
+    if signum != signal.SIGTERM:
+        return  # resuming from a KILLED run is the same for both signals
+    log = store["dir"] / f"{experiment}-2.log"
+    second = start_cli(store, "cluster", experiment, big_blobs, *options, log=log)
+    assert second.wait(timeout=1800) == 0, log.read_text()[-3000:]
+    assert f"Resuming pretrain run {stopped['pretrain'].info.run_id} (KILLED) from its checkpoint" in log.read_text()
+    after = {r.info.run_id: r for r in MlflowClient().search_runs([exp_id])}
+    assert after[stopped["pretrain"].info.run_id].data.tags[tracking.RESUMED_BY_TAG] in after
+    assert sorted(r.info.status for r in after.values()) == ["FINISHED", "FINISHED", "KILLED", "KILLED"]
+
+
 def interrupt_pretraining(store, monkeypatch, experiment: str):
-    """lifecycle.pretrain stopped by Ctrl-C right after its epoch-2 checkpoint; returns the FAILED run."""
+    """lifecycle.pretrain stopped by Ctrl-C right after its epoch-2 checkpoint; returns the KILLED run."""
     write = tracking.CheckpointCallback.on_checkpoint
 
     def write_then_interrupt(self, stage, epoch, state):
@@ -228,16 +263,16 @@ def interrupt_pretraining(store, monkeypatch, experiment: str):
             lifecycle.pretrain(store["data"], experiment=experiment, **PRETRAIN_SMALL)
     exp_id = MlflowClient().get_experiment_by_name(experiment).experiment_id
     run = MlflowClient().search_runs([exp_id], order_by=["attributes.start_time DESC"])[0]
-    assert run.info.status == "FAILED" and run.data.tags["dec.checkpoint"] == "pretrain epoch 2"
+    assert run.info.status == "KILLED" and run.data.tags["dec.checkpoint"] == "pretrain epoch 2"  # stopped, not failed
     return run
 
 
 def test_an_interrupted_pretraining_is_resumed_and_an_unreadable_checkpoint_means_starting_over(store, monkeypatch, capsys):
-    failed = interrupt_pretraining(store, monkeypatch, "interrupted")
+    killed = interrupt_pretraining(store, monkeypatch, "interrupted")
     result = lifecycle.pretrain(store["data"], experiment="interrupted", **PRETRAIN_SMALL)
     resumed = MlflowClient().get_run(result["run_id"])
-    assert resumed.data.params["resumed_from_epoch"] == "2" and resumed.data.params["resumed_from_run"] == failed.info.run_id
-    assert MlflowClient().get_run(failed.info.run_id).data.tags[tracking.RESUMED_BY_TAG] == result["run_id"]
+    assert resumed.data.params["resumed_from_epoch"] == "2" and resumed.data.params["resumed_from_run"] == killed.info.run_id
+    assert MlflowClient().get_run(killed.info.run_id).data.tags[tracking.RESUMED_BY_TAG] == result["run_id"]
     assert [m.step for m in MlflowClient().get_metric_history(result["run_id"], "pretrain_loss")] == [1, 2, 3]
     # a resumed run is not resumed twice: the next identical pretraining starts from scratch
     again = MlflowClient().get_run(lifecycle.pretrain(store["data"], experiment="interrupted", **PRETRAIN_SMALL)["run_id"])
@@ -248,6 +283,123 @@ def test_an_interrupted_pretraining_is_resumed_and_an_unreadable_checkpoint_mean
     stored.write_bytes(stored.read_bytes()[:100])  # what a kill while copying the artifact could leave
     capsys.readouterr()
     fresh = lifecycle.pretrain(store["data"], experiment="interrupted", **PRETRAIN_SMALL)
-    assert f"Not resuming pretrain run {cut.info.run_id} (FAILED): " in capsys.readouterr().err
+    assert f"Not resuming pretrain run {cut.info.run_id} (KILLED): " in capsys.readouterr().err
     assert "resumed_from_epoch" not in MlflowClient().get_run(fresh["run_id"]).data.params
     assert MlflowClient().get_run(cut.info.run_id).data.tags[tracking.RESUMED_BY_TAG] == fresh["run_id"]
+
+
+# ------------------------------------------------------------------------------------ heartbeat and takeover
+def test_the_heartbeat_comes_from_a_timer_while_a_long_stage_makes_no_training_step(store):
+    client = MlflowClient()
+    with mlflow.start_run(experiment_id=client.create_experiment("heartbeat")) as run:
+        with tracking.heartbeat(every_s=0.25):
+            tags = client.get_run(run.info.run_id).data.tags
+            assert tags[tracking.OWNER_TAG] == tracking.owner()
+            first = int(tags[tracking.HEARTBEAT_TAG])
+            time.sleep(2.5)  # UMAP + GMM, an export, a slow upload: no step, no checkpoint
+            assert int(client.get_run(run.info.run_id).data.tags[tracking.HEARTBEAT_TAG]) >= first + 2
+        assert not [t for t in threading.enumerate() if t.name.startswith("dec-heartbeat")]  # stopped with its block
+        last = client.get_run(run.info.run_id).data.tags[tracking.HEARTBEAT_TAG]
+        time.sleep(1.1)
+        assert client.get_run(run.info.run_id).data.tags[tracking.HEARTBEAT_TAG] == last
+
+
+@pytest.fixture
+def takeover(store, monkeypatch):
+    """A FAILED run, two live claimant runs of this process, and claims that settle in 1 s."""
+    client = MlflowClient()
+    experiment = client.create_experiment(f"takeover-{time.monotonic_ns()}")
+    stopped = client.create_run(experiment)
+    client.set_terminated(stopped.info.run_id, "FAILED")
+    claimants = [client.create_run(experiment).info.run_id for _ in range(2)]
+    for claimant in claimants:
+        client.set_tag(claimant, tracking.OWNER_TAG, tracking.owner())  # alive: this process runs it
+    monkeypatch.setenv("DEC_CLAIM_SETTLE_S", "1.0")
+    return client.get_run(stopped.info.run_id), claimants
+
+
+def _claim_in_threads(stopped, claimants, before_write) -> dict[str, list[str]]:
+    """Both claimants take ``stopped`` over at once, each in a thread; ``before_write(claimant)`` runs between its
+    read of the run and its write of the claim. Returns claimant -> the run ids it took over."""
+    real, results = tracking._claim_token, {}
+
+    def token(by_run_id):
+        before_write(by_run_id)
+        return real(by_run_id)
+
+    def claim(claimant):
+        results[claimant] = tracking.take_over([stopped], claimant)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(tracking, "_claim_token", token)
+        threads = [threading.Thread(target=claim, args=(c,)) for c in claimants]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    return results
+
+
+def _assert_taken_over_once(stopped, results: dict[str, list[str]]) -> str:
+    winners = [c for c, taken in results.items() if taken == [stopped.info.run_id]]
+    assert len(winners) == 1 and sum(map(len, results.values())) == 1, results
+    tags = MlflowClient().get_run(stopped.info.run_id).data.tags
+    assert tags[tracking.RESUMED_BY_TAG] == winners[0]
+    return winners[0]
+
+
+def test_two_claimants_that_both_find_the_run_free_take_it_over_once(takeover):
+    stopped, claimants = takeover
+    both_read = threading.Barrier(2)  # neither writes its claim before both have seen the run unclaimed
+    results = _claim_in_threads(stopped, claimants, lambda _: both_read.wait(timeout=30))
+    winner = _assert_taken_over_once(stopped, results)
+    assert MlflowClient().get_run(stopped.info.run_id).data.tags[tracking.CLAIM_TAG].startswith(f"{winner}:")  # the last write
+
+
+def test_a_claim_written_after_the_other_claimant_read_its_own_back_is_given_up(takeover):
+    # the interleaving a plain write-wait-read gets wrong: B saw the run free, then wrote only after A had settled and
+    # read back its own claim; B reads back its own claim too, and both would resume. B sees its read-then-write took
+    # longer than the settle time, and gives up.
+    stopped, (a, b) = takeover
+    a_done = threading.Event()
+    real_take_over = tracking.take_over
+
+    def before_write(claimant):
+        if claimant == b:
+            assert a_done.wait(timeout=30)
+
+    def take_over(runs, by_run_id):
+        try:
+            return real_take_over(runs, by_run_id)
+        finally:
+            if by_run_id == a:
+                a_done.set()
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(tracking, "take_over", take_over)
+        results = _claim_in_threads(stopped, [a, b], before_write)
+    assert _assert_taken_over_once(stopped, results) == a
+    assert MlflowClient().get_run(stopped.info.run_id).data.tags[tracking.CLAIM_TAG].startswith(f"{b}:")  # written, given up
+
+
+def test_a_claimant_that_comes_while_another_claim_settles_gives_up_without_writing(takeover):
+    stopped, (a, b) = takeover
+    results = {}
+    first = threading.Thread(target=lambda: results.update({a: tracking.take_over([stopped], a)}))
+    first.start()
+    while tracking.CLAIM_TAG not in MlflowClient().get_run(stopped.info.run_id).data.tags:
+        time.sleep(0.01)
+    start = time.monotonic()
+    results[b] = tracking.take_over([stopped], b)  # finds a's live claim
+    assert time.monotonic() - start < 1.0  # no claim written, no settling
+    first.join(timeout=60)
+    assert _assert_taken_over_once(stopped, results) == a
+
+
+def test_a_claim_whose_claimant_is_no_longer_running_does_not_count(takeover):
+    stopped, (a, b) = takeover
+    client = MlflowClient()
+    client.set_tag(stopped.info.run_id, tracking.CLAIM_TAG, f"{a}:0123")
+    client.set_terminated(a, "FAILED")  # a claimed, then failed before taking over
+    assert tracking.take_over([client.get_run(stopped.info.run_id)], b) == [stopped.info.run_id]
+    assert client.get_run(stopped.info.run_id).data.tags[tracking.RESUMED_BY_TAG] == b

@@ -1,19 +1,29 @@
-"""Default parameters on every kind of data a user brings: no NaN, no traceback (issue: quality on any data).
+"""Default parameters on every kind of data a user brings: no NaN, no traceback (issue: quality on any data);
+degenerate data refused before training, and a degenerate embedding never takes down a finished training.
 
 Each data kind pretrains the default network (d-500-500-2000-10, SGD at pretrain_lr=1.0) for about
 100 iterations under the default scaling: where the previous defaults diverged within 10 to 80
 iterations. Divergence recovery is tested by forcing rates that diverge.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from mlflow import MlflowClient
 from sklearn import datasets as skdata
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from dec_mlflow import DEC
+from dec_mlflow import DEC, tracking
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.data import load_dataset
+from dec_mlflow.estimator import PretrainedAutoencoder
+from dec_mlflow.model import Autoencoder
 
 ROWS = 512  # two batches of 256 per epoch; 50 epochs make 100 iterations
 
@@ -134,3 +144,77 @@ def test_divergence_at_every_rate_is_one_error_naming_pretrain_lr():
     with pytest.raises(FloatingPointError, match=r"pretraining diverged at pretrain_lr=1e\+30 and at each of 3 restarts "
                                                  r"down to 1.5625e\+28; lower pretrain_lr"):
         DEC(**{**SMALL, "pretrain_lr": 1e30}).pretrain(_blobs())
+
+
+# ---------------------------------------------------------------- degenerate data through `cluster`
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory):
+    """A folder with a sqlite store, and the environment of a `dec-mlflow` command that uses it."""
+    root = tmp_path_factory.mktemp("degenerate")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("MLFLOW_RUN_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_NAME", None)
+    return {"dir": root, "env": env, "uri": env["MLFLOW_TRACKING_URI"]}
+
+
+def _cluster_cli(store, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dec_mlflow.cli", "cluster", "--experiment", "degenerate", *args]
+    return subprocess.run(command, cwd=store["dir"], env=store["env"], capture_output=True, text=True, timeout=900)
+
+
+def _runs(store) -> list:
+    client = MlflowClient(store["uri"])
+    experiment = client.get_experiment_by_name("degenerate")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+@pytest.mark.parametrize("make, options, error", [
+    # 400 identical rows trained, then t-SNE crashed the process (segmentation fault) and left the run RUNNING
+    (lambda: np.ones((400, 12), np.float32), ("--n_clusters", "3", "--pretrain_epochs", "2"),
+     "X has no spread: all 400 rows are identical (every feature is constant); there is nothing to cluster"),
+    # 2,500 epochs of pretraining ran before the initialisation refused it
+    (lambda: skdata.make_blobs(400, n_features=12, centers=3, random_state=0)[0].astype(np.float32), ("--n_clusters", "400"),
+     "init='manifold' needs more samples than clusters; got n_samples=400, n_clusters=400 (use fewer clusters, or init='kmeans')"),
+], ids=["identical-rows", "n_clusters-equal-to-rows"])
+def test_data_cluster_cannot_train_on_is_refused_in_one_line_before_any_run(cli_store, make, options, error):
+    path = cli_store["dir"] / "data.npy"
+    np.save(path, make())
+    before = len(_runs(cli_store))
+    proc = _cluster_cli(cli_store, "--dataset", str(path), *options)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [f"Error: dataset '{path}': {error}"]
+    assert len(_runs(cli_store)) == before  # refused before a run started, so none is left RUNNING
+
+
+def test_a_collapsed_embedding_ends_in_a_finished_run_with_its_figures_simplified_and_a_warning(cli_store):
+    """An encoder whose every output is the same point: self-training, figures, export and evaluation all go through."""
+    x, y = skdata.make_blobs(300, n_features=12, centers=3, random_state=0)
+    data = cli_store["dir"] / "blobs.npz"
+    np.savez(data, x=x.astype(np.float32), y=y)
+    autoencoder = Autoencoder((12, 16, 8, 3))
+    with torch.no_grad():
+        for weight in autoencoder.encoder.parameters():
+            weight.zero_()  # z = 0 for every row
+    PretrainedAutoencoder(autoencoder, np.zeros(12, np.float32), np.ones(12, np.float32), 1.0, 0.1).save(
+        cli_store["dir"] / "collapsed.pt")
+    proc = _cluster_cli(cli_store, "--dataset", str(data), "--autoencoder", str(cli_store["dir"] / "collapsed.pt"),
+                        "--n_clusters", "3", "--hidden_dims", "16,8,3", "--init", "kmeans", "--figure_sample_size", "50",
+                        "--registered_model_name", "dec-collapsed", "--precision", "fp32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    note = "all 50 points share one embedding (no spread); t-SNE skipped"
+    assert f"Warning: self_training_tsne.png: {note}" in proc.stderr
+    assert "labels identical but for 300 near-ties not compared" in proc.stdout  # every q is 1/3: all rows tie
+    run = next(r for r in _runs(cli_store) if r.data.tags.get(tracking.STAGE_TAG) == "cluster")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[f"{tracking.FIGURE_WARNING_TAG}.self_training_tsne.png"] == note
+    client = MlflowClient(cli_store["uri"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"self_training_tsne.png", "self_training_curves.png",
+                                                                         "gradient_vs_q.png", "network"}
+    assert run.data.metrics["onnx_near_ties"] == 300
+    evaluate = subprocess.run([sys.executable, "-m", "dec_mlflow.cli", "evaluate", "--model", "models:/dec-collapsed/1",
+                               "--dataset", str(data), "--sample_size", "50", "--experiment", "degenerate"],
+                              cwd=cli_store["dir"], env=cli_store["env"], capture_output=True, text=True, timeout=600)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    run = next(r for r in _runs(cli_store) if r.data.tags.get(tracking.STAGE_TAG) == "evaluate")
+    assert run.info.status == "FINISHED" and run.data.tags[f"{tracking.FIGURE_WARNING_TAG}.embedding_tsne.png"] == note

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import pickle
 import signal
+import http.client
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -26,13 +29,14 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from packaging.requirements import Requirement
-from uvicorn.protocols.http.h11_impl import H11Protocol
+import torch
 
 from dec_mlflow.export import export_onnx
+from dec_mlflow.model import Autoencoder, DECNet
 from serving.loading import load_dec_model
 from serving.model_io import log_dec_model, parity_sessions
-from serving.onnx_pyfunc import check_batch, open_session
-from serving.server import H11NoDelayProtocol, main as server_main
+from serving.onnx_pyfunc import DECOnnxModel, check_batch, open_session
+from serving.server import ScoringApp, listening_socket, main as server_main
 
 from conftest import BLOB_CLUSTERS as N_CLUSTERS, BLOB_FEATURES as N_FEATURES
 from test_install import PLATFORMS, installed_ort_wheels
@@ -154,6 +158,17 @@ def test_loaded_model_exposes_and_logs_its_provider(logged, caplog):
     provider = model.unwrap_python_model().provider
     assert provider in ("CUDAExecutionProvider", "CPUExecutionProvider")
     assert f"20 features, 4 clusters) runs on {provider}" in caplog.text
+
+
+def test_loading_a_model_prints_no_warning(logged, capfd):
+    # MLflow warned "Add type hints to the `predict` method ..." at every load of the model file
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mlflow.pyfunc.load_model(f"models:/{NAME}@champion")  # runs the onnx_pyfunc.py stored with the model
+        load_dec_model(f"models:/{NAME}@champion")  # runs the installed serving.onnx_pyfunc
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    assert capfd.readouterr().err == ""
 
 
 def _with(X, row, col, value):
@@ -648,19 +663,102 @@ def test_dec_server_cli_names_a_missing_model_in_one_line(store):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_server_protocols_turn_nagle_off_on_a_socket_like_uvicorns_workers_get(monkeypatch):
-    # uvicorn's worker sockets have proto 0, so asyncio does not set TCP_NODELAY on their connections
-    # (bench: 44 ms per request with 2 workers, h11 and asyncio); the protocol mixin sets it itself.
-    made = []
-    monkeypatch.setattr(H11Protocol, "connection_made", lambda self, transport: made.append(transport))
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        with socket.create_connection(listener.getsockname()) as _client:
-            conn, _ = listener.accept()
-            with conn:
-                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
-                transport = SimpleNamespace(get_extra_info=lambda name: conn if name == "socket" else None)
-                H11NoDelayProtocol.connection_made(object.__new__(H11NoDelayProtocol), transport)
-                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
-                assert made == [transport]  # uvicorn's own connection_made still runs
+def test_the_listening_socket_turns_nagle_off_on_every_connection_it_accepts():
+    # Linux copies TCP_NODELAY from the listening socket to each accepted one, whoever accepts it (uvicorn's workers,
+    # any event loop); without it, 2 workers with h11 and asyncio waited 44 ms per request for the delayed ACK
+    with listening_socket("127.0.0.1", 0) as listener, socket.create_connection(listener.getsockname()):
+        conn, _ = listener.accept()
+        with conn:
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_dec_server_answers_small_requests_without_waiting_for_the_delayed_ack(dec_server, X):
+    body = json.dumps({"inputs": _rows(X[:1])})
+    connection = http.client.HTTPConnection(dec_server.removeprefix("http://"), timeout=30)
+    seconds = []
+    for _ in range(40):  # one keep-alive connection, as a client library holds it
+        start = time.perf_counter()
+        connection.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200, response.read()[:300]
+        response.read()
+        seconds.append(time.perf_counter() - start)
+    connection.close()
+    assert np.median(seconds) < 0.02  # Nagle + delayed ACK: >= 0.04 s each
+
+
+# ------------------------------------------------------------------ timeouts
+def _asgi(app: ScoringApp, body: bytes) -> tuple[int, dict, dict, float]:
+    """One POST /invocations through the ASGI app: (status, headers, JSON answer, seconds)."""
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/invocations",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    start = time.monotonic()
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], dict(sent[0]["headers"]), json.loads(sent[1]["body"]), time.monotonic() - start
+
+
+class _SlowModel:
+    """The loaded DEC model behind a call that blocks until released: a request whose work cannot be interrupted."""
+
+    def __init__(self, model):
+        self.model, self.release, self.run_options = model, threading.Event(), []
+        self.n_features, self.max_batch_rows = model.n_features, model.max_batch_rows
+
+    def predict_arrays(self, x, include_embedding=False, run_options=None):
+        self.run_options.append(run_options)
+        assert self.release.wait(timeout=60)
+        return self.model.predict_arrays(x, include_embedding, run_options)
+
+
+def test_a_timed_out_request_gets_504_and_new_work_503_until_its_worker_is_free(logged, fitted, X, caplog):
+    app = ScoringApp(load_dec_model(f"models:/{NAME}@champion"), 2**20, timeout=0.3)
+    slow = app.python_model = _SlowModel(app.python_model)
+    body = json.dumps({"inputs": _rows(X[:5])}).encode()
+    try:
+        status, _, answer, seconds = _asgi(app, body)
+        assert (status, answer["error_code"]) == (504, "DEADLINE_EXCEEDED") and seconds < 5
+        assert slow.run_options[0].terminate  # its onnxruntime run is told to stop
+        # the worker's thread is still busy: refused at once, not queued behind it
+        status, headers, answer, seconds = _asgi(app, body)
+        assert (status, answer["error_code"]) == (503, "TEMPORARILY_UNAVAILABLE") and seconds < 0.2
+        assert "still stopping a request that exceeded the 0.3 s timeout" in answer["message"]
+        assert headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
+        assert len(slow.run_options) == 1  # the refused request never reached the model
+    finally:
+        slow.release.set()
+    deadline = time.monotonic() + 30
+    while (answer := _asgi(app, body))[0] == 503:  # the runaway lets go of the worker, then requests are served
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert answer[0] == 200 and [p["label"] for p in answer[2]["predictions"]] == fitted.predict(X[:5]).tolist()
+    assert "a request that timed out after 0.3 s released its worker" in caplog.text
+
+
+def test_a_terminated_onnxruntime_run_stops_at_the_next_graph_node(tmp_path):
+    # a deliberately slow graph: six 500-wide layers, ~0.3 s per 8192-row chunk on one thread here
+    torch.manual_seed(0)
+    network = DECNet(Autoencoder((20, 500, 500, 500, 500, 500, 500, 4)).encoder, torch.randn(4, 4),
+                     torch.zeros(20), torch.ones(20)).eval()
+    rows = np.random.default_rng(0).normal(size=(8192, 20)).astype(np.float32)
+    export_onnx(network, tmp_path / "slow.onnx", rows[:50])
+    model = DECOnnxModel()
+    model.session = open_session(str(tmp_path / "slow.onnx"), "cpu", intra_op_threads=1)
+    start = time.perf_counter()
+    model.predict_arrays(rows)
+    one_chunk = time.perf_counter() - start
+    options = ort.RunOptions()
+    stopper = threading.Timer(one_chunk / 2, lambda: setattr(options, "terminate", True))
+    stopper.start()
+    start = time.perf_counter()
+    with pytest.raises(Exception, match="Exiting due to terminate flag being set to true"):
+        model.predict_arrays(np.tile(rows, (12, 1)), run_options=options)  # 12 chunks uninterrupted
+    assert time.perf_counter() - start < 3 * one_chunk
+    stopper.join()

@@ -50,24 +50,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _script(command: str, server: dict, timeout: int) -> subprocess.CompletedProcess:
+    """``deploy/tracking-server.sh command`` started, as a user would, from the server's folder."""
+    return subprocess.run(["bash", str(SCRIPT), command], cwd=server["root"], env=server["env"], capture_output=True,
+                          text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def server():
-    """A fresh server in a temporary folder on free ports; always stopped and removed afterwards."""
-    # Not under pytest's tmp_path: as root, PostgreSQL runs as another user, who must be able to
-    # reach the data folder, and pytest's base folder is private (0700).
+    """A fresh server on free ports, started from a private folder (0700, as mktemp -d makes it and as root's home
+    is); the state folder is the default ./tracking-server. Always stopped and removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix="dec-tracking-"))
-    root.chmod(0o755)
-    env = {**os.environ, "DEC_SERVER_DIR": str(root / "state"), "DEC_PG_PORT": str(_free_port()),
-           "DEC_MLFLOW_PORT": str(_free_port()), "PYTHON": sys.executable,
+    env = {**os.environ, "DEC_PG_PORT": str(_free_port()), "DEC_MLFLOW_PORT": str(_free_port()), "PYTHON": sys.executable,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    for name in ("MLFLOW_TRACKING_URI", "DEC_SERVER_DIR", "DEC_PG_DATA_ROOT"):
+        env.pop(name, None)
+    server = {"env": env, "root": root, "state": root / "tracking-server"}
     try:
-        proc = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300)
+        proc = _script("start", server, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         uri = proc.stdout.strip().removeprefix("export MLFLOW_TRACKING_URI=")
-        yield {"uri": uri, "env": env, "root": root, "state": root / "state", "start": proc}
+        yield {**server, "uri": uri, "start": proc}
     finally:
-        stop = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=120)
+        stop = _script("stop", server, timeout=120)
+        postgres = server["state"] / "postgres"
+        if postgres.is_symlink():  # PostgreSQL's folder, placed outside the private one
+            shutil.rmtree(postgres.resolve(), ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
         assert stop.returncode == 0, stop.stderr[-3000:]
 
@@ -111,8 +119,25 @@ def test_script_prints_the_uri_and_the_server_answers(server):
     assert "first use, creating the PostgreSQL data directory" in server["start"].stderr
     with urllib.request.urlopen(f"{server['uri']}/health", timeout=10) as response:
         assert response.status == 200
-    status = subprocess.run(["bash", str(SCRIPT), "status"], env=server["env"], capture_output=True, text=True, timeout=60)
+    status = _script("status", server, timeout=60)
     assert "mlflow server: running" in status.stdout and "PostgreSQL: running" in status.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as another user PostgreSQL runs as that user, who reaches its own folders")
+def test_as_root_from_a_private_folder_postgresql_gets_a_folder_its_user_can_reach(server):
+    # it stopped before with "user 'postgres' cannot reach ...: make its parent folders searchable (chmod o+x)"
+    assert server["root"].stat().st_mode & 0o777 == 0o700
+    postgres = server["state"] / "postgres"
+    assert postgres.is_symlink()
+    data = postgres.resolve()
+    assert data.parent == Path("/var/lib/dec-mlflow") and data.owner() == "postgres" and data.stat().st_mode & 0o777 == 0o700
+    for folder in data.parents:  # root-owned and searchable up to /
+        assert folder.stat().st_mode & 0o005 == 0o005 and folder.owner() == "root", folder
+    assert f"so PostgreSQL's folder is {data} (linked from {postgres})" in server["start"].stderr
+    assert "Permission denied" not in server["start"].stderr
+    assert (data / "data" / "PG_VERSION").is_file() and (data / "postgres.log").is_file()
+    status = _script("status", server, timeout=60)
+    assert f"PostgreSQL: running, 127.0.0.1:{server['env']['DEC_PG_PORT']}, data {data / 'data'}" in status.stdout
 
 
 def test_concurrent_cluster_runs_are_all_recorded(team_runs):
@@ -169,13 +194,13 @@ def test_champion_loads_through_the_server_and_predicts(team_runs, server):
 def test_stop_stops_both_and_start_reuses_the_data(server, team_runs):
     """Runs last in this module: stop, start again on the same data (no initdb), the runs still there."""
     env = server["env"]
-    stop = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=120)
+    stop = _script("stop", server, timeout=120)
     assert stop.returncode == 0 and "mlflow server stopped" in stop.stderr and "PostgreSQL stopped" in stop.stderr
     for port in (env["DEC_PG_PORT"], env["DEC_MLFLOW_PORT"]):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", int(port))) != 0, f"port {port} still open after stop"
-    start = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300)
+    start = _script("start", server, timeout=300)
     assert start.returncode == 0, start.stderr[-3000:]
-    assert "first use" not in start.stderr
+    assert "first use" not in start.stderr and "cannot reach" not in start.stderr  # the same folder, found by its link
     mlflow.set_tracking_uri(server["uri"])
     assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == 2
