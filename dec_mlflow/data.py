@@ -80,7 +80,7 @@ class Dataset:
 class _FileSpec:
     filename: str
     md5: str | None  # the checksum published with the dataset; None if none is
-    # the stronger one, as recorded in shared/data/SOURCES.md; None: not recorded yet, so the first
+    # the stronger one, of copies that match the published MD5; None: not recorded yet, so the first
     # copy's is kept in <user cache>/<folder>/<filename>.sha256 for later ones (trust on first use)
     sha256: str | None
     url_dir: str = ""  # folder of the file below each mirror's base URL, ending in '/'

@@ -12,7 +12,7 @@ from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
 INITS = ("manifold", "kmeans")
-# N2D (McConville et al. 2020) and the measurements in ../shared/NOTES-recipe.md: UMAP with min_dist=0
+# N2D (McConville et al. 2020; what was measured: docs/recipe.md, step 4): UMAP with min_dist=0
 # packs each cluster tightly; 20 neighbours keep the local structure of digits while joining a class's
 # sub-styles, and a full-covariance GMM on the UMAP output follows elongated clusters k-means would cut.
 UMAP_NEIGHBORS = 20

@@ -1,4 +1,5 @@
-"""Installs where users are: exactly one onnxruntime wheel per platform, chosen by environment markers."""
+"""Installs where users are: exactly one onnxruntime wheel per platform, chosen by environment markers, on the
+Python the tests need, within the floors of pyproject.toml."""
 
 from __future__ import annotations
 
@@ -58,3 +59,23 @@ def test_every_source_pins_both_wheels_with_markers():
     for requirements in (_pyproject(), _conda_pip(), pinned_requirements()):
         ort = [Requirement(line) for line in requirements if Requirement(line).name in ORT_WHEELS]
         assert sorted(r.name for r in ort) == sorted(ORT_WHEELS) and all(r.marker is not None for r in ort)
+
+
+def test_requires_python_is_what_the_tests_need():
+    """The tests read TOML with ``tomllib`` (3.11+), and conda.yaml's Python must be one pyproject allows."""
+    from packaging.specifiers import SpecifierSet
+
+    allowed = SpecifierSet(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"])
+    assert "3.10" not in allowed and "3.11" in allowed
+    conda_python = next(d for d in yaml.safe_load((REPO / "conda.yaml").read_text())["dependencies"]
+                        if isinstance(d, str) and d.startswith("python="))
+    assert conda_python.split("=", 1)[1] in allowed
+
+
+def test_the_pinned_environment_of_conda_yaml_is_within_every_floor_of_pyproject():
+    """A floor raised above conda.yaml's pins would make `mlflow run` build an environment pyproject refuses."""
+    pins = {Requirement(line).name: Requirement(line) for line in _conda_pip()}
+    for line in _pyproject():
+        floor = Requirement(line)
+        pinned = next(iter(pins[floor.name].specifier)).version
+        assert floor.specifier.contains(pinned, prereleases=True), f"conda.yaml pins {floor.name}=={pinned}; pyproject wants {floor}"

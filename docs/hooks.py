@@ -1,0 +1,140 @@
+"""MkDocs hooks: the pages that are generated from the repository at build time, so they cannot drift.
+
+- ``BENCHMARKS.md``, ``REPRODUCING.md`` and ``serving/README.md`` stay where they are (the bench scripts
+  write the first; the third ships with the package) and become pages of the site, their relative links
+  rewritten to the site's pages (a link that matches no page is left alone, so ``mkdocs build --strict``
+  reports it).
+- The parameter reference is generated from the click commands of ``dec_mlflow/cli.py``: each option's
+  name, type, default and help, as ``dec-mlflow <command> --help`` prints them. It replaces the marker
+  ``PARAMETERS_MARKER`` in ``docs/reference/parameters.md``.
+- The module table of the layout page is generated from the first paragraph of each module's docstring
+  (``LAYOUT_MARKER`` in ``docs/reference/layout.md``), so a new module shows up there by itself.
+"""
+
+from __future__ import annotations
+
+import ast
+import posixpath
+import re
+from pathlib import Path
+
+import click
+
+REPO = Path(__file__).resolve().parents[1]
+# repository file -> its page in the site
+INCLUDED = {
+    "BENCHMARKS.md": "benchmarks.md",
+    "REPRODUCING.md": "reproducing.md",
+    "serving/README.md": "serving-reference.md",
+}
+PARAMETERS_MARKER = "<!-- generated: cli parameters -->"
+LAYOUT_MARKER = "<!-- generated: module layout -->"
+PACKAGES = ("dec_mlflow", "serving")
+_LINK = re.compile(r"(\]\()([^)\s]+)(\))")
+
+
+def rewrite_links(markdown: str, source: str, page: str) -> str:
+    """Relative links of the repository file ``source`` as links of the site page ``page``."""
+    def rewrite(match: re.Match) -> str:
+        target = match.group(2)
+        if target.startswith("#") or "://" in target or target.startswith("mailto:"):
+            return match.group(0)
+        path, _, anchor = target.partition("#")
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(source), path))
+        if resolved in INCLUDED:
+            resolved = INCLUDED[resolved]
+        elif resolved.startswith("docs/"):
+            resolved = resolved[len("docs/"):]
+        else:
+            return match.group(0)
+        new = posixpath.relpath(resolved, posixpath.dirname(page) or ".") + (f"#{anchor}" if anchor else "")
+        return f"{match.group(1)}{new}{match.group(3)}"
+    return _LINK.sub(rewrite, markdown)
+
+
+def _type(param: click.Parameter) -> str:
+    kind = param.type
+    if isinstance(kind, click.Choice):
+        return "one of " + ", ".join(f"`{c}`" for c in kind.choices)
+    return {"integer": "integer", "float": "number", "text": "text", "boolean": "flag"}.get(kind.name, kind.name.replace("|", " or "))
+
+
+def _default(param: click.Parameter) -> str:
+    if param.required:
+        return "(required)"
+    if param.default in (None, ""):
+        return "-"
+    return f"`{param.default}`"
+
+
+def _cell(text: str) -> str:
+    return " ".join((text or "").split()).replace("|", "\\|")
+
+
+def option_rows(command: click.Command) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, help) of each option of ``command``, in the order of its ``--help``."""
+    return [(p.name, _type(p), _default(p), _cell(p.help)) for p in command.params if isinstance(p, click.Option)]
+
+
+def _table(rows, extra_header: str = "", extra: dict | None = None) -> str:
+    header = "| option | type | default | meaning |" + (f" {extra_header} |" if extra_header else "")
+    rule = "|---|---|---|---|" + ("---|" if extra_header else "")
+    lines = [header, rule]
+    for row in rows:
+        name, type_, default, help_ = row
+        line = f"| `--{name}` | {type_} | {default} | {help_} |"
+        if extra_header:
+            line += f" {extra[row]} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def parameters_reference(group: click.Group) -> str:
+    """Markdown: the options shared by several commands once, then each command with its own options."""
+    commands = dict(group.commands)
+    takers: dict[tuple, list[str]] = {}
+    for name, command in commands.items():
+        for row in option_rows(command):
+            takers.setdefault(row, []).append(name)
+    shared = [row for row, names in takers.items() if len(names) > 1]
+    out = ["## Options of several entry points", "",
+           "Each option below means the same, with the same default, in every entry point that takes it.", "",
+           _table(shared, "entry points", {row: ", ".join(f"`{n}`" for n in takers[row]) for row in shared}), ""]
+    for name, command in commands.items():
+        own = [row for row in option_rows(command) if len(takers[row]) == 1]
+        summary = _cell((command.help or "").split("\n\n")[0])
+        out += [f"## `{name}`", "", summary, ""]
+        out += [_table(own), ""] if own else ["No options of its own.", ""]
+        common = [row[0] for row in option_rows(command) if len(takers[row]) > 1]
+        if common:
+            out += ["Also: " + ", ".join(f"`--{n}`" for n in common) + " ([above](#options-of-several-entry-points)).", ""]
+    return "\n".join(out)
+
+
+def module_layout(repo: Path = REPO) -> str:
+    """Markdown table: each module of ``PACKAGES`` and the first paragraph of its docstring."""
+    lines = ["| module | what it holds |", "|---|---|"]
+    for package in PACKAGES:
+        for path in sorted((repo / package).glob("*.py")):
+            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+            lines.append(f"| `{package}/{path.name}` | {_cell(doc.split(chr(10) * 2)[0])} |")
+    return "\n".join(lines)
+
+
+def on_files(files, config):
+    from mkdocs.structure.files import File
+
+    for source, page in INCLUDED.items():
+        text = rewrite_links((REPO / source).read_text(encoding="utf-8"), source, page)
+        files.append(File.generated(config, page, content=text))
+    return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    if PARAMETERS_MARKER in markdown:
+        from dec_mlflow.cli import main
+
+        markdown = markdown.replace(PARAMETERS_MARKER, parameters_reference(main))
+    if LAYOUT_MARKER in markdown:
+        markdown = markdown.replace(LAYOUT_MARKER, module_layout())
+    return markdown
