@@ -26,8 +26,11 @@ class Callback:
     """Hooks called by the training loops. Every method is optional.
 
     Stages are named ``"pretrain/layer1"`` ... ``"pretrain/finetune"`` (or ``"pretrain"`` in the
-    end-to-end mode), ``"kmeans"`` and ``"self_train"``.
+    end-to-end mode), ``"init"`` (with the manifold initialisation's sub-stages ``"init/neighbours"``,
+    ``"init/map"`` and ``"init/mixture"`` inside it), ``"distill"`` and ``"self_train"``.
     """
+
+    shows_progress = False  # True for callbacks that draw progress: a library's own bars may then show too
 
     def on_stage_begin(self, stage: str, total: int | None) -> None:
         """A stage starts; ``total`` is its number of steps (epochs or iterations), if known."""
@@ -63,6 +66,10 @@ class CallbackList(Callback):
     def __init__(self, callbacks: Sequence[Callback]):
         self.callbacks = list(callbacks)
 
+    @property
+    def shows_progress(self) -> bool:
+        return any(cb.shows_progress for cb in self.callbacks)
+
     def on_stage_begin(self, stage, total):
         for cb in self.callbacks:
             cb.on_stage_begin(stage, total)
@@ -95,30 +102,32 @@ class CallbackList(Callback):
 class ProgressBar(Callback):
     """A tqdm bar per stage on stderr: step / total, rate, ETA and the latest metrics."""
 
+    shows_progress = True
+
     def __init__(self, file=None):
         self.file = file if file is not None else sys.stderr
-        self._bar = None
-        self._last = 0
+        self._bars: list[list] = []  # [bar, last step] per open stage; a sub-stage ('init/map') opens below its stage
 
     def on_stage_begin(self, stage, total):
-        self._bar = tqdm(total=total, desc=stage, file=self.file, dynamic_ncols=True, leave=True)
-        self._last = 0
+        bar = tqdm(total=total, desc=stage, file=self.file, dynamic_ncols=True, leave=True, position=len(self._bars))
+        self._bars.append([bar, 0])
 
     def on_step(self, stage, step, metrics):
-        if self._bar is None:
+        if not self._bars:
             return
-        self._bar.update(step - self._last)
-        self._last = step
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+        entry = self._bars[-1]
+        entry[0].update(step - entry[1])
+        entry[1] = step
+        entry[0].set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
 
     def on_stage_end(self, stage):
-        self.close()
+        if self._bars:
+            self._bars.pop()[0].close()
 
     def close(self) -> None:
-        """End the current bar's line (a stage that raised never reaches on_stage_end)."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        """End every open bar's line (a stage that raised never reaches on_stage_end)."""
+        while self._bars:
+            self._bars.pop()[0].close()
 
     def on_retry(self, stage, attempt, message):
         self.on_stage_end(stage)

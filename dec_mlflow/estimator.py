@@ -19,10 +19,12 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from dec_mlflow import distributed, trust
-from dec_mlflow.augment import check_image_shape, random_shift_rotate
+from dec_mlflow.augment import check_image_shape, infer_image_shape, random_shift_rotate
 from dec_mlflow.callbacks import Callback, CallbackList
 from dec_mlflow.checkpoint import load_tensors, save_tensors
-from dec_mlflow.initialisation import INITS, embedding_scale, kmeans_init, manifold_init
+from dec_mlflow.initialisation import (
+    INITS, Initialisation, embedding_scale, input_space, kmeans_init, manifold_init, prototypes,
+)
 from dec_mlflow.model import Autoencoder, DECNet, scale_embedding
 from dec_mlflow.objectives import kl_divergence, target_distribution
 from dec_mlflow.rows import Features, chunks, scaled, streamed
@@ -43,14 +45,16 @@ AUGMENT_MODES = ("finetune", "distill")
 PRETRAIN_EPOCHS = 75
 MIN_PRETRAIN_ITER = 5000
 UPDATE_INTERVAL = 140  # the paper's value on MNIST; small data updates P at least once per epoch
-DISTILL_EPOCHS = 2  # default epochs of distillation towards the manifold clustering before self-training
-# ... and at least this many steps: on small data 2 epochs are a handful of steps, too few to move the
-# embedding towards a manifold clustering it does not separate yet, and self-training then merges clusters
-DISTILL_MIN_ITER = 500
-DISTILL_ROUNDS = 1  # default cycles of distillation then self-training (rounds after the first distil towards P)
-# ... at no more than this rate (the default self-training rate): distilling at a larger self-training rate
-# (IDEC's 0.05) overshoots the soft targets on small data and merges well-separated clusters
-DISTILL_LR = 0.01
+# Distillation of the manifold clustering into the encoder (docs/recipe.md): epochs, at least this many
+# iterations on small data, the peak of its one-cycle rate, rounds, and the label smoothing of its targets.
+DISTILL_EPOCHS = 15
+DISTILL_MIN_ITER = 2000
+DISTILL_LR = 0.1  # 'auto' from an untrained encoder
+# ... and from a pretrained one, at most: a pretrained encoder distilled at 0.1 overshoots its soft targets on small
+# data and merges well-separated clusters (3 blobs of 300 rows: 0.99 -> 0.67; 0.99 kept at 0.01 and 0.03)
+PRETRAINED_DISTILL_LR = 0.01
+DISTILL_ROUNDS = 1
+DISTILL_SMOOTHING = 0.1
 PRETRAIN_RETRIES = 3  # divergent pretraining restarts this many times, each at a quarter of the rate
 # the label-free score that ranks runs best on average over the kinds of data measured, and whose worst dataset is
 # the least bad: Spearman correlation with ACC +0.59 (MNIST, 12 runs), +0.66 (MNIST test split), +0.38 (digits; 9 runs
@@ -62,13 +66,18 @@ TRUST_SCORE = "balance"
 
 @dataclass
 class PretrainedAutoencoder:
-    """What pretraining produces: the autoencoder and the input scaling it was trained under."""
+    """What pretraining produces: the autoencoder and the input scaling it was trained under.
+
+    ``trained`` is False for the seeded, untrained autoencoder of a fit with ``pretrain_epochs=0``,
+    whose initial clustering is then made on the input instead of the embedding.
+    """
 
     autoencoder: Autoencoder
     offset: np.ndarray  # (n_features,) subtracted from raw features
     scale: np.ndarray  # (n_features,) multiplied after the offset
     loss: float  # mean reconstruction loss of the last pretraining epoch
     lr: float = float("nan")  # the pretraining learning rate that converged (after any restarts)
+    trained: bool = True
 
     @property
     def n_features(self) -> int:
@@ -194,8 +203,11 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         'layerwise' is the paper's greedy denoising pretraining followed by ``pretrain_epochs`` of
         end-to-end fine-tuning; 'end_to_end' trains the whole autoencoder from the start.
     pretrain_epochs : int or 'auto', default='auto'
-        End-to-end epochs (fine-tuning epochs in 'layerwise' mode). 'auto' is 75 epochs, or more
-        on small data so that pretraining makes at least 5,000 SGD iterations.
+        End-to-end epochs (fine-tuning epochs in 'layerwise' mode). 0 skips pretraining: the encoder
+        starts from its seeded random weights and the initial clustering is made on the input
+        (``init='manifold'`` only). 'auto' is 0 in ``fit`` with the manifold initialisation and the
+        'dec' variant (the default recipe), else (and always in ``pretrain``) 75 epochs, or more on
+        small data so that pretraining makes at least 5,000 SGD iterations.
     layerwise_epochs : int, default=20
         Epochs per layer in 'layerwise' mode.
     pretrain_batch_size : int, default=256
@@ -209,16 +221,19 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     precision : {'auto', 'fp32', 'bf16'}, default='auto'
         Matmul precision of pretraining; 'auto' picks bf16 on CPUs with native bf16 instructions.
         Self-training always runs in fp32.
-    augment : bool, 'finetune' or 'distill', default=False
+    augment : 'auto', bool, 'finetune' or 'distill', default='auto'
         DEC-DA (Guo et al., ACML 2018): random shifts (up to 10 %) and rotations (up to 10
         degrees) of each training batch in pretraining, distillation and self-training (True),
         in distillation and self-training only ('finetune'), or in distillation only
-        ('distill': the ``best`` preset; augmented self-training drifts on MNIST, its labels keep
-        changing by more than ``tol``); the target P still comes from the clean data. Needs
-        ``image_shape``; never for tabular data.
-    image_shape : tuple of int, optional
+        ('distill'; augmented self-training drifts on MNIST, its labels keep changing by more than
+        ``tol``); the target P still comes from the clean data. 'auto' is 'distill' where the
+        samples are images (``image_shape`` given or inferred) on one scale and fit distils, else
+        False. Needs an image shape; never for tabular data.
+    image_shape : 'auto', tuple of int or None, default='auto'
         ``(height, width)`` or ``(height, width, channels)`` of one sample, channels last, as the
-        features are laid out; required by ``augment``.
+        features are laid out; needed by ``augment``. 'auto' infers ``(side, side)`` for rows that
+        look like square single-channel images (:func:`dec_mlflow.augment.infer_image_shape`),
+        never for tables, sparse or tf-idf input; None: not images.
     n_pretrain_init : int, default=1
         Autoencoders to pretrain, with seeds ``random_state``, ``random_state + 1``, ...; the one
         with the best ``pretrain_selection`` criterion is kept and its seed drives the rest of the
@@ -230,22 +245,26 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         embedding divided by the embedding's total sum of squares (scale-free, so embeddings of
         different autoencoders compare).
     init : {'manifold', 'kmeans'}, default='manifold'
-        How the initial clusters are found in the pretrained embedding. 'kmeans' is the paper's
-        (``n_init`` restarts). 'manifold' is N2D's (McConville et al. 2020): UMAP of the
-        embedding, then a Gaussian mixture; encoder and centroids are then trained for
-        ``distill_epochs`` epochs towards the mixture's posteriors (distillation) before
-        self-training starts. Needs umap-learn.
-    distill_epochs : int, default=2
+        How the initial clusters are found. 'kmeans' is the paper's, in the pretrained embedding
+        (``n_init`` restarts). 'manifold' is UMAP then a Gaussian mixture (N2D, McConville et al.
+        2020), of the input (reduced to 50 principal components) when pretraining is skipped, else
+        of the pretrained embedding; encoder and centroids are then trained for ``distill_epochs``
+        epochs towards the mixture's posteriors (distillation) before self-training starts.
+    distill_epochs : int, default=15
         Epochs of distillation (``init='manifold'``), at least 500 iterations on small data.
-        Augmented distillation (``augment='distill'``) gains from more: 20 epochs lift MNIST
-        above the mixture it learns from (BENCHMARKS.md, "Best mode").
+    distill_lr : float or 'auto', default='auto'
+        Peak SGD rate of distillation, reached after a warm-up over 15 % of its iterations and
+        decayed to zero by a cosine (one cycle). 'auto' is 0.1 for an untrained encoder (the
+        default recipe) and ``min(lr, 0.01)`` for a pretrained one, which a faster rate pushes
+        past its soft targets on small data, merging clusters.
     distill_rounds : int, default=1
-        Cycles of distillation then self-training (``init='manifold'``, a trained encoder). The
-        first round distils the mixture's posteriors; each further round distils, for
-        ``distill_epochs`` epochs and under the same augmentation, the target P of the previous
-        round's self-training (computed on the clean data), then self-trains again. On MNIST a
-        second round lifted the augmented best mode by 0.0007-0.0008 ACC on seeds 0 to 2, more
-        than doubling the first round's distillation did ("Best mode").
+        Cycles of distillation then self-training (``init='manifold'``). The first round distils
+        the mixture's posteriors; each further round distils, for ``distill_epochs`` epochs and
+        under the same augmentation, the target P of the previous round's self-training (computed
+        on the clean data), then self-trains again. Without pretraining each further round
+        distils into a fresh, differently seeded encoder (a "born-again" student), which learns
+        the previous round's result without its mistakes of the path there; a pretrained encoder
+        is trained on.
     n_init : int, default=20
         k-means restarts (``init='kmeans'`` and the 'inertia' criterion).
     alpha : float, default=1.0
@@ -253,9 +272,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     batch_size : int, default=256
         Self-training batch size.
     lr : float, default=0.01
-        SGD learning rate of self-training. Distillation runs at ``min(lr, DISTILL_LR)`` (0.01): faster,
-        it overshoots its soft targets on small data and merges clusters, so a larger ``lr`` (IDEC's
-        0.1) changes self-training only.
+        SGD learning rate of self-training (distillation has its own, ``distill_lr``).
     momentum : float, default=0.9
         SGD momentum of distillation and self-training.
     update_interval : int or 'auto', default='auto'
@@ -326,12 +343,13 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         pretrain_lr_schedule="constant",
         dropout=0.2,
         precision="auto",
-        augment=False,
-        image_shape=None,
+        augment="auto",
+        image_shape="auto",
         n_pretrain_init=1,
         pretrain_selection="reconstruction",
         init="manifold",
         distill_epochs=DISTILL_EPOCHS,
+        distill_lr="auto",
         distill_rounds=DISTILL_ROUNDS,
         n_init=20,
         alpha=1.0,
@@ -364,6 +382,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.pretrain_selection = pretrain_selection
         self.init = init
         self.distill_epochs = distill_epochs
+        self.distill_lr = distill_lr
         self.distill_rounds = distill_rounds
         self.n_init = n_init
         self.alpha = alpha
@@ -393,6 +412,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             _check_int("random_state", self.random_state, low=0)
         for name in ["pretrain_lr", "lr", "alpha", "gamma"]:
             _check_real(name, getattr(self, name), low=0.0, low_open=True)
+        if self.distill_lr != "auto":
+            _check_real("distill_lr", self.distill_lr, low=0.0, low_open=True)
         for name in ["pretrain_momentum", "momentum", "tol"]:
             _check_real(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
         _check_real("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
@@ -410,11 +431,15 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         dims = tuple(self.hidden_dims)
         if not dims or any(not isinstance(d, Integral) or isinstance(d, bool) or d < 1 for d in dims):
             raise ValueError(f"hidden_dims must be a non-empty sequence of positive integers; got {self.hidden_dims!r}")
-        if self.pretrain_mode == "end_to_end" and self.pretrain_epochs == 0:
-            raise ValueError("pretrain_epochs must be >= 1 when pretrain_mode='end_to_end'; got 0")
+        if self.pretrain_epochs == 0 and not self._starts_from_input():
+            raise ValueError("pretrain_epochs=0 (no pretraining) needs init='manifold' and variant='dec', which cluster "
+                             f"the input and train the encoder from its start; got init={self.init!r}, variant={self.variant!r}")
+        if self.pretrain_epochs == 0 and self.n_pretrain_init > 1:
+            raise ValueError(f"n_pretrain_init={self.n_pretrain_init} chooses among pretrained autoencoders, but "
+                             "pretrain_epochs=0 pretrains none (use n_pretrain_init=1)")
         _check_device(self.device)
-        if not isinstance(self.augment, (bool, np.bool_)) and self.augment not in AUGMENT_MODES:
-            raise ValueError(f"augment must be True, False, 'finetune' or 'distill'; got {self.augment!r}")
+        if not isinstance(self.augment, (bool, np.bool_)) and self.augment not in ("auto", *AUGMENT_MODES):
+            raise ValueError(f"augment must be 'auto', True, False, 'finetune' or 'distill'; got {self.augment!r}")
         if isinstance(self.distill_epochs, bool) or not isinstance(self.distill_epochs, Integral) or self.distill_epochs < 1:
             raise ValueError(f"distill_epochs must be an integer >= 1; got {self.distill_epochs!r}")
         if isinstance(self.distill_rounds, bool) or not isinstance(self.distill_rounds, Integral) or self.distill_rounds < 1:
@@ -425,18 +450,27 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         if self.augment == "distill" and not self._distills():
             raise ValueError("augment='distill' augments distillation, which only init='manifold' with a trained encoder "
                              f"runs; got init={self.init!r}, variant={self.variant!r} (use augment='finetune' or True)")
-        if self.augment and self.image_shape is None:
-            raise ValueError("augment=True needs image_shape, the (height, width[, channels]) of one sample; "
+        if self._augments_explicitly() and self.image_shape is None:
+            raise ValueError(f"augment={self.augment!r} needs image_shape, the (height, width[, channels]) of one sample; "
                              "augmentation only applies to images, never to tabular data")
-        if self.image_shape is not None:
+        if isinstance(self.image_shape, str) and self.image_shape != "auto":
+            raise ValueError(f"image_shape must be 'auto', None or a tuple such as (28, 28); got {self.image_shape!r}")
+        if self.image_shape not in (None, "auto"):
             check_image_shape(self.image_shape, int(np.prod(tuple(self.image_shape))))
-        if self.augment and self.scaling == "standard":
+        if self._augments_explicitly() and self.scaling == "standard":
             raise ValueError("augment=True needs one scale for every pixel: scaling must be 'auto', 'max' or 'none', "
                              "not 'standard' (a shifted image would carry each pixel's own mean and deviation)")
 
     def _distills(self) -> bool:
         """Whether fit distils: a manifold initialisation (it has posteriors to learn) and a trained encoder."""
         return self.init == "manifold" and self.variant != "frozen"
+
+    def _starts_from_input(self) -> bool:
+        """Whether fit can do without pretraining: it clusters the input and trains the encoder by distillation."""
+        return self.init == "manifold" and self.variant == "dec"
+
+    def _augments_explicitly(self) -> bool:
+        return self.augment is True or self.augment in AUGMENT_MODES
 
     def _check_X(self, X, *, fitting: bool) -> Features:
         """``X`` as float32 (n_samples, n_features), checked; a memory map or sparse matrix is checked
@@ -482,9 +516,9 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         if self.init == "manifold" and 1 < self.n_clusters and n <= self.n_clusters:  # UMAP + GMM, after pretraining
             raise ValueError(f"init='manifold' needs more samples than clusters; got n_samples={n}, "
                              f"n_clusters={self.n_clusters} (use fewer clusters, or init='kmeans')")
-        if self.image_shape is not None:
+        if self.image_shape not in (None, "auto"):
             check_image_shape(self.image_shape, X.shape[1])
-        if self.augment and self.scaling == "auto" and auto_scaling(X) == "standard":  # else found after pretraining
+        if self._augments_explicitly() and self.scaling == "auto" and auto_scaling(X) == "standard":  # else found after pretraining
             raise ValueError(f"augment={self.augment!r} needs one scale for every pixel, but scaling='auto' chooses "
                              "'standard' (per feature) for this data; give scaling='max' or 'none'")
 
@@ -520,34 +554,48 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             return "bf16" if self._device().type == "cpu" and _cpu_has_bf16() else "fp32"
         return self.precision
 
-    def resolve(self, X) -> dict:
+    def resolve(self, X, *, pretraining: bool = False) -> dict:
         """What the 'auto' settings resolve to on raw ``X`` (n_samples, n_features).
 
-        Returns a dict with 'scaling', 'pretrain_epochs', 'update_interval', 'precision' and
-        'device' ('cpu', 'cuda' or 'cuda:N'); the pretraining rate actually used is known only after
-        pretraining (``resolved_params_``).
+        Returns a dict with 'scaling', 'pretrain_epochs' (of ``fit``, or with ``pretraining`` of
+        ``pretrain``, which always pretrains), 'update_interval', 'precision', 'device' ('cpu',
+        'cuda' or 'cuda:N'), 'image_shape' (a tuple or None) and 'augment'; the pretraining rate
+        actually used is known only after pretraining (``resolved_params_``).
         """
         n = X.shape[0]
         epochs = self.pretrain_epochs
-        if epochs == "auto":
+        if epochs == "auto" and self._starts_from_input() and self.n_pretrain_init == 1 and not pretraining:
+            epochs = 0
+        elif epochs == "auto":
             iters_per_epoch = math.ceil(n / min(self.pretrain_batch_size, n))
             epochs = max(PRETRAIN_EPOCHS, math.ceil(MIN_PRETRAIN_ITER / iters_per_epoch))
         interval = self.update_interval
         if interval == "auto":
             interval = min(UPDATE_INTERVAL, max(1, n // min(self.batch_size, n)))
         scaling = auto_scaling(X) if self.scaling == "auto" else self.scaling
+        if self.image_shape == "auto":
+            image_shape = infer_image_shape(X)
+        else:
+            image_shape = None if self.image_shape is None else tuple(int(s) for s in self.image_shape)
+        augment = self.augment
+        if augment == "auto":  # images on one scale (shifting a per-feature scaled image would mix pixels' scales)
+            augment = "distill" if image_shape is not None and self._distills() and scaling != "standard" else False
         return {"scaling": scaling, "pretrain_epochs": int(epochs), "update_interval": int(interval),
-                "precision": self._precision(), "device": str(self._device())}
+                "precision": self._precision(), "device": str(self._device()), "image_shape": image_shape,
+                "augment": augment}
 
-    def _transform(self, scale: np.ndarray, device: torch.device, seed: int):
+    def _transform(self, resolved: dict, scale: np.ndarray, device: torch.device, seed: int):
         """The augmentation of scaled batches (DEC-DA), or None; its randomness from its own generator.
 
         Shifting and rotating the scaled image equals doing so to the raw one only when every pixel
         has the same scale and no offset ('max' and 'none'), which is checked here.
         """
-        if not self.augment:
+        if not resolved["augment"]:
             return None
-        shape = check_image_shape(self.image_shape, scale.shape[0])
+        if resolved["image_shape"] is None:
+            raise ValueError(f"augment={self.augment!r} needs image_shape, but none was given and the rows do not look "
+                             "like square single-channel images (dec_mlflow.augment.infer_image_shape); give image_shape")
+        shape = check_image_shape(resolved["image_shape"], scale.shape[0])
         if not np.allclose(scale, scale[0]):
             raise ValueError("augment=True needs one scale for every pixel (scaling 'max' or 'none'), but the "
                              "input is scaled per feature ('standard', chosen by 'auto' for this data or given)")
@@ -576,7 +624,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.validate_params()
         X = self._check_X(X, fitting=True)
         callback = callback or Callback()
-        resolved = self.resolve(X)
+        resolved = self.resolve(X, pretraining=True)
         offset, scale = fit_scaling(X, resolved["scaling"])
         device = self._device()
         seed = self._seed() if seed is None else seed
@@ -586,7 +634,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             resume = self._check_resume(resume, offset, scale)
         for attempt in range(first, PRETRAIN_RETRIES + 1):
             try:
-                transform = self._transform(scale, device, seed) if self.augment is True else None
+                transform = self._transform(resolved, scale, device, seed) if resolved["augment"] is True else None
                 checkpoints = _Checkpoints(callback, offset, scale, lr, attempt, transform)
                 ae, loss = self._pretrain_once(x, lr, resolved, seed, transform, checkpoints, resume)
                 return PretrainedAutoencoder(ae.cpu(), offset, scale, loss, lr)
@@ -655,38 +703,45 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         X = self._check_X(X, fitting=True)
         callback = callback or Callback()
         self.selected_seed_, self.pretrain_candidates_ = self._seed(), []
-        if autoencoder is None:
+        resolved = self.resolve(X)
+        if autoencoder is None and resolved["pretrain_epochs"] == 0:
+            autoencoder = self.untrained_autoencoder(X, seed=self.selected_seed_)
+        elif autoencoder is None:
             autoencoder = self._pretrain_and_select(X, callback)
         elif autoencoder.n_features != X.shape[1]:
             raise ValueError(
                 f"autoencoder expects {autoencoder.n_features} features, but X has {X.shape[1]}"
             )
-        resolved = self.resolve(X)
         device = self._device()
         encoder = copy.deepcopy(autoencoder.autoencoder.encoder).to(device)
         decoder = copy.deepcopy(autoencoder.autoencoder.decoder).to(device) if self.variant == "idec" else None
         x = scaled(X, autoencoder.offset, autoencoder.scale, device)
-        transform = self._transform(autoencoder.scale, device, self.selected_seed_)
+        transform = self._transform(resolved, autoencoder.scale, device, self.selected_seed_)
         train = dict(alpha=self.alpha, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, callback=callback)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.selected_seed_)
-            init, scale = self._initial_clusters(encoder, decoder, x, callback)
+            # an untrained encoder's embedding says nothing yet: the initial clusters come from the input itself
+            space = None if autoencoder.trained else (X, autoencoder.offset, autoencoder.scale, resolved["image_shape"])
+            init, scale = self._initial_clusters(encoder, decoder, x, callback, space)
             centroids = torch.nn.Parameter(torch.from_numpy(init.centroids * scale).to(device))
             distilling = self._distills() and init.posteriors is not None  # one cluster: no posteriors to learn
             n_iter = max(DISTILL_MIN_ITER, self.distill_epochs * max(1, x.shape[0] // min(self.batch_size, x.shape[0])))
             self.round_labels_, total_iter = [], 0
+            distill_lr = self._distill_lr(autoencoder.trained)
             for round_ in range(self.distill_rounds if distilling else 1):
                 if distilling:
                     # the first round learns the mixture's posteriors, each further one the sharpened target P of the
                     # previous round, from the clean data's Q
                     teacher = (torch.from_numpy(init.posteriors).to(device) if round_ == 0
                                else target_distribution(result.q.to(device)).detach())
+                    if round_ > 0 and not autoencoder.trained:  # a fresh student learns the previous round's P
+                        encoder, centroids = self._fresh_student(X.shape[1], init.centroids, round_, device)
                     distill(encoder, centroids, x, teacher, n_iter=n_iter, transform=transform,
-                            **{**train, "lr": min(self.lr, DISTILL_LR)})
+                            smoothing=DISTILL_SMOOTHING, **{**train, "lr": distill_lr})
                 result = self_train(
                     encoder, centroids, x, update_interval=resolved["update_interval"], tol=self.tol,
                     max_iter=self.max_iter, train_encoder=self.variant != "frozen", decoder=decoder, gamma=self.gamma,
-                    transform=None if self.augment == "distill" else transform,
+                    transform=None if resolved["augment"] == "distill" else transform,
                     **train,
                 )
                 self.round_labels_.append(result.labels)
@@ -703,13 +758,39 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.n_features_in_ = X.shape[1]
         self.pretrain_loss_ = autoencoder.loss
         self.kl_loss_ = result.kl_loss
-        self.resolved_params_ = {**resolved, "pretrain_lr": autoencoder.lr}
+        self.resolved_params_ = {**resolved, "pretrain_lr": autoencoder.lr, "distill_lr": distill_lr}
         self.trust_scores_ = self._trust_scores(embed(self.network_.encoder, x.cpu()).numpy(), result.q.cpu().numpy())
         self.trust_score_ = self.trust_scores_[TRUST_SCORE]
         return self
 
-    def _initial_clusters(self, encoder, decoder, x, callback: Callback):
-        """Stage 2: the initial clustering of the pretrained embedding (``init``), and the embedding's scale.
+    def _distill_lr(self, trained: bool) -> float:
+        """``distill_lr``, its 'auto' resolved for an encoder that is pretrained (``trained``) or not."""
+        if self.distill_lr != "auto":
+            return float(self.distill_lr)
+        return min(self.lr, PRETRAINED_DISTILL_LR) if trained else DISTILL_LR
+
+    def _fresh_student(self, n_features: int, prototypes: np.ndarray, round_: int, device):
+        """Round ``round_``'s new encoder (seeded by ``selected_seed_ + round_``) and centroids at the prototypes."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.selected_seed_ + round_)
+            encoder = Autoencoder((n_features, *self.hidden_dims)).encoder.to(device)
+        return encoder, torch.nn.Parameter(torch.from_numpy(prototypes.copy()).to(device))
+
+    def untrained_autoencoder(self, X, *, seed: int | None = None) -> PretrainedAutoencoder:
+        """The untrained autoencoder (weights seeded by ``seed``, default ``random_state``) and the input
+        scaling of a fit without pretraining; its ``trained`` is False."""
+        offset, scale = fit_scaling(X, self.resolve(X)["scaling"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._seed() if seed is None else seed)
+            ae = Autoencoder((X.shape[1], *self.hidden_dims))
+        return PretrainedAutoencoder(ae, offset, scale, float("nan"), float("nan"), trained=False)
+
+    def _initial_clusters(self, encoder, decoder, x, callback: Callback, space=None):
+        """Stage 2: the initial clustering (``init``), and the embedding's scale.
+
+        ``space`` (raw X, offset, scale), given when the encoder is untrained, makes the manifold
+        initialisation map the scaled input (reduced to 50 principal components) instead of the
+        embedding; the centroids are always in the embedding.
 
         The encoder (and an IDEC decoder) are rescaled in place so that points lie at the squared
         distance the Student's t kernel expects from their initial centroids; returns the clustering
@@ -723,13 +804,19 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         if distributed.is_main():
             if self.init == "manifold" and self.n_clusters > 1:  # one cluster: its centroid is the mean, nothing to find
                 threads = torch.get_num_threads()
-                init = manifold_init(z, self.n_clusters, seed=self.selected_seed_)
+                features = None if space is None else input_space(*space[:3], image_shape=space[3], seed=self.selected_seed_)
+                init = manifold_init(z, self.n_clusters, seed=self.selected_seed_, space=features, callback=callback)
                 # UMAP's numba sets the OpenMP thread count, which torch shares, to every core: a process limited to
                 # fewer (OMP_NUM_THREADS, torch.set_num_threads, one of several torchrun ranks) would self-train on all
                 torch.set_num_threads(threads)
             else:
                 init = kmeans_init(z, self.n_clusters, n_init=self.n_init, seed=self.selected_seed_)
-            scale = embedding_scale(z, init)
+            if space is not None and init.posteriors is not None:  # the encoder learns to carry clusters to prototypes
+                init = Initialisation(prototypes(self.n_clusters, z.shape[1], seed=self.selected_seed_), init.labels,
+                                      init.posteriors)
+                scale = 1.0
+            else:
+                scale = embedding_scale(z, init)
         init, scale = distributed.broadcast_object((init, scale))
         scale_embedding(encoder, scale, decoder)
         callback.on_stage_end("init")

@@ -1,31 +1,76 @@
-"""Initial clusterings of the pretrained embedding: k-means (the paper) or a manifold clustering (N2D).
+"""Initial clusterings: k-means in the embedding (the paper) or a manifold clustering (N2D).
 
-NumPy in, NumPy out: the embedding ``z`` (n_samples, embedding_dim) and a seed; no torch, no I/O.
+The manifold clustering is UMAP then a Gaussian mixture, on the pretrained embedding (N2D) or, with no
+pretraining, on the input itself reduced to at most 50 principal components. NumPy in, NumPy out
+(torch only for the matmuls of the exact nearest-neighbour search); no I/O, every result seeded.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from scipy import ndimage
 from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
+
+from dec_mlflow.rows import Features, chunks
 
 INITS = ("manifold", "kmeans")
 # N2D (McConville et al. 2020; what was measured: docs/recipe.md, step 4): UMAP with min_dist=0
 # packs each cluster tightly; 20 neighbours keep the local structure of digits while joining a class's
 # sub-styles, and a full-covariance GMM on the UMAP output follows elongated clusters k-means would cut.
 UMAP_NEIGHBORS = 20
-# GMM starts on the UMAP map, the best by likelihood kept (label-free). A single start fell into a local
-# optimum that merges two digits for 8 of 50 seeds over five MNIST maps (ACC 0.83 against 0.97, always at a
-# lower log-likelihood per point); ten cost ~5 s there and raised digits' initial ACC from 0.860 to 0.936
-# (BENCHMARKS.md, "Manifold initialisation: GMM starts")
-GMM_N_INIT = 10
+# GMM starts, the most likely kept (label-free): each start is fitted to a subsample of the map from
+# k-means++ centres, and the most likely one is refined on the whole map. A single start can merge two digits
+# of MNIST (ACC 0.83 against 0.97, always at a lower likelihood); ten full-data starts still did so on one map
+# in six GMM seeds, thirty subsample starts on none, in a third of the time (BENCHMARKS.md, "Default recipe").
+GMM_N_INIT = 30
+GMM_SAMPLE = 10_000
+MAX_MAP_DIM = 10  # UMAP components: min(n_clusters, 10), at least 2
+# The input-space map: wider inputs are first reduced to this many principal components (fitted on a seeded
+# sample of PCA_SAMPLE rows). On MNIST the neighbours in 50 components give a better map than those of the 784
+# raw pixels (UMAP + GMM 0.973 against 0.969) at a fraction of the search's cost.
+INPUT_MAP_DIMS = 50
+PCA_SAMPLE = 20_000
+# Images of data sets smaller than BLUR_MAX_ROWS are blurred before the input-space map (:func:`blur_images`):
+# with few samples, the pixel-distance neighbours of an image are too often of another class. Start ACC, mean
+# over seeds: MNIST test split (10,000) 0.899 raw (one seed in three merges 4 and 9) against 0.946 at a 1-pixel
+# blur on every seed; digits (1,797, 8 x 8) 0.884 raw against 0.899 at half a pixel (10 seeds). Full MNIST
+# (70,000) starts a little lower blurred (0.9721 against 0.9737, seed 0) and ends lower (0.979 against 0.981).
+BLUR_MIN_SIGMA = 0.5
+BLUR_MAX_ROWS = 30_000
+# Exact nearest neighbours (blocked matmuls on every core, deterministic) up to this many rows; beyond it
+# UMAP's own approximate search, single-threaded when seeded.
+EXACT_KNN_MAX_ROWS = 200_000
+# UMAP's optimisation epochs on more than 10,000 points (umap-learn's default: 200; 500 below 10,000, kept):
+# 50 give the same clustering on MNIST (0.9690 against 0.9692) in a quarter of the time.
+LARGE_MAP_EPOCHS = 50
 # Mean squared distance of a point to its initial centroid once the embedding is rescaled. The Student's
 # t kernel (alpha=1) is not scale-free: in an embedding 100 times too small every q_ij is 1/k and
 # self-training merges clusters. MNIST autoencoders land at 9.3 to 9.4 unscaled (measured on seeds 0
 # and 2), the regime DEC's kernel and learning rate were designed in; every embedding is brought there.
 WITHIN_CLUSTER_SQ_DIST = 9.0
+# Distance of an untrained encoder's prototypes (:func:`prototypes`) from the origin: orthogonal prototypes lie
+# 8.5 apart, so a point on its own has q = 0.89 against nine others (k = 10), about the smoothed targets of
+# distillation.
+PROTOTYPE_RADIUS = 6.0
+
+
+class _Silent:
+    """Stands in for a callback (:class:`dec_mlflow.callbacks.Callback`) when none is given."""
+
+    def on_stage_begin(self, stage, total):
+        pass
+
+    def on_step(self, stage, step, metrics):
+        pass
+
+    def on_stage_end(self, stage):
+        pass
 
 
 @dataclass
@@ -53,34 +98,137 @@ def embedding_scale(z: np.ndarray, init: Initialisation) -> float:
     return float(np.sqrt(WITHIN_CLUSTER_SQ_DIST / within)) if within > 0 else 1.0
 
 
+def prototypes(n_clusters: int, dim: int, *, seed: int, radius: float | None = None) -> np.ndarray:
+    """Fixed, well-separated starting centroids for an untrained encoder: (n_clusters, dim) float32.
+
+    The orthonormal directions of a seeded random matrix times ``radius`` (random unit directions
+    when ``n_clusters`` > ``dim``). An untrained encoder's embedding holds no clustering, so the
+    means of the initial clusters in it lie nearly on top of each other; distillation instead
+    teaches the encoder to carry each cluster to its own prototype.
+    """
+    radius = PROTOTYPE_RADIUS if radius is None else radius
+    g = np.random.default_rng(seed).standard_normal((dim, n_clusters))
+    if n_clusters <= dim:
+        directions = np.linalg.qr(g)[0].T  # (n_clusters, dim), orthonormal rows
+    else:
+        directions = (g / np.linalg.norm(g, axis=0)).T
+    return (radius * directions).astype(np.float32)
+
+
 def kmeans_init(z: np.ndarray, n_clusters: int, *, n_init: int, seed: int) -> Initialisation:
     """k-means with ``n_init`` restarts in the embedding (paper section 3.1); no posteriors."""
     km = KMeans(n_clusters, n_init=n_init, random_state=seed).fit(z)
     return Initialisation(km.cluster_centers_.astype(np.float32), km.labels_.astype(np.int64), None)
 
 
-def manifold_init(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UMAP_NEIGHBORS) -> Initialisation:
-    """UMAP of the embedding, then a Gaussian mixture on it (N2D, McConville et al. 2020).
+def manifold_init(z: np.ndarray, n_clusters: int, *, seed: int, space: np.ndarray | None = None,
+                  n_neighbors: int = UMAP_NEIGHBORS, callback=None) -> Initialisation:
+    """UMAP then a Gaussian mixture (N2D, McConville et al. 2020); centroids in the embedding ``z``.
 
-    ``umap_map`` then ``cluster_map``: a full-covariance GMM with ``n_clusters`` components
-    clusters the UMAP map of ``z``; the centroids are the mean embedding of each GMM cluster, the
-    posteriors the GMM's responsibilities.
+    ``umap_map`` of ``space`` (default: ``z`` itself), then ``cluster_map``: a full-covariance GMM
+    with ``n_clusters`` components clusters the map; the centroids are the mean of ``z`` over each
+    GMM cluster, the posteriors the GMM's responsibilities.
 
     Parameters
     ----------
     z : ndarray of shape (n_samples, embedding_dim)
+        The encoder's embedding, where the centroids live.
     n_clusters : int
     seed : int
-        Seeds UMAP and the GMM. A fixed seed makes UMAP single-threaded (umap-learn's rule), the
-        price of the same result on every run.
+        Seeds UMAP and the GMM. A fixed seed makes UMAP's optimisation single-threaded (umap-learn's
+        rule), the price of the same result on every run.
+    space : ndarray of shape (n_samples, m), optional
+        What to map and cluster instead of ``z``: the reduced input (:func:`input_space`) when the
+        encoder is not pretrained.
     n_neighbors : int, default=20
         UMAP's neighbourhood size, capped at n_samples - 1.
+    callback : Callback, optional
+        Told of the sub-stages 'init/neighbours', 'init/map' and 'init/mixture' and their steps.
     """
-    return cluster_map(z, umap_map(z, n_clusters, seed=seed, n_neighbors=n_neighbors), n_clusters, seed=seed)
+    space = z if space is None else space
+    u = umap_map(space, n_clusters, seed=seed, n_neighbors=n_neighbors, callback=callback)
+    return cluster_map(z, u, n_clusters, seed=seed, callback=callback)
 
 
-def umap_map(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UMAP_NEIGHBORS) -> np.ndarray:
-    """UMAP of ``z`` to ``min(n_clusters, embedding_dim)`` dimensions (at least 2), ``min_dist=0``.
+def input_space(X: Features, offset: np.ndarray, scale: np.ndarray, *, seed: int,
+                image_shape: tuple[int, ...] | None = None, n_components: int = INPUT_MAP_DIMS) -> np.ndarray:
+    """What the input-space map clusters: the scaled input ``(X - offset) * scale``, images blurred
+    (:func:`blur_images`), reduced to ``n_components`` principal components if wider.
+
+    The principal axes are fitted on a seeded sample of at most :data:`PCA_SAMPLE` rows; every row
+    is then projected a chunk at a time, so a memory-mapped or sparse ``X`` is never copied whole.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, min(n_features, n_components)), float32
+    """
+    def prepared(block: np.ndarray) -> np.ndarray:
+        block = (block - offset) * scale
+        return blur_images(block, image_shape) if blur else block
+
+    n, d = X.shape
+    blur = image_shape is not None and n < BLUR_MAX_ROWS
+    if d <= n_components:
+        return np.concatenate([prepared(block) for block in chunks(X)]).astype(np.float32)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, PCA_SAMPLE), replace=False))
+    sample = prepared(np.asarray(X[rows].toarray() if hasattr(X, "toarray") else X[rows], np.float32))
+    pca = PCA(n_components, svd_solver="randomized", random_state=seed).fit(sample)
+    return np.concatenate([pca.transform(prepared(block)) for block in chunks(X)]).astype(np.float32)
+
+
+def blur_images(block: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """Rows of flattened channels-last images, each blurred by a Gaussian of :func:`blur_sigma` pixels.
+
+    Distances between blurred images forgive small shifts and stroke widths, which raw pixel
+    distances punish: the neighbours of a digit are more often digits of its class.
+    """
+    height, width, *channels = image_shape
+    images = block.reshape(len(block), height, width, channels[0] if channels else 1)
+    sigma = blur_sigma(image_shape)
+    return ndimage.gaussian_filter(images, (0, sigma, sigma, 0), mode="constant").reshape(len(block), -1)
+
+
+def blur_sigma(image_shape: tuple[int, ...]) -> float:
+    """One pixel for a 28-pixel side, proportionally more for larger images, at least half a pixel."""
+    return max(BLUR_MIN_SIGMA, min(image_shape[:2]) / 28.0)
+
+
+def nearest_neighbours(f: np.ndarray, k: int, *, block: int = 1024, callback=None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``k`` nearest neighbours of every row of ``f`` (n, m) among all rows, itself first.
+
+    Blocked matmuls (|b|^2 - 2 a.b is enough to rank the neighbours of a) and a top-k per block, on
+    every core torch uses; the same input gives the same neighbours.
+
+    Returns
+    -------
+    indices : ndarray of shape (n, k), int64
+    distances : ndarray of shape (n, k), float32, Euclidean, ascending
+    """
+    x = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
+    n = x.shape[0]
+    squares = x.pow(2).sum(1)  # (n,)
+    xt = x.T.contiguous()
+    indices, distances = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+    callback = callback or _Silent()
+    callback.on_stage_begin("init/neighbours", n)
+    with torch.no_grad():
+        for start in range(0, n, block):
+            rows = x[start : start + block]
+            rank = torch.addmm(squares.expand(rows.shape[0], n), rows, xt, alpha=-2.0)  # (b, n): d^2 - |a|^2
+            value, index = torch.topk(rank, k, largest=False, sorted=True)
+            indices[start : start + block] = index.numpy()
+            distances[start : start + block] = (value + squares[start : start + block, None]).clamp_min(0).sqrt().numpy()
+            callback.on_step("init/neighbours", min(n, start + block), {})
+    callback.on_stage_end("init/neighbours")
+    return indices, distances
+
+
+def umap_map(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UMAP_NEIGHBORS, callback=None) -> np.ndarray:
+    """UMAP of ``z`` (n, m) to ``min(n_clusters, m, 10)`` dimensions (at least 2), ``min_dist=0``.
+
+    The neighbour graph is exact (:func:`nearest_neighbours`) up to :data:`EXACT_KNN_MAX_ROWS`
+    rows; on more than 10,000 rows UMAP optimises for :data:`LARGE_MAP_EPOCHS` epochs. A
+    ``callback`` that shows progress (``shows_progress``) gets UMAP's own bar of its epochs.
 
     Returns
     -------
@@ -93,23 +241,58 @@ def umap_map(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UM
     n_samples = z.shape[0]
     if n_samples <= n_clusters:
         raise ValueError(f"init='manifold' needs more samples than clusters; got n_samples={n_samples}, n_clusters={n_clusters}")
-    n_components = max(2, min(n_clusters, z.shape[1]))
-    reducer = umap.UMAP(n_components=n_components, n_neighbors=min(n_neighbors, n_samples - 1), min_dist=0.0,
-                        random_state=seed, n_jobs=1, init="spectral" if n_samples > n_components + 1 else "random")
-    return reducer.fit_transform(z).astype(np.float64)
+    n_components = max(2, min(n_clusters, z.shape[1], MAX_MAP_DIM))
+    n_neighbors = min(n_neighbors, n_samples - 1)
+    knn = None
+    if n_samples <= EXACT_KNN_MAX_ROWS and n_samples > 4096:  # below, UMAP computes exact neighbours itself
+        index, distance = nearest_neighbours(z, n_neighbors, callback=callback)
+        knn = (index, distance, None)
+    callback = callback or _Silent()
+    callback.on_stage_begin("init/map", None)
+    reducer = umap.UMAP(n_components=n_components, n_neighbors=n_neighbors, min_dist=0.0, random_state=seed, n_jobs=1,
+                        init="spectral" if n_samples > n_components + 1 else "random", precomputed_knn=knn or (None, None, None),
+                        n_epochs=LARGE_MAP_EPOCHS if n_samples > 10_000 else None,
+                        tqdm_kwds={"disable": not getattr(callback, "shows_progress", False), "desc": "init/map: UMAP epochs",
+                                   "leave": False})
+    with warnings.catch_warnings():  # the map is never used to transform new data: UMAP's notice of it is noise
+        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
+        u = reducer.fit_transform(np.asarray(z, np.float32)).astype(np.float64)
+    callback.on_stage_end("init/map")
+    return u
 
 
-def map_gmm(u: np.ndarray, n_clusters: int, *, seed: int, n_init: int = GMM_N_INIT) -> GaussianMixture:
-    """The full-covariance Gaussian mixture of ``cluster_map``, fitted to ``u``: the most likely of ``n_init`` starts."""
-    return GaussianMixture(n_clusters, covariance_type="full", random_state=seed, reg_covar=1e-4, n_init=n_init).fit(u)
+def map_gmm(u: np.ndarray, n_clusters: int, *, seed: int, n_init: int = GMM_N_INIT, callback=None) -> GaussianMixture:
+    """The full-covariance Gaussian mixture of ``cluster_map`` fitted to ``u`` (n, m).
+
+    ``n_init`` starts from k-means++ centres, each fitted to the same seeded subsample of at most
+    :data:`GMM_SAMPLE` rows; the most likely on the subsample is refined on the whole of ``u``.
+    """
+    n = u.shape[0]
+    sample = u if n <= GMM_SAMPLE else u[np.sort(np.random.default_rng(seed).choice(n, GMM_SAMPLE, replace=False))]
+    best, best_score = None, -np.inf
+    callback = callback or _Silent()
+    callback.on_stage_begin("init/mixture", n_init + 1)
+    for start in range(n_init):
+        gmm = GaussianMixture(n_clusters, covariance_type="full", reg_covar=1e-4, init_params="k-means++",
+                              random_state=seed * 1009 + start).fit(sample)
+        score = gmm.score(sample)
+        if score > best_score:
+            best, best_score = gmm, score
+        callback.on_step("init/mixture", start + 1, {"log_likelihood": best_score})
+    if sample is not u:
+        best = GaussianMixture(n_clusters, covariance_type="full", reg_covar=1e-4, random_state=seed, weights_init=best.weights_,
+                               means_init=best.means_, precisions_init=best.precisions_).fit(u)
+    callback.on_step("init/mixture", n_init + 1, {"log_likelihood": float(best.score(u))})
+    callback.on_stage_end("init/mixture")
+    return best
 
 
-def cluster_map(z: np.ndarray, u: np.ndarray, n_clusters: int, *, seed: int) -> Initialisation:
+def cluster_map(z: np.ndarray, u: np.ndarray, n_clusters: int, *, seed: int, callback=None) -> Initialisation:
     """Full-covariance GMM on the map ``u`` (n_samples, m) of ``z``; centroids in ``z``'s space.
 
     The GMM keeps the most likely of ``GMM_N_INIT`` starts: a single start can merge two clusters.
     """
-    gmm = map_gmm(u, n_clusters, seed=seed)
+    gmm = map_gmm(u, n_clusters, seed=seed, callback=callback)
     posteriors = gmm.predict_proba(u)  # (n, k)
     labels = posteriors.argmax(1)
     centroids = np.empty((n_clusters, z.shape[1]), np.float64)

@@ -57,6 +57,8 @@ PRETRAIN_PARAMS = (
     "random_state",
 )
 PRETRAIN_STAGE_PARAMS = PRETRAIN_PARAMS + ("device",)  # what the pretrain stage takes
+# The autoencoder source of a fit without pretraining (tag dec.autoencoder_source)
+UNTRAINED = "none (pretrain_epochs=0: untrained encoder, initial clusters from the input)"
 MODEL_ARTIFACT = "model"  # name of the logged pyfunc model in cluster and export runs
 ONNX_CHECK_ROWS = 2000  # rows on which the ONNX graph is compared with PyTorch before it is logged
 # stopped pretrain runs tried in turn when other processes take over the same ones at the same time; then start over
@@ -102,17 +104,17 @@ def build_estimator(params: dict, data: Dataset | None = None, *, preset: str = 
     dims = params.get("hidden_dims", ESTIMATOR_DEFAULTS["hidden_dims"])
     params = {**params, "hidden_dims": dims if isinstance(dims, str) else tuple(dims)}  # a str is refused by validation
     image_shape = _image_shape(params.get("image_shape", ""))
-    if image_shape is None and data is not None:
+    if image_shape == "auto" and data is not None and data.image_shape is not None:
         image_shape = data.image_shape
-    chosen = preset_params(preset, image_shape=image_shape)
+    chosen = preset_params(preset)
     for name in PRESET_CHOICES:
         if params.get(name, "auto") == "auto":
             params[name] = chosen.get(name, _DEC_DEFAULTS[name])
     if isinstance(params["augment"], str):
         value = params["augment"].lower()
-        if value not in ("true", "false", *AUGMENT_MODES):
+        if value not in ("auto", "true", "false", *AUGMENT_MODES):
             raise ValueError(f"augment must be 'auto', 'true', 'false', 'finetune' or 'distill'; got {params['augment']!r}")
-        params["augment"] = value if value in AUGMENT_MODES else value == "true"
+        params["augment"] = value if value in ("auto", *AUGMENT_MODES) else value == "true"
     params["image_shape"] = image_shape
     if params.get("scaling") == "auto" and data is not None:
         params["scaling"] = data.default_scaling
@@ -122,9 +124,12 @@ def build_estimator(params: dict, data: Dataset | None = None, *, preset: str = 
     return est
 
 
-def _image_shape(value) -> tuple[int, ...] | None:
-    """``image_shape`` as given: '' or None (not given), '28,28', or a sequence of ints."""
-    if value is None or value == "":
+def _image_shape(value) -> tuple[int, ...] | str | None:
+    """``image_shape`` as given: '' or 'auto' (the dataset's, else inferred: 'auto'), 'none' (None: not
+    images), '28,28', or a sequence of ints."""
+    if value is None or value == "" or value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.lower() == "none":
         return None
     if isinstance(value, str):
         try:
@@ -134,11 +139,14 @@ def _image_shape(value) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-def resolved_params(est: DEC, x: Features) -> dict:
+def resolved_params(est: DEC, x: Features, *, pretraining: bool = False) -> dict:
     """What the stage-level and estimator 'auto' settings resolved to, as params ``<name>_resolved``
-    (precision and device among them), and the package version ``dec_mlflow_version``."""
-    values = {**{n: est.get_params()[n] for n in ("augment", "init", "distill_epochs", "distill_rounds", "image_shape")}, **est.resolve(x)}
-    resolved = {f"{k}_resolved": ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in values.items()}
+    (precision, device, image_shape and augment among them; ``pretraining``: for the pretrain
+    stage, which always pretrains), and the package version ``dec_mlflow_version``."""
+    values = {**{n: est.get_params()[n] for n in ("init", "distill_epochs", "distill_rounds")},
+              **est.resolve(x, pretraining=pretraining)}
+    resolved = {f"{k}_resolved": ",".join(map(str, v)) if isinstance(v, tuple) else ("none" if v is None else v)
+                for k, v in values.items()}
     return {**resolved, "dec_mlflow_version": PACKAGE_VERSION}
 
 
@@ -252,7 +260,7 @@ def _run_pretraining(est: DEC, data: Dataset, stage_params: dict, data_params_: 
     mlflow.set_tags({tracking.STAGE_TAG: "pretrain", tracking.KEY_TAG: key,
                      "dataset": data.name, "method": f"pretrain-{est.pretrain_mode}", "seed": est.random_state})
     with tracking.heartbeat():
-        tracking.log_params_once({**stage_params, **data_params_, **resolved_params(est, data.x),
+        tracking.log_params_once({**stage_params, **data_params_, **resolved_params(est, data.x, pretraining=True),
                                   "world_size": distributed.world_size()})
         tracking.log_dataset(data, data_params_["data_digest"], context="training")
         # under torchrun the other ranks pretrain from scratch in step with rank 0, so a checkpoint is not resumed there
@@ -303,20 +311,25 @@ def _resume_point(key: str):
     return checkpoint
 
 
-def resolve_autoencoder(ref: str, est: DEC, data: Dataset, stage_params: dict, data_params_: dict):
+def resolve_autoencoder(ref: str, est: DEC, data: Dataset, stage_params: dict, data_params_: dict, *,
+                        required: bool = False):
     """The autoencoder named by ``ref``, else a matching finished pretrain run's, else a new child run's.
 
     ``ref`` is a run id, a ``runs:/`` or ``models:/`` URI, or a checkpoint file; '' to look for or
     make one. ``stage_params`` are the calling stage's parameters (its pretraining ones are logged
-    by a new pretrain run). Returns (autoencoder, source) with source the ref or the ``runs:/`` URI
-    of the pretrain run. Under torchrun this runs on rank 0, which sends the autoencoder it found
-    to the other ranks (:func:`_shared_autoencoder`), or None to pretrain with them.
+    by a new pretrain run). When ``est`` does without pretraining (``pretrain_epochs`` resolves to 0
+    in ``fit``) and the caller does not require a pretrained one, the untrained autoencoder of the
+    fit, with source ``UNTRAINED``. Returns (autoencoder, source) with source the ref or the
+    ``runs:/`` URI of the pretrain run. Under torchrun this runs on rank 0, which sends the
+    autoencoder it found to the other ranks (:func:`_shared_autoencoder`), or None to pretrain with them.
     """
     if ref:
         looks_like_file = Path(ref).suffix or "/" in ref or "\\" in ref
         if ":/" not in ref and looks_like_file and not Path(ref).is_file():
             raise ValueError(f"autoencoder {ref!r}: no such file (give a checkpoint file, a run id or a runs:/ or models:/ URI)")
         return distributed.broadcast_object(tracking.load_autoencoder(ref)), ref
+    if not required and est.resolve(data.x)["pretrain_epochs"] == 0:
+        return distributed.broadcast_object(est.untrained_autoencoder(data.x)), UNTRAINED
     previous = tracking.find_finished_run("pretrain", _pretrain_key(est, data_params_["data_digest"], est.resolve(data.x)))
     if previous is not None:
         report(f"Reusing autoencoder of FINISHED pretrain run {previous.info.run_id}")
@@ -490,10 +503,11 @@ def _log_cluster_results(est: DEC, data: Dataset) -> dict:
     """
     sizes = np.bincount(est.labels_, minlength=est.n_clusters)
     mlflow.log_dict({"cluster_sizes": sizes.tolist()}, "cluster_sizes.json")
-    tracking.log_params_once({"pretrain_lr_resolved": est.resolved_params_["pretrain_lr"]})
+    tracking.log_params_once({"pretrain_lr_resolved": est.resolved_params_["pretrain_lr"],
+                              "distill_lr_resolved": est.resolved_params_["distill_lr"]})
     mlflow.log_metrics({"n_iter": est.n_iter_, "converged": float(est.converged_), "pretrain_loss": est.pretrain_loss_})
     metrics = {"trust_score": est.trust_score_, **{f"trust_{k}": v for k, v in est.trust_scores_.items()}}
-    mlflow.set_tag("dec.trust_score", f"{TRUST_SCORE}: label-free, higher is better (README, 'How far to trust a run')")
+    mlflow.set_tag("dec.trust_score", f"{TRUST_SCORE}: label-free, higher is better (docs/trust.md, 'How far to trust a run')")
     if data.y is not None:
         final = clustering_scores(data.y, est.labels_)
         init = clustering_scores(data.y, est.init_labels_)

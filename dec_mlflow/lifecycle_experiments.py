@@ -111,7 +111,8 @@ def compare(dataset: str, *, label_column: str = "", seeds: Sequence[int] = (0, 
         data_params_ = data_params(data)
         for seed in seeds:
             est = build_estimator({**params, "random_state": seed}, data, preset=preset)
-            ae, source = resolve_autoencoder("", est, data, {**stage_params, "random_state": seed}, data_params_)
+            # the paper's comparison needs a pretrained autoencoder (AE+k-means, DEC w/o backprop start from it)
+            ae, source = resolve_autoencoder("", est, data, {**stage_params, "random_state": seed}, data_params_, required=True)
             criteria.append({"seed": seed, "autoencoder": source,
                              **selection_criteria(ae, data.x, est.n_clusters, n_init=est.n_init, seed=seed)})
             for method in methods:

@@ -260,18 +260,24 @@ def distill(
     n_iter: int,
     callback: Callback,
     transform: Transform | None = None,
+    smoothing: float = 0.0,
 ) -> float:
     """Train encoder and centroids so that the soft assignments Q follow a fixed ``teacher``.
 
     Minimises KL(teacher || Q) with Q the Student's t assignment of eq. 1: the DEC objective with
     the target P replaced by the posteriors of another clustering (the manifold initialisation's),
     so the deployable encoder + centroid network learns a partition it could not find from k-means.
-    ``encoder`` and ``centroids`` are updated in place.
+    The rate follows one cycle (:func:`one_cycle_lr`): a warm-up to ``lr`` over the first 15 % of
+    the iterations, then a cosine decay to zero. ``encoder`` and ``centroids`` are updated in place.
 
     Parameters
     ----------
     teacher : Tensor of shape (n_samples, n_clusters), rows sum to 1
+    lr : float, the peak rate of the cycle
     n_iter : int, SGD iterations
+    smoothing : float in [0, 1)
+        The target is ``(1 - smoothing) * teacher + smoothing / n_clusters``: a teacher's confident
+        mistakes are not learnt as certainties.
 
     Returns
     -------
@@ -288,12 +294,15 @@ def distill(
     recent: list[torch.Tensor] = []
     batches = _batch_indices(x.shape[0], batch_size)
     for it in range(1, n_iter + 1):
+        for group in opt.param_groups:
+            group["lr"] = one_cycle_lr(it - 1, n_iter, lr)
         idx, share = next(batches)
         opt.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=x.device)  # a rank with no row of this batch adds nothing
         if idx.numel():
             batch = x[idx] if transform is None else transform(x[idx])
-            loss = kl_divergence(teacher[idx], soft_assignment(encoder(batch), centroids, alpha)) * share
+            target = teacher[idx] if smoothing == 0 else (1.0 - smoothing) * teacher[idx] + smoothing / teacher.shape[1]
+            loss = kl_divergence(target, soft_assignment(encoder(batch), centroids, alpha)) * share
             loss.backward()
         distributed.all_reduce_gradients(params)
         opt.step()
@@ -306,6 +315,22 @@ def distill(
     callback.on_stage_end("distill")
     encoder.eval()
     return float(torch.stack(recent).mean()) if recent else float("nan")
+
+
+WARMUP = 0.15  # share of a one-cycle schedule spent rising to the peak rate
+
+
+def one_cycle_lr(it: int, n_iter: int, lr: float) -> float:
+    """Rate of iteration ``it`` (0-based) of ``n_iter``: linear warm-up to ``lr`` over the first
+    :data:`WARMUP` of them, then cosine decay towards 0 (Smith's one-cycle policy).
+
+    A network distilled from its random start learns fastest at a large rate, which a pretrained one
+    could not take, and settles only as the rate falls.
+    """
+    warm = max(1, int(WARMUP * n_iter))
+    if it < warm:
+        return lr * (it + 1) / warm
+    return 0.5 * lr * (1.0 + math.cos(math.pi * (it - warm) / max(1, n_iter - warm)))
 
 
 def _check_finite(stage: str, what: str, value: float, it: int, lr: float) -> None:

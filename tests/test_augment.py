@@ -1,6 +1,7 @@
 """Augmentation: image batches keep their shape; tabular data is never augmented."""
 
 import numpy as np
+from sklearn.datasets import make_blobs
 import pytest
 import torch
 
@@ -50,9 +51,21 @@ def test_image_shape_must_cover_the_features():
 
 
 def test_augment_without_image_shape_is_refused_for_tabular_data():
-    x = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
     with pytest.raises(ValueError, match="augment=True needs image_shape.*never to tabular data"):
-        DEC(n_clusters=2, augment=True).fit(x)
+        DEC(n_clusters=2, augment=True, image_shape=None).validate_params()
+    x = np.random.default_rng(0).uniform(0, 1, size=(50, 6)).astype(np.float32)  # one scale, but no image
+    with pytest.raises(ValueError, match="augment=True needs image_shape, but none was given and the rows do not look"):
+        DEC(n_clusters=2, augment=True, hidden_dims=(8, 2), pretrain_epochs=1).fit(x)
+
+
+def test_augment_auto_distils_augmented_images_and_never_augments_tables():
+    rng = np.random.default_rng(0)
+    digits = __import__("sklearn.datasets", fromlist=["load_digits"]).load_digits().data[:300].astype(np.float32)
+    assert DEC().resolve(digits)["image_shape"] == (8, 8) and DEC().resolve(digits)["augment"] == "distill"
+    table = rng.normal(size=(300, 64)).astype(np.float32)
+    assert DEC().resolve(table)["image_shape"] is None and DEC().resolve(table)["augment"] is False
+    assert DEC(image_shape=None).resolve(digits)["augment"] is False  # image_shape=None turns it off
+    assert DEC(init="kmeans").resolve(digits)["augment"] is False  # no distillation to augment
 
 
 def test_augment_with_per_feature_scaling_is_refused():
@@ -87,7 +100,7 @@ def test_finetune_augments_self_training_but_not_pretraining():
 
 
 @pytest.mark.parametrize("augment, distill_augmented, self_train_augmented", [
-    (False, False, False), ("distill", True, False), ("finetune", True, True), (True, True, True)])
+    (False, False, False), ("auto", True, False), ("distill", True, False), ("finetune", True, True), (True, True, True)])
 def test_each_augment_value_augments_the_stages_it_names(monkeypatch, augment, distill_augmented, self_train_augmented):
     import dec_mlflow.estimator as estimator
     seen = {}
@@ -116,7 +129,7 @@ def test_distill_epochs_sets_the_length_of_distillation():
     x = np.random.default_rng(0).uniform(0, 1, size=(640, 16)).astype(np.float32)
     small = dict(n_clusters=2, hidden_dims=(8, 2), pretrain_epochs=1, max_iter=4, batch_size=32, precision="fp32")
     ae = DEC(**small).pretrain(x)
-    for epochs, expected in [(2, 500), (30, 30 * 640 // 32)]:  # at least 500 steps, else epochs x batches per epoch
+    for epochs, expected in [(2, 2000), (150, 150 * 640 // 32)]:  # at least 2,000 steps, else epochs x batches per epoch
         DEC(**small, distill_epochs=epochs).fit(x, autoencoder=ae, callback=Lengths())
         assert stages["distill"] == expected
 
@@ -160,6 +173,33 @@ def test_each_further_round_distils_the_previous_rounds_target_then_self_trains_
     np.testing.assert_array_equal(one.labels_, est.round_labels_[0])
 
 
+def test_without_pretraining_a_further_round_distils_into_a_fresh_encoder(monkeypatch):
+    import torch
+
+    import dec_mlflow.estimator as estimator
+    students = []
+
+    def recording(encoder, centroids, *args, **kwargs):
+        students.append((encoder, [p.detach().clone() for p in encoder.parameters()], centroids.detach().clone()))
+        return real(encoder, centroids, *args, **kwargs)
+
+    real = estimator.distill
+    monkeypatch.setattr(estimator, "distill", recording)
+    x, _ = make_blobs(300, n_features=6, centers=3, random_state=0)
+    small = dict(n_clusters=3, hidden_dims=(8, 2), update_interval=2, max_iter=6, batch_size=32, precision="fp32",
+                 random_state=0)
+    est = DEC(**small, distill_rounds=2).fit(x.astype(np.float32))
+    assert est.resolved_params_["pretrain_epochs"] == 0 and len(students) == 2
+    (first, first_start, first_mu), (second, second_start, second_mu) = students
+    assert second is not first  # a new network, not the first round's trained on
+    fresh = DEC(**small).untrained_autoencoder(x.astype(np.float32), seed=1).autoencoder.encoder  # seed + round 1
+    for got, want in zip(second_start, fresh.parameters()):
+        torch.testing.assert_close(got, want.detach())
+    torch.testing.assert_close(second_mu, first_mu)  # both start at the same prototypes
+    again = DEC(**small, distill_rounds=2).fit(x.astype(np.float32))
+    np.testing.assert_array_equal(again.labels_, est.labels_)
+
+
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
 def test_distill_rounds_is_checked(value):
     with pytest.raises(ValueError, match=f"distill_rounds must be an integer >= 1; got {value!r}"):
@@ -179,5 +219,5 @@ def test_augmenting_distillation_is_refused_where_there_is_none(other):
 
 
 def test_augment_values_are_checked():
-    with pytest.raises(ValueError, match="augment must be True, False, 'finetune' or 'distill'; got 'yes'"):
+    with pytest.raises(ValueError, match="augment must be 'auto', True, False, 'finetune' or 'distill'; got 'yes'"):
         DEC(n_clusters=2, augment="yes", image_shape=(2, 3)).validate_params()

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.datasets import make_blobs
 
 from dec_mlflow import DEC
-from dec_mlflow.cli import INT_OR_AUTO, main
+from dec_mlflow.cli import FLOAT_OR_AUTO, INT_OR_AUTO, main
 
 REPO = Path(__file__).resolve().parents[1]
 # Small network and short schedules so each run takes seconds; the same values are given to every
@@ -78,7 +78,8 @@ def test_cluster_logs_params_metrics_artifacts_and_registers(store, first_cluste
     assert 0.0 <= m["trust_score"] <= 1.0 and m["trust_score"] == m["trust_balance"]
     assert {"trust_init_agreement", "trust_silhouette", "trust_confidence"} <= set(m)
     assert run.data.params["init_resolved"] == "manifold" and run.data.params["pretrain_lr_resolved"] == "0.1"
-    assert run.data.params["distill_epochs"] == "auto" and run.data.params["distill_epochs_resolved"] == "2"
+    assert run.data.params["distill_epochs"] == "auto" and run.data.params["distill_epochs_resolved"] == "15"
+    assert run.data.params["distill_lr"] == "auto" and run.data.params["distill_lr_resolved"] == "0.01"  # pretrained
     assert run.data.params["distill_rounds"] == "auto" and run.data.params["distill_rounds_resolved"] == "1"
     assert run.data.params["scaling_resolved"] == "standard" and run.data.params["update_interval_resolved"] == "10"
     # per-update curves with steps
@@ -197,7 +198,7 @@ def test_promote_without_labels_picks_the_highest_trust_score(store):
 
 # `path` (score's input): mlflow run checks it exists and passes it on absolute; the option is a string
 _MLPROJECT_TYPES = {"int": click.types.IntParamType, "float": click.types.FloatParamType,
-                    "string": (click.types.StringParamType, click.Choice, type(INT_OR_AUTO)), "path": click.types.StringParamType}
+                    "string": (click.types.StringParamType, click.Choice, type(INT_OR_AUTO), type(FLOAT_OR_AUTO)), "path": click.types.StringParamType}
 
 
 def test_every_mlproject_entry_point_mirrors_its_command():

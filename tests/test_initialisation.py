@@ -55,3 +55,52 @@ def test_cluster_map_keeps_the_most_likely_of_several_gmm_starts():
                       center_box=(-12, 12))
     init = cluster_map(u, u, 8, seed=1)
     assert cluster_accuracy(y, init.labels) > 0.95
+
+
+def test_exact_neighbours_match_scikit_learns_and_report_progress():
+    from sklearn.neighbors import NearestNeighbors
+
+    from dec_mlflow.callbacks import Callback
+    from dec_mlflow.initialisation import nearest_neighbours
+
+    f = np.random.default_rng(0).standard_normal((3000, 7)).astype(np.float32)
+    steps = []
+
+    class Steps(Callback):
+        def on_step(self, stage, step, metrics):
+            steps.append((stage, step))
+
+    index, distance = nearest_neighbours(f, 5, block=1000, callback=Steps())
+    want_d, want_i = NearestNeighbors(n_neighbors=5).fit(f).kneighbors(f)
+    np.testing.assert_array_equal(index, want_i)
+    np.testing.assert_allclose(distance, want_d, atol=5e-3)  # |a|^2 - 2ab + |b|^2 in float32
+    assert steps == [("init/neighbours", 1000), ("init/neighbours", 2000), ("init/neighbours", 3000)]
+
+
+def test_prototypes_are_orthogonal_at_the_radius_and_seeded():
+    from dec_mlflow.initialisation import PROTOTYPE_RADIUS, prototypes
+
+    p = prototypes(4, 10, seed=3)
+    np.testing.assert_allclose(p @ p.T, PROTOTYPE_RADIUS ** 2 * np.eye(4), atol=1e-4)
+    np.testing.assert_array_equal(p, prototypes(4, 10, seed=3))
+    assert not np.allclose(p, prototypes(4, 10, seed=4))
+    wide = prototypes(12, 3, seed=0)  # more clusters than dimensions: unit directions at the radius
+    np.testing.assert_allclose(np.linalg.norm(wide, axis=1), PROTOTYPE_RADIUS, rtol=1e-5)
+
+
+def test_input_space_reduces_wide_input_and_blurs_small_image_sets_only():
+    from dec_mlflow.initialisation import blur_images, input_space
+
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 64)).astype(np.float32)
+    offset, scale = np.zeros(64, np.float32), np.full(64, 0.5, np.float32)
+    reduced = input_space(x, offset, scale, seed=0, n_components=10)
+    assert reduced.shape == (300, 10) and reduced.dtype == np.float32
+    np.testing.assert_array_equal(reduced, input_space(x, offset, scale, seed=0, n_components=10))
+    narrow = input_space(x, offset, scale, seed=0, image_shape=(8, 8), n_components=100)  # not wider: kept, blurred
+    np.testing.assert_allclose(narrow, blur_images(x * 0.5, (8, 8)), rtol=1e-5)
+    assert not np.allclose(narrow, x * 0.5)
+    image = np.zeros((1, 81), np.float32)
+    image[0, 40] = 1.0  # one lit pixel in the middle of a 9 x 9 image spreads to its neighbours, keeping its mass
+    blurred = blur_images(image, (9, 9)).reshape(9, 9)
+    assert blurred[4, 4] < 1.0 and blurred[4, 5] > 0 and blurred.sum() == pytest.approx(1.0, abs=1e-3)

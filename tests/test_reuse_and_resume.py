@@ -361,11 +361,14 @@ def test_a_claim_written_after_the_other_claimant_read_its_own_back_is_given_up(
     # read back its own claim; B reads back its own claim too, and both would resume. B sees its read-then-write took
     # longer than the settle time, and gives up.
     stopped, (a, b) = takeover
-    a_done = threading.Event()
+    a_done, b_read = threading.Event(), threading.Event()
     real_take_over = tracking.take_over
 
-    def before_write(claimant):
+    def before_write(claimant):  # called between a claimant's read of the run and its write of the claim
+        if claimant == a:  # A writes only once B has read the run free (else B would see A's claim settling)
+            assert b_read.wait(timeout=30)
         if claimant == b:
+            b_read.set()
             assert a_done.wait(timeout=30)
 
     def take_over(runs, by_run_id):

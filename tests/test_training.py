@@ -59,3 +59,32 @@ def test_self_training_stops_when_training_drives_it_to_nan():
                    alpha=1.0, batch_size=50, lr=1e30, momentum=0.9, update_interval=2, tol=0.0, max_iter=200,
                    callback=Updates())
     assert updates and updates[0] == 0  # it ran, then stopped at the first update that was not finite
+
+
+def test_one_cycle_rate_warms_up_to_the_peak_then_decays_to_zero():
+    from dec_mlflow.training import WARMUP, one_cycle_lr
+
+    rates = [one_cycle_lr(it, 1000, 0.1) for it in range(1000)]
+    warm = int(WARMUP * 1000)
+    assert rates[0] == pytest.approx(0.1 / warm) and rates[warm - 1] == pytest.approx(0.1)
+    assert all(a < b for a, b in zip(rates[:warm - 1], rates[1:warm]))  # rising
+    assert all(a >= b for a, b in zip(rates[warm:], rates[warm + 1:]))  # then falling
+    assert rates[-1] < 1e-3 and max(rates) == pytest.approx(0.1)
+
+
+def test_smoothing_spreads_the_teachers_certainty():
+    from dec_mlflow.training import distill
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 4)
+    teacher = torch.nn.functional.one_hot(torch.arange(200) % 2, 2).float()
+    confidences = []
+    for smoothing in (0.0, 0.4):
+        torch.manual_seed(0)
+        encoder = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        mu = torch.nn.Parameter(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        distill(encoder, mu, x, teacher, alpha=1.0, batch_size=50, lr=0.1, momentum=0.9, n_iter=300,
+                callback=Callback(), smoothing=smoothing)
+        with torch.no_grad():
+            confidences.append(soft_assignment(encoder(x), mu, 1.0).max(1).values.mean().item())
+    assert confidences[1] < confidences[0]  # a smoothed target is not learnt as a certainty
