@@ -63,15 +63,19 @@ def write_section(name: str, body: str) -> None:
 
 
 class StageTimer(Callback):
-    """Wall time per stage (``seconds``), the pretraining stages ('pretrain/...') added up."""
+    """Wall time per stage (``seconds``): the pretraining stages ('pretrain/...') added up; the parts of an
+    open stage ('init/map' inside 'init') are timed as ``seconds['init/map']`` and not added to it twice."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
-        self._start = 0.0
+        self._starts: dict[str, float] = {}
 
     def on_stage_begin(self, stage, total):
-        self._start = time.perf_counter()
+        self._starts[stage] = time.perf_counter()
 
     def on_stage_end(self, stage):
+        elapsed = time.perf_counter() - self._starts.pop(stage, time.perf_counter())
         key = stage.split("/")[0]
-        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - self._start
+        if key in self._starts:  # a part of a stage still open: kept on its own
+            key = stage
+        self.seconds[key] = self.seconds.get(key, 0.0) + elapsed
