@@ -50,17 +50,12 @@ UPDATE_INTERVAL = 140  # the paper's value on MNIST; small data updates P at lea
 DISTILL_EPOCHS = 15
 DISTILL_MIN_ITER = 2000
 DISTILL_LR = 0.1  # 'auto' from an untrained encoder
-# ... and from a pretrained one, at most: a pretrained encoder distilled at 0.1 overshoots its soft targets on small
-# data and merges well-separated clusters (3 blobs of 300 rows: 0.99 -> 0.67; 0.99 kept at 0.01 and 0.03)
+# ... and from a pretrained one at most, which 0.1 pushes past its soft targets on small data (docs/recipe.md)
 PRETRAINED_DISTILL_LR = 0.01
 DISTILL_ROUNDS = 1
 DISTILL_SMOOTHING = 0.1
 PRETRAIN_RETRIES = 3  # divergent pretraining restarts this many times, each at a quarter of the rate
-# the label-free score that ranks runs best on average over the kinds of data measured, and whose worst dataset is
-# the least bad: Spearman correlation with ACC +0.59 (MNIST, 12 runs), +0.66 (MNIST test split), +0.38 (digits; 9 runs
-# each: default, best, k-means start), +0.49 (wine), +0.66 (breast cancer; 6 runs each); +0.55 averaged over five
-# datasets, against +0.52 for the silhouette and +0.48 for the confidence (both +0.06 on wine) and +0.03 for
-# init_agreement (+0.94 on MNIST, -0.77 on its test split) (BENCHMARKS.md, "Label-free trust scores")
+# the label-free score that ranks runs best on average, and least badly on its worst dataset (docs/trust.md)
 TRUST_SCORE = "balance"
 
 

@@ -20,43 +20,31 @@ from sklearn.mixture import GaussianMixture
 from dec_mlflow.rows import Features, chunks
 
 INITS = ("manifold", "kmeans")
-# N2D (McConville et al. 2020; what was measured: docs/recipe.md, step 4): UMAP with min_dist=0
-# packs each cluster tightly; 20 neighbours keep the local structure of digits while joining a class's
-# sub-styles, and a full-covariance GMM on the UMAP output follows elongated clusters k-means would cut.
+# N2D (McConville et al. 2020): min_dist=0 packs each cluster tightly; 20 neighbours join a class's sub-styles.
 UMAP_NEIGHBORS = 20
-# GMM starts, the most likely kept (label-free): each start is fitted to a subsample of the map from
-# k-means++ centres, and the most likely one is refined on the whole map. A single start can merge two digits
-# of MNIST (ACC 0.83 against 0.97, always at a lower likelihood); ten full-data starts still did so on one map
-# in six GMM seeds, thirty subsample starts on none, in a third of the time (BENCHMARKS.md, "Default recipe").
+# GMM starts on a subsample, the most likely refined on all points: one start can merge two digits
+# (docs/recipe.md, "Other choices").
 GMM_N_INIT = 30
 GMM_SAMPLE = 10_000
 MAX_MAP_DIM = 10  # UMAP components: min(n_clusters, 10), at least 2
-# The input-space map: wider inputs are first reduced to this many principal components (fitted on a seeded
-# sample of PCA_SAMPLE rows). On MNIST the neighbours in 50 components give a better map than those of the 784
-# raw pixels (UMAP + GMM 0.973 against 0.969) at a fraction of the search's cost.
+# The input-space map reduces wider inputs to this many principal components, fitted on PCA_SAMPLE rows: a
+# better map than the raw pixels', at a fraction of the neighbour search's cost (docs/recipe.md, "Other choices").
 INPUT_MAP_DIMS = 50
 PCA_SAMPLE = 20_000
-# Images of data sets smaller than BLUR_MAX_ROWS are blurred before the input-space map (:func:`blur_images`):
-# with few samples, the pixel-distance neighbours of an image are too often of another class. Start ACC, mean
-# over seeds: MNIST test split (10,000) 0.899 raw (one seed in three merges 4 and 9) against 0.946 at a 1-pixel
-# blur on every seed; digits (1,797, 8 x 8) 0.884 raw against 0.899 at half a pixel (10 seeds). Full MNIST
-# (70,000) starts a little lower blurred (0.9721 against 0.9737, seed 0) and ends lower (0.979 against 0.981).
+# Images of data sets under BLUR_MAX_ROWS are blurred before the map (:func:`blur_images`): with few samples an
+# image's pixel-distance neighbours are too often of another class; large sets lose by it (docs/recipe.md).
 BLUR_MIN_SIGMA = 0.5
 BLUR_MAX_ROWS = 30_000
 # Exact nearest neighbours (blocked matmuls on every core, deterministic) up to this many rows; beyond it
 # UMAP's own approximate search, single-threaded when seeded.
 EXACT_KNN_MAX_ROWS = 200_000
-# UMAP's optimisation epochs on more than 10,000 points (umap-learn's default: 200; 500 below 10,000, kept):
-# 50 give the same clustering on MNIST (0.9690 against 0.9692) in a quarter of the time.
+# UMAP's optimisation epochs above 10,000 points (umap-learn's: 200): the same clustering in a quarter of the time.
 LARGE_MAP_EPOCHS = 50
-# Mean squared distance of a point to its initial centroid once the embedding is rescaled. The Student's
-# t kernel (alpha=1) is not scale-free: in an embedding 100 times too small every q_ij is 1/k and
-# self-training merges clusters. MNIST autoencoders land at 9.3 to 9.4 unscaled (measured on seeds 0
-# and 2), the regime DEC's kernel and learning rate were designed in; every embedding is brought there.
+# Mean squared distance of a point to its initial centroid in a rescaled pretrained embedding, where MNIST
+# autoencoders land by themselves: the Student's t kernel is not scale-free (docs/recipe.md).
 WITHIN_CLUSTER_SQ_DIST = 9.0
-# Distance of an untrained encoder's prototypes (:func:`prototypes`) from the origin: orthogonal prototypes lie
-# 8.5 apart, so a point on its own has q = 0.89 against nine others (k = 10), about the smoothed targets of
-# distillation.
+# Radius of an untrained encoder's prototypes (:func:`prototypes`): 8.5 apart, a point on one has q = 0.89
+# against nine others, about distillation's smoothed targets.
 PROTOTYPE_RADIUS = 6.0
 
 
