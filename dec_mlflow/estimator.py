@@ -251,7 +251,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         Peak SGD rate of distillation, reached after a warm-up over 15 % of its iterations and
         decayed to zero by a cosine (one cycle). 'auto' is 0.1 for an untrained encoder (the
         default recipe) and ``min(lr, 0.01)`` for a pretrained one, which a faster rate pushes
-        past its soft targets on small data, merging clusters.
+        past its soft targets on small data, merging clusters; a pretrained encoder distils at
+        that constant rate, towards unsmoothed targets.
     distill_rounds : int, default=1
         Cycles of distillation then self-training (``init='manifold'``). The first round distils
         the mixture's posteriors; each further round distils, for ``distill_epochs`` epochs and
@@ -732,7 +733,9 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
                     if round_ > 0 and not autoencoder.trained:  # a fresh student learns the previous round's P
                         encoder, centroids = self._fresh_student(X.shape[1], init.centroids, round_, device)
                     distill(encoder, centroids, x, teacher, n_iter=n_iter, transform=transform,
-                            smoothing=DISTILL_SMOOTHING, **{**train, "lr": distill_lr})
+                            # a pretrained encoder distils as before the untrained start: constant rate, sharp targets
+                            smoothing=0.0 if autoencoder.trained else DISTILL_SMOOTHING, one_cycle=not autoencoder.trained,
+                            **{**train, "lr": distill_lr})
                 result = self_train(
                     encoder, centroids, x, update_interval=resolved["update_interval"], tol=self.tol,
                     max_iter=self.max_iter, train_encoder=self.variant != "frozen", decoder=decoder, gamma=self.gamma,

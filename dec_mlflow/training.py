@@ -261,6 +261,7 @@ def distill(
     callback: Callback,
     transform: Transform | None = None,
     smoothing: float = 0.0,
+    one_cycle: bool = True,
 ) -> float:
     """Train encoder and centroids so that the soft assignments Q follow a fixed ``teacher``.
 
@@ -275,6 +276,8 @@ def distill(
     teacher : Tensor of shape (n_samples, n_clusters), rows sum to 1
     lr : float, the peak rate of the cycle
     n_iter : int, SGD iterations
+    one_cycle : bool
+        The one-cycle schedule (default), else ``lr`` throughout.
     smoothing : float in [0, 1)
         The target is ``(1 - smoothing) * teacher + smoothing / n_clusters``: a teacher's confident
         mistakes are not learnt as certainties.
@@ -294,8 +297,8 @@ def distill(
     recent: list[torch.Tensor] = []
     batches = _batch_indices(x.shape[0], batch_size)
     for it in range(1, n_iter + 1):
-        for group in opt.param_groups:
-            group["lr"] = one_cycle_lr(it - 1, n_iter, lr)
+        for group in opt.param_groups:  # else constant
+            group["lr"] = one_cycle_lr(it - 1, n_iter, lr) if one_cycle else lr
         idx, share = next(batches)
         opt.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=x.device)  # a rank with no row of this batch adds nothing
