@@ -24,38 +24,24 @@ from dec_mlflow.initialisation import INITS
 from dec_mlflow.presets import DESCRIPTIONS, PRESETS
 
 
-class _IntOrAuto(click.ParamType):
-    """An integer, or 'auto' for the estimator (or the preset) to choose from the data."""
+class _NumberOrAuto(click.ParamType):
+    """A number of ``kind`` (int or float), or 'auto' for the estimator (or the preset) to choose from the data."""
 
-    name = "integer|auto"
-
-    def convert(self, value, param, ctx):
-        if value == "auto" or isinstance(value, int):
-            return value
-        try:
-            return int(value)
-        except ValueError:
-            self.fail(f"must be an integer or 'auto'; got {value!r}", param, ctx)
-
-
-INT_OR_AUTO = _IntOrAuto()
-
-
-class _FloatOrAuto(click.ParamType):
-    """A number, or 'auto' for the estimator to choose."""
-
-    name = "float|auto"
+    def __init__(self, kind: type):
+        self.kind = kind
+        self.name = f"{'integer' if kind is int else 'float'}|auto"
 
     def convert(self, value, param, ctx):
-        if value == "auto" or isinstance(value, float):
+        if value == "auto" or isinstance(value, self.kind):
             return value
         try:
-            return float(value)
+            return self.kind(value)
         except ValueError:
-            self.fail(f"must be a number or 'auto'; got {value!r}", param, ctx)
+            self.fail(f"must be {'an integer' if self.kind is int else 'a number'} or 'auto'; got {value!r}", param, ctx)
 
 
-FLOAT_OR_AUTO = _FloatOrAuto()
+INT_OR_AUTO = _NumberOrAuto(int)
+FLOAT_OR_AUTO = _NumberOrAuto(float)
 
 # name -> (click type, help) for each estimator parameter; defaults come from the estimator.
 ESTIMATOR_OPTIONS = {

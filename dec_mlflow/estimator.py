@@ -701,7 +701,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.selected_seed_, self.pretrain_candidates_ = self._seed(), []
         resolved = self.resolve(X)
         if autoencoder is None and resolved["pretrain_epochs"] == 0:
-            autoencoder = self.untrained_autoencoder(X, seed=self.selected_seed_)
+            autoencoder = self.untrained_autoencoder(X, seed=self.selected_seed_, scaling=resolved["scaling"])
         elif autoencoder is None:
             autoencoder = self._pretrain_and_select(X, callback)
         elif autoencoder.n_features != X.shape[1]:
@@ -774,10 +774,10 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             encoder = Autoencoder((n_features, *self.hidden_dims)).encoder.to(device)
         return encoder, torch.nn.Parameter(torch.from_numpy(prototypes.copy()).to(device))
 
-    def untrained_autoencoder(self, X, *, seed: int | None = None) -> PretrainedAutoencoder:
+    def untrained_autoencoder(self, X, *, seed: int | None = None, scaling: str | None = None) -> PretrainedAutoencoder:
         """The untrained autoencoder (weights seeded by ``seed``, default ``random_state``) and the input
-        scaling of a fit without pretraining; its ``trained`` is False."""
-        offset, scale = fit_scaling(X, self.resolve(X)["scaling"])
+        scaling of a fit without pretraining (``scaling`` as resolved, else resolved here); its ``trained`` is False."""
+        offset, scale = fit_scaling(X, scaling or self.resolve(X)["scaling"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._seed() if seed is None else seed)
             ae = Autoencoder((X.shape[1], *self.hidden_dims))

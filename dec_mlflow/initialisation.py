@@ -17,6 +17,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
+from dec_mlflow.callbacks import Callback
 from dec_mlflow.rows import Features, chunks
 
 INITS = ("manifold", "kmeans")
@@ -46,19 +47,6 @@ WITHIN_CLUSTER_SQ_DIST = 9.0
 # Radius of an untrained encoder's prototypes (:func:`prototypes`): 8.5 apart, a point on one has q = 0.89
 # against nine others, about distillation's smoothed targets.
 PROTOTYPE_RADIUS = 6.0
-
-
-class _Silent:
-    """Stands in for a callback (:class:`dec_mlflow.callbacks.Callback`) when none is given."""
-
-    def on_stage_begin(self, stage, total):
-        pass
-
-    def on_step(self, stage, step, metrics):
-        pass
-
-    def on_stage_end(self, stage):
-        pass
 
 
 @dataclass
@@ -197,7 +185,7 @@ def nearest_neighbours(f: np.ndarray, k: int, *, block: int = 1024, callback=Non
     squares = x.pow(2).sum(1)  # (n,)
     xt = x.T.contiguous()
     indices, distances = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
-    callback = callback or _Silent()
+    callback = callback or Callback()
     callback.on_stage_begin("init/neighbours", n)
     with torch.no_grad():
         for start in range(0, n, block):
@@ -235,12 +223,12 @@ def umap_map(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UM
     if n_samples <= EXACT_KNN_MAX_ROWS and n_samples > 4096:  # below, UMAP computes exact neighbours itself
         index, distance = nearest_neighbours(z, n_neighbors, callback=callback)
         knn = (index, distance, None)
-    callback = callback or _Silent()
+    callback = callback or Callback()
     callback.on_stage_begin("init/map", None)
     reducer = umap.UMAP(n_components=n_components, n_neighbors=n_neighbors, min_dist=0.0, random_state=seed, n_jobs=1,
                         init="spectral" if n_samples > n_components + 1 else "random", precomputed_knn=knn or (None, None, None),
                         n_epochs=LARGE_MAP_EPOCHS if n_samples > 10_000 else None,
-                        tqdm_kwds={"disable": not getattr(callback, "shows_progress", False), "desc": "init/map: UMAP epochs",
+                        tqdm_kwds={"disable": not callback.shows_progress, "desc": "init/map: UMAP epochs",
                                    "leave": False})
     with warnings.catch_warnings():  # the map is never used to transform new data: UMAP's notice of it is noise
         warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
@@ -258,7 +246,7 @@ def map_gmm(u: np.ndarray, n_clusters: int, *, seed: int, n_init: int = GMM_N_IN
     n = u.shape[0]
     sample = u if n <= GMM_SAMPLE else u[np.sort(np.random.default_rng(seed).choice(n, GMM_SAMPLE, replace=False))]
     best, best_score = None, -np.inf
-    callback = callback or _Silent()
+    callback = callback or Callback()
     callback.on_stage_begin("init/mixture", n_init + 1)
     for start in range(n_init):
         gmm = GaussianMixture(n_clusters, covariance_type="full", reg_covar=1e-4, init_params="k-means++",

@@ -20,7 +20,7 @@ LAYERS = {
     "dec_mlflow.model": 1, "dec_mlflow.callbacks": 1, "dec_mlflow.data": 1, "dec_mlflow.plots": 1,
     "dec_mlflow.checkpoint": 1, "dec_mlflow.distributed": 1,  # collectives (no-ops in one process), torchrun
     "dec_mlflow.objectives": 0, "dec_mlflow.metrics": 0, "dec_mlflow.corpora": 0, "dec_mlflow.paper": 0,
-    "dec_mlflow.scaling": 1, "dec_mlflow.rows": 0, "dec_mlflow.initialisation": 1, "dec_mlflow.trust": 0,
+    "dec_mlflow.scaling": 1, "dec_mlflow.rows": 0, "dec_mlflow.initialisation": 2, "dec_mlflow.trust": 0,
     "dec_mlflow.augment": 2,  # image transforms and image-shape inference (uses scaling.auto_scaling)
     "dec_mlflow.presets": 0, "dec_mlflow.environment": 0,
     "serving.onnx_pyfunc": 0,  # runs in the serving environment: imports nothing of ours
