@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from sklearn.datasets import make_blobs, make_moons
+from sklearn.datasets import make_blobs
 
 from dec_mlflow.initialisation import cluster_map, kmeans_init, manifold_init
 from dec_mlflow.metrics import cluster_accuracy
@@ -31,11 +31,15 @@ def test_manifold_init_recovers_blobs_with_posteriors(blobs):
         np.testing.assert_allclose(init.centroids[j], blobs[0][init.labels == j].mean(0), rtol=1e-4, atol=1e-4)
 
 
-def test_manifold_init_separates_moons_where_kmeans_cuts_them():
-    z, y = make_moons(600, noise=0.05, random_state=0)
-    z = z.astype(np.float32)
-    assert cluster_accuracy(y, kmeans_init(z, 2, n_init=10, seed=0).labels) < 0.9
-    assert cluster_accuracy(y, manifold_init(z, 2, seed=0).labels) > 0.99
+@pytest.mark.parametrize("seed", [0, 1])
+def test_manifold_init_separates_stretched_blobs_where_kmeans_cuts_them(seed):
+    # scikit-learn's "k-means assumptions" example: three blobs sheared so that k-means cuts across them.
+    # (Two moons are not a case it holds: a 2-d UMAP of them breaks into pieces and the GMM joins pieces of
+    # both moons on some seeds; docs/recipe.md says so.)
+    x, y = make_blobs(n_samples=600, random_state=170)
+    z = (x @ [[0.6, -0.6], [-0.4, 0.8]]).astype(np.float32)
+    assert cluster_accuracy(y, kmeans_init(z, 3, n_init=10, seed=0).labels) < 0.85
+    assert cluster_accuracy(y, manifold_init(z, 3, seed=seed).labels) > 0.99
 
 
 def test_manifold_init_same_seed_same_result(blobs):
@@ -104,3 +108,4 @@ def test_input_space_reduces_wide_input_and_blurs_small_image_sets_only():
     image[0, 40] = 1.0  # one lit pixel in the middle of a 9 x 9 image spreads to its neighbours, keeping its mass
     blurred = blur_images(image, (9, 9)).reshape(9, 9)
     assert blurred[4, 4] < 1.0 and blurred[4, 5] > 0 and blurred.sum() == pytest.approx(1.0, abs=1e-3)
+
