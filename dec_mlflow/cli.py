@@ -45,7 +45,9 @@ FLOAT_OR_AUTO = _NumberOrAuto(float)
 
 # name -> (click type, help) for each estimator parameter; defaults come from the estimator.
 ESTIMATOR_OPTIONS = {
-    "n_clusters": (click.INT, "Number of clusters k."),
+    "n_clusters": (INT_OR_AUTO, "Number of clusters k; 'auto' (cluster only) = the k in k_min..k_max of the best silhouette in the UMAP map of the initial clustering, logged as n_clusters_resolved."),
+    "k_min": (click.INT, "n_clusters=auto: the smallest k considered (>= 2)."),
+    "k_max": (click.INT, "n_clusters=auto: the largest k considered (at most n_samples - 1)."),
     "hidden_dims": (str, "Encoder widths after the input, comma-separated; the last is the embedding size."),
     "scaling": (click.Choice(("auto", *SCALINGS)), "Input scaling; 'auto' = 'max' for images, counts and tf-idf, else 'standard'; both then scaled to mean square 0.1."),
     "pretrain_mode": (click.Choice(PRETRAIN_MODES), "'end_to_end', or the paper's greedy 'layerwise' denoising then fine-tuning."),

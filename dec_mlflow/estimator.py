@@ -23,7 +23,7 @@ from dec_mlflow.augment import check_image_shape, infer_image_shape, random_shif
 from dec_mlflow.callbacks import Callback, CallbackList
 from dec_mlflow.checkpoint import load_tensors, save_tensors
 from dec_mlflow.initialisation import (
-    INITS, Initialisation, embedding_scale, input_space, kmeans_init, manifold_init, prototypes,
+    INITS, K_RANGE, Initialisation, embedding_scale, input_space, kmeans_init, manifold_init, prototypes,
 )
 from dec_mlflow.model import Autoencoder, DECNet, scale_embedding
 from dec_mlflow.objectives import kl_divergence, target_distribution
@@ -328,6 +328,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     def __init__(
         self,
         n_clusters=10,
+        k_min=K_RANGE[0],
+        k_max=K_RANGE[1],
         hidden_dims=(500, 500, 2000, 10),
         scaling="auto",
         pretrain_mode="end_to_end",
@@ -361,6 +363,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         device="auto",
     ):
         self.n_clusters = n_clusters
+        self.k_min = k_min
+        self.k_max = k_max
         self.hidden_dims = hidden_dims
         self.scaling = scaling
         self.pretrain_mode = pretrain_mode
@@ -396,7 +400,19 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------ validation
     def validate_params(self) -> None:
         """Raise ValueError naming the first parameter that breaks its rule."""
-        positive_ints = ["n_clusters", "pretrain_batch_size", "n_pretrain_init", "n_init", "batch_size", "max_iter"]
+        if self.n_clusters != "auto":
+            _check_int("n_clusters", self.n_clusters, low=1, auto=True)
+        elif self.init != "manifold":
+            raise ValueError(f"n_clusters='auto' chooses k on the manifold initialisation's map, so it needs "
+                             f"init='manifold'; got init={self.init!r} (give n_clusters as a number)")
+        elif self.n_pretrain_init > 1 and self.pretrain_selection == "inertia":
+            raise ValueError("pretrain_selection='inertia' compares k-means at n_clusters, which 'auto' chooses "
+                             "only after pretraining; use pretrain_selection='reconstruction' or a number of clusters")
+        _check_int("k_min", self.k_min, low=2)
+        _check_int("k_max", self.k_max, low=2)
+        if self.k_max < self.k_min:
+            raise ValueError(f"k_max must be >= k_min; got k_min={self.k_min}, k_max={self.k_max}")
+        positive_ints = ["pretrain_batch_size", "n_pretrain_init", "n_init", "batch_size", "max_iter"]
         for name in positive_ints:
             _check_int(name, getattr(self, name), low=1)
         if self.update_interval != "auto":
@@ -503,13 +519,17 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     def _check_fit_data(self, X: Features, *, no_spread: bool) -> None:
         """Refuse, before any training, data that ``fit`` with these parameters could not train on."""
         n = X.shape[0]
-        if n < self.n_clusters:
+        if self.n_clusters == "auto" and n <= self.k_min:
+            raise ValueError(f"n_clusters='auto' needs more samples than k_min; got n_samples={n}, k_min={self.k_min}")
+        if self.n_clusters == "auto":
+            pass
+        elif n < self.n_clusters:
             raise ValueError(f"n_samples={n} should be >= n_clusters={self.n_clusters}")
         if no_spread and n > 1:
             # the autoencoder would learn one point and every later stage divide by a zero spread
             raise ValueError(f"X has no spread: all {n} rows are identical (every feature is constant); there is "
                              "nothing to cluster")
-        if self.init == "manifold" and 1 < self.n_clusters and n <= self.n_clusters:  # UMAP + GMM, after pretraining
+        if self.init == "manifold" and self.n_clusters != "auto" and 1 < self.n_clusters and n <= self.n_clusters:  # UMAP + GMM, after pretraining
             raise ValueError(f"init='manifold' needs more samples than clusters; got n_samples={n}, "
                              f"n_clusters={self.n_clusters} (use fewer clusters, or init='kmeans')")
         if self.image_shape not in (None, "auto"):
@@ -750,6 +770,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         ).eval()
         self.cluster_centers_ = self.network_.centroids.detach().numpy().copy()
         self.init_labels_ = init.labels
+        self.n_clusters_ = len(self.cluster_centers_)
+        self.k_scores_ = init.k_scores or {}
         self.labels_ = result.labels
         self.n_iter_ = total_iter
         self.converged_ = result.converged
@@ -800,18 +822,19 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         z = distributed.all_gather_rows(embed(encoder, x, rows=distributed.rows(x.shape[0]))).cpu().numpy()  # (n, embedding_dim)
         init = scale = None
         if distributed.is_main():
-            if self.init == "manifold" and self.n_clusters > 1:  # one cluster: its centroid is the mean, nothing to find
+            if self.init == "manifold" and (self.n_clusters == "auto" or self.n_clusters > 1):  # one cluster: the mean
                 threads = torch.get_num_threads()
                 features = None if space is None else input_space(*space[:3], image_shape=space[3], seed=self.selected_seed_)
-                init = manifold_init(z, self.n_clusters, seed=self.selected_seed_, space=features, callback=callback)
+                init = manifold_init(z, self.n_clusters, seed=self.selected_seed_, space=features, callback=callback,
+                                     k_range=(self.k_min, self.k_max))
                 # UMAP's numba sets the OpenMP thread count, which torch shares, to every core: a process limited to
                 # fewer (OMP_NUM_THREADS, torch.set_num_threads, one of several torchrun ranks) would self-train on all
                 torch.set_num_threads(threads)
             else:
                 init = kmeans_init(z, self.n_clusters, n_init=self.n_init, seed=self.selected_seed_)
             if space is not None and init.posteriors is not None:  # the encoder learns to carry clusters to prototypes
-                init = Initialisation(prototypes(self.n_clusters, z.shape[1], seed=self.selected_seed_), init.labels,
-                                      init.posteriors)
+                init = Initialisation(prototypes(len(init.centroids), z.shape[1], seed=self.selected_seed_), init.labels,
+                                      init.posteriors, init.k_scores)
                 scale = 1.0
             else:
                 scale = embedding_scale(z, init)
@@ -823,7 +846,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     def _trust_scores(self, z: np.ndarray, q: np.ndarray) -> dict[str, float]:
         """Label-free scores of the fitted clustering (see ``trust_scores_``)."""
         return {
-            "balance": trust.size_balance(self.labels_, self.n_clusters),
+            "balance": trust.size_balance(self.labels_, self.n_clusters_),
             "silhouette": trust.silhouette(z, self.labels_, seed=self.selected_seed_),
             "init_agreement": trust.agreement(self.labels_, self.init_labels_),
             "confidence": trust.confidence(q),
@@ -879,12 +902,15 @@ def selection_criteria(ae: PretrainedAutoencoder, X: Features, n_clusters: int, 
 
     Returns
     -------
-    dict with 'reconstruction' (mean squared error of the scaled input, per feature) and
-    'inertia' (k-means inertia in the embedding / total sum of squares about the mean, in [0, 1]).
+    dict with 'reconstruction' (mean squared error of the scaled input, per feature) and, unless
+    ``n_clusters`` is 'auto', 'inertia' (k-means inertia in the embedding / total sum of squares about
+    the mean, in [0, 1]).
     """
     x = scaled(_as_features(X), ae.offset, ae.scale, torch.device("cpu"))
-    _, inertia = embedding_kmeans(ae, X, n_clusters, n_init=n_init, seed=seed)
-    return {"reconstruction": reconstruction_error(ae.autoencoder, x), "inertia": inertia}
+    criteria = {"reconstruction": reconstruction_error(ae.autoencoder, x)}
+    if n_clusters != "auto":  # k-means needs a k: with n_clusters='auto' only the reconstruction
+        criteria["inertia"] = embedding_kmeans(ae, X, n_clusters, n_init=n_init, seed=seed)[1]
+    return criteria
 
 
 def embedding_kmeans(ae: PretrainedAutoencoder, X: Features, n_clusters: int, *, n_init: int, seed: int):

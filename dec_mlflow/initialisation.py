@@ -7,6 +7,7 @@ pretraining, on the input itself reduced to at most 50 principal components. Num
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 from scipy import ndimage
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
+from sklearn.metrics import silhouette_score
 from sklearn.mixture import GaussianMixture
 
 from dec_mlflow.callbacks import Callback
@@ -41,6 +43,12 @@ BLUR_MAX_ROWS = 30_000
 EXACT_KNN_MAX_ROWS = 200_000
 # UMAP's optimisation epochs above 10,000 points (umap-learn's: 200): the same clustering in a quarter of the time.
 LARGE_MAP_EPOCHS = 50
+# n_clusters='auto' (:func:`choose_k`): every candidate k is a GMM on one map of MAX_MAP_DIM components, fitted
+# K_STARTS times to a seeded subsample of K_SAMPLE points and scored by its silhouette in the map (docs/recipe.md).
+K_RANGE = (2, 20)
+K_STARTS = 5
+K_SAMPLE = 4000
+K_SILHOUETTE_SAMPLE = 3000
 # Mean squared distance of a point to its initial centroid in a rescaled pretrained embedding, where MNIST
 # autoencoders land by themselves: the Student's t kernel is not scale-free (docs/recipe.md).
 WITHIN_CLUSTER_SQ_DIST = 9.0
@@ -56,6 +64,7 @@ class Initialisation:
     centroids: np.ndarray  # (n_clusters, embedding_dim) float32, in the embedding
     labels: np.ndarray  # (n_samples,) int64
     posteriors: np.ndarray | None  # (n_samples, n_clusters) float32 soft labels to distil, or None
+    k_scores: dict[int, float] | None = None  # n_clusters='auto': each candidate k's score (:func:`choose_k`)
 
 
 def embedding_scale(z: np.ndarray, init: Initialisation) -> float:
@@ -97,8 +106,8 @@ def kmeans_init(z: np.ndarray, n_clusters: int, *, n_init: int, seed: int) -> In
     return Initialisation(km.cluster_centers_.astype(np.float32), km.labels_.astype(np.int64), None)
 
 
-def manifold_init(z: np.ndarray, n_clusters: int, *, seed: int, space: np.ndarray | None = None,
-                  n_neighbors: int = UMAP_NEIGHBORS, callback=None) -> Initialisation:
+def manifold_init(z: np.ndarray, n_clusters: int | str, *, seed: int, space: np.ndarray | None = None,
+                  n_neighbors: int = UMAP_NEIGHBORS, k_range: tuple[int, int] = K_RANGE, callback=None) -> Initialisation:
     """UMAP then a Gaussian mixture (N2D, McConville et al. 2020); centroids in the embedding ``z``.
 
     ``umap_map`` of ``space`` (default: ``z`` itself), then ``cluster_map``: a full-covariance GMM
@@ -109,7 +118,9 @@ def manifold_init(z: np.ndarray, n_clusters: int, *, seed: int, space: np.ndarra
     ----------
     z : ndarray of shape (n_samples, embedding_dim)
         The encoder's embedding, where the centroids live.
-    n_clusters : int
+    n_clusters : int or 'auto'
+        'auto': :func:`choose_k` picks it in ``k_range`` on one map of :data:`MAX_MAP_DIM` components,
+        which the chosen k's mixture then clusters; the scores are the result's ``k_scores``.
     seed : int
         Seeds UMAP and the GMM. A fixed seed makes UMAP's optimisation single-threaded (umap-learn's
         rule), the price of the same result on every run.
@@ -118,12 +129,55 @@ def manifold_init(z: np.ndarray, n_clusters: int, *, seed: int, space: np.ndarra
         encoder is not pretrained.
     n_neighbors : int, default=20
         UMAP's neighbourhood size, capped at n_samples - 1.
+    k_range : (int, int), default=(2, 20)
+        The smallest and largest k ``n_clusters='auto'`` considers (capped at n_samples - 1).
     callback : Callback, optional
-        Told of the sub-stages 'init/neighbours', 'init/map' and 'init/mixture' and their steps.
+        Told of the sub-stages 'init/neighbours', 'init/map', 'init/k' and 'init/mixture' and their steps.
     """
     space = z if space is None else space
-    u = umap_map(space, n_clusters, seed=seed, n_neighbors=n_neighbors, callback=callback)
-    return cluster_map(z, u, n_clusters, seed=seed, callback=callback)
+    if n_clusters != "auto":
+        u = umap_map(space, n_clusters, seed=seed, n_neighbors=n_neighbors, callback=callback)
+        return cluster_map(z, u, n_clusters, seed=seed, callback=callback)
+    u = umap_map(space, MAX_MAP_DIM, seed=seed, n_neighbors=n_neighbors, callback=callback)
+    k, scores = choose_k(u, *k_range, seed=seed, callback=callback)
+    return dataclasses.replace(cluster_map(z, u, k, seed=seed, callback=callback), k_scores=scores)
+
+
+def choose_k(u: np.ndarray, k_min: int, k_max: int, *, seed: int, callback=None) -> tuple[int, dict[int, float]]:
+    """The number of clusters in the map ``u`` (n_samples, m): the k in [k_min, k_max] of the best silhouette.
+
+    For each k, :data:`K_STARTS` full-covariance GMMs (k-means starts) are fitted to one seeded
+    subsample of :data:`K_SAMPLE` points; a k's score is the best mean silhouette in the map of their
+    partitions (on :data:`K_SILHOUETTE_SAMPLE` of those points). UMAP with ``min_dist=0`` packs a
+    group into a tight clump, so a k that merges two clumps or cuts one scores lower than the k that
+    follows the clumps; groups that touch in the map count as one (docs/recipe.md says where).
+
+    Returns
+    -------
+    (k, {k: score}) with every score in [-1, 1]; ties go to the smaller k.
+    """
+    n = u.shape[0]
+    k_max = min(k_max, n - 1)
+    if not 2 <= k_min <= k_max:
+        raise ValueError(f"n_clusters='auto' needs 2 <= k_min <= k_max <= n_samples - 1; got k_min={k_min}, "
+                         f"k_max={k_max}, n_samples={n}")
+    rng = np.random.default_rng(seed)
+    sample = u if n <= K_SAMPLE else u[np.sort(rng.choice(n, K_SAMPLE, replace=False))]
+    scored = sample[np.sort(rng.choice(len(sample), min(K_SILHOUETTE_SAMPLE, len(sample)), replace=False))]
+    callback = callback or Callback()
+    callback.on_stage_begin("init/k", k_max - k_min + 1)
+    scores: dict[int, float] = {}
+    for step, k in enumerate(range(k_min, k_max + 1), 1):
+        best = -1.0
+        for start in range(K_STARTS):
+            gmm = GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=seed * 1009 + start).fit(sample)
+            labels = gmm.predict(scored)
+            if len(np.unique(labels)) > 1:
+                best = max(best, float(silhouette_score(scored, labels)))
+        scores[k] = best
+        callback.on_step("init/k", step, {"silhouette": best})
+    callback.on_stage_end("init/k")
+    return max(scores, key=lambda k: (scores[k], -k)), scores
 
 
 def input_space(X: Features, offset: np.ndarray, scale: np.ndarray, *, seed: int,

@@ -444,7 +444,7 @@ def cluster(dataset: str, *, label_column: str = "", autoencoder: str = "", regi
     check_int("figure_sample_size", figure_sample_size, low=10)
     check_int("nproc", nproc, low=1)
     build_estimator(params, preset=preset)
-    data = load_data(dataset, label_column, params["n_clusters"])
+    data = load_data(dataset, label_column, None if params["n_clusters"] == "auto" else params["n_clusters"])
     est = build_estimator(params, data, preset=preset)
     check_fit_data(est, data, dataset)
     name = registered_model_name or f"dec-{data.name}"
@@ -501,7 +501,14 @@ def _log_cluster_results(est: DEC, data: Dataset) -> dict:
 
     Returns the scores logged: the run's summary, which tags and describes the registered version.
     """
-    sizes = np.bincount(est.labels_, minlength=est.n_clusters)
+    from dec_mlflow import plots  # matplotlib: import on use
+
+    sizes = np.bincount(est.labels_, minlength=est.n_clusters_)
+    tracking.log_params_once({"n_clusters_resolved": est.n_clusters_})
+    if est.k_scores_:  # n_clusters='auto': every candidate's score, step = k, and the figure
+        for k, score in est.k_scores_.items():
+            mlflow.log_metric("k_silhouette", score, step=k)
+        tracking.log_figure("k_selection.png", lambda: plots.k_selection_figure(est.k_scores_, est.n_clusters_))
     mlflow.log_dict({"cluster_sizes": sizes.tolist()}, "cluster_sizes.json")
     tracking.log_params_once({"pretrain_lr_resolved": est.resolved_params_["pretrain_lr"],
                               "distill_lr_resolved": est.resolved_params_["distill_lr"]})

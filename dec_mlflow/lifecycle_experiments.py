@@ -37,7 +37,8 @@ from dec_mlflow.lifecycle import (
 from dec_mlflow.metrics import clustering_scores
 
 # the estimator parameters every experiment shares with `cluster`, minus what the experiment varies
-_SHARED = tuple(n for n in ESTIMATOR_PARAMS if n not in ("variant", "n_pretrain_init", "pretrain_selection"))
+# (n_clusters='auto', with its range k_min..k_max, is cluster's and the estimator's: an experiment compares at a given k)
+_SHARED = tuple(n for n in ESTIMATOR_PARAMS if n not in ("variant", "n_pretrain_init", "pretrain_selection", "k_min", "k_max"))
 COMPARE_PARAMS = tuple(n for n in _SHARED if n != "random_state")  # seeds instead
 K_SWEEP_PARAMS = tuple(n for n in _SHARED if n != "n_clusters")  # ks instead
 IMBALANCE_PARAMS = _SHARED
@@ -52,6 +53,14 @@ def _check_distinct(name: str, values: Sequence, rule: str, ok) -> list:
 
 def _is_int(value) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _fixed_k(params: dict, stage: str) -> None:
+    """Refuse n_clusters='auto' where every method is compared at one given k."""
+    if params["n_clusters"] == "auto":
+        raise ValueError(f"n_clusters='auto' is for cluster and the estimator; {stage} compares its methods at a "
+                         "given number of clusters (run cluster with n_clusters=auto first, then pass the k it logs "
+                         "as n_clusters_resolved)")
 
 
 def _start_parent(kind: str, data: Dataset, params: dict) -> None:
@@ -92,6 +101,7 @@ def compare(dataset: str, *, label_column: str = "", seeds: Sequence[int] = (0, 
     std per method, None without labels), ``stability`` and ``markdown`` ('' without labels).
     """
     params = estimator_params(params, COMPARE_PARAMS)
+    _fixed_k(params, "compare")
     seeds = _check_distinct("seeds", seeds, "distinct integers >= 0", lambda s: _is_int(s) and s >= 0)
     methods = list(methods)
     if not methods or any(m not in experiments.METHODS for m in methods):
@@ -236,6 +246,7 @@ def imbalance(dataset: str, *, label_column: str = "", r_mins: Sequence[float] =
     from dec_mlflow import plots  # matplotlib: import on use
 
     params = estimator_params(params, IMBALANCE_PARAMS)
+    _fixed_k(params, "imbalance")
     r_mins = _check_distinct("r_mins", r_mins, "distinct numbers > 0 and <= 1", lambda r: isinstance(r, Real) and not isinstance(r, bool) and 0 < r <= 1)
     build_estimator(params, preset=preset)
     data = load_data(dataset, label_column, params["n_clusters"])

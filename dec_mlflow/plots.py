@@ -305,6 +305,21 @@ def k_sweep_figure(table, recommended: int):
     return fig
 
 
+def k_selection_figure(scores: dict[int, float], chosen: int):
+    """n_clusters='auto': each candidate k's silhouette in the map (``scores``), the ``chosen`` k marked."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ks = sorted(scores)
+    ax.plot(ks, [scores[k] for k in ks], "o-", color="tab:blue")
+    ax.axvline(chosen, color="gray", linestyle="--", label=f"chosen k = {chosen}")
+    ax.set_xlabel("number of clusters k")
+    ax.set_ylabel("silhouette in the map (best of the GMM starts)")
+    ax.set_xticks(ks)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("n_clusters = auto")
+    fig.tight_layout()
+    return fig
+
+
 def imbalance_figure(table):
     """Accuracy of each method against the retention rate r_min of the smallest class (Table 4).
 

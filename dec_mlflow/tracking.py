@@ -390,7 +390,7 @@ class MlflowCallback(Callback):
     the curves run on instead of drawing every round over the first.
     """
 
-    def __init__(self, n_clusters: int, y_true: np.ndarray | None = None):
+    def __init__(self, n_clusters: int | str, y_true: np.ndarray | None = None):
         self.n_clusters = n_clusters
         self.y_true = y_true
         self._offset, self._last = 0, -1  # the first round starts at step 0
@@ -410,7 +410,8 @@ class MlflowCallback(Callback):
 
     def on_update(self, step, labels, metrics):
         step = self._last = self._offset + step
-        mlflow.log_metrics({**metrics, **cluster_size_metrics(labels, self.n_clusters)}, step=step)
+        k = self.n_clusters if self.n_clusters != "auto" else int(labels.max()) + 1  # 'auto': as the labels say
+        mlflow.log_metrics({**metrics, **cluster_size_metrics(labels, k)}, step=step)
         if self.y_true is not None:
             mlflow.log_metrics(clustering_scores(self.y_true, labels), step=step)
 

@@ -138,6 +138,27 @@ def test_missing_dataset_is_reported_before_work(store):
     assert "nope.npz': no such file" in result.output
 
 
+def test_cluster_with_auto_n_clusters_logs_the_choice_and_each_candidates_score(store, first_cluster):
+    args = ["cluster", "--dataset", store["data"], "--registered_model_name", "none"]
+    for k, v in {**SMALL, "n_clusters": "auto", "k_max": 6, "pretrain_epochs": 0}.items():  # the default recipe
+        args += [f"--{k}", str(v)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run = runs_by_stage("cluster")[-1]
+    assert run.data.params["n_clusters"] == "auto" and run.data.params["n_clusters_resolved"] == "3"
+    history = MlflowClient().get_metric_history(run.info.run_id, "k_silhouette")
+    assert sorted(m.step for m in history) == [2, 3, 4, 5, 6]
+    assert max(history, key=lambda m: m.value).step == 3
+    assert "k_selection.png" in {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert run.data.metrics["final_acc"] > 0.95
+
+
+def test_compare_refuses_auto_n_clusters_with_the_way_to_get_a_k(store):
+    result = CliRunner().invoke(main, ["compare", "--dataset", store["data"], "--n_clusters", "auto"])
+    assert result.exit_code == 1
+    assert "n_clusters='auto' is for cluster and the estimator; compare compares its methods at a given" in result.output
+
+
 def test_cluster_from_given_autoencoder_run_id(store, first_cluster):
     pre = runs_by_stage("pretrain")[0]
     args = ["cluster", "--dataset", store["data"], "--autoencoder", pre.info.run_id, "--registered_model_name", "none"]

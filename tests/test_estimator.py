@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
+from sklearn.datasets import make_blobs
 from sklearn.exceptions import NotFittedError
 
 from dec_mlflow import DEC, PretrainedAutoencoder
@@ -108,8 +109,8 @@ def test_sklearn_clone_and_params_round_trip():
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"n_clusters": 0}, "n_clusters must be an integer >= 1; got 0"),
-        ({"n_clusters": 2.5}, "n_clusters must be an integer >= 1; got 2.5"),
+        ({"n_clusters": 0}, "n_clusters must be an integer >= 1 or 'auto'; got 0"),
+        ({"n_clusters": 2.5}, "n_clusters must be an integer >= 1 or 'auto'; got 2.5"),
         ({"pretrain_lr": 0.0}, r"pretrain_lr must be a number > 0.0; got 0.0"),
         ({"momentum": 1.0}, r"momentum must be a number >= 0.0 and < 1.0; got 1.0"),
         ({"tol": -0.1}, r"tol must be a number >= 0.0 and < 1.0; got -0.1"),
@@ -121,6 +122,11 @@ def test_sklearn_clone_and_params_round_trip():
         ({"pretrain_epochs": "many"}, "pretrain_epochs must be an integer >= 0 or 'auto'; got 'many'"),
         ({"init": "spectral"}, "init must be one of manifold, kmeans; got 'spectral'"),
         ({"augment": "yes"}, "augment must be 'auto', True, False, 'finetune' or 'distill'; got 'yes'"),
+        ({"n_clusters": "many"}, "n_clusters must be an integer >= 1 or 'auto'; got 'many'"),
+        ({"n_clusters": "auto", "init": "kmeans"}, "n_clusters='auto' chooses k on the manifold initialisation's map, so it needs init='manifold'; got init='kmeans'"),
+        ({"n_clusters": "auto", "k_min": 5, "k_max": 4}, "k_max must be >= k_min; got k_min=5, k_max=4"),
+        ({"n_clusters": "auto", "k_min": 1}, "k_min must be an integer >= 2; got 1"),
+        ({"n_clusters": "auto", "n_pretrain_init": 2, "pretrain_selection": "inertia"}, "pretrain_selection='inertia' compares k-means at n_clusters"),
     ],
 )
 def test_bad_params_are_named(blobs, params, message):
@@ -278,3 +284,19 @@ def test_the_manifold_initialisation_leaves_the_torch_thread_count_as_it_was(blo
         assert torch.get_num_threads() == limit
     finally:
         torch.set_num_threads(before)
+
+
+def test_auto_n_clusters_finds_the_groups_and_keeps_the_scores():
+    # four groups of unequal sizes; the default recipe (no pretraining) with a short self-training
+    x, y = make_blobs(n_samples=[80, 120, 160, 240], n_features=12, center_box=(-10, 10), cluster_std=1.5, random_state=1)
+    est = DEC(n_clusters="auto", k_max=8, hidden_dims=(32, 16, 4), batch_size=64, update_interval=10, distill_epochs=1,
+              max_iter=50).fit(x.astype(np.float32))
+    assert est.n_clusters_ == 4 and est.cluster_centers_.shape == (4, 4)
+    assert sorted(est.k_scores_) == list(range(2, 9)) and max(est.k_scores_, key=est.k_scores_.get) == 4
+    assert cluster_accuracy(y, est.labels_) > 0.99
+    assert est.predict_proba(x[:5].astype(np.float32)).shape == (5, 4)
+    assert est.get_params()["n_clusters"] == "auto"  # the parameter stays as given; the fit's k is n_clusters_
+
+
+def test_a_number_of_clusters_is_kept_as_given_and_has_no_scores(fitted):
+    assert fitted.n_clusters_ == fitted.n_clusters and fitted.k_scores_ == {}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
 
-from dec_mlflow.initialisation import cluster_map, kmeans_init, manifold_init
+from dec_mlflow.initialisation import choose_k, cluster_map, kmeans_init, manifold_init
 from dec_mlflow.metrics import cluster_accuracy
 
 
@@ -109,3 +109,26 @@ def test_input_space_reduces_wide_input_and_blurs_small_image_sets_only():
     blurred = blur_images(image, (9, 9)).reshape(9, 9)
     assert blurred[4, 4] < 1.0 and blurred[4, 5] > 0 and blurred.sum() == pytest.approx(1.0, abs=1e-3)
 
+
+@pytest.fixture(scope="module")
+def unequal_blobs():
+    # three groups of sizes 1:2:4 in 20 dimensions, as n_clusters='auto' meets them in the benchmark
+    z, y = make_blobs(n_samples=[100, 200, 400], n_features=20, center_box=(-10, 10), cluster_std=2.5, random_state=0)
+    return z.astype(np.float32), y
+
+
+def test_auto_k_finds_unequal_groups_and_scores_every_candidate(unequal_blobs):
+    z, y = unequal_blobs
+    init = manifold_init(z, "auto", seed=0, k_range=(2, 8))
+    assert len(init.centroids) == 3 and sorted(init.k_scores) == list(range(2, 9))
+    assert max(init.k_scores, key=init.k_scores.get) == 3
+    assert cluster_accuracy(y, init.labels) > 0.99
+    assert init.posteriors.shape == (700, 3)
+
+
+def test_auto_k_range_is_capped_at_the_samples_and_checked():
+    u = np.random.default_rng(0).normal(size=(6, 2))
+    k, scores = choose_k(u, 2, 20, seed=0)
+    assert sorted(scores) == [2, 3, 4, 5] and k in scores
+    with pytest.raises(ValueError, match="n_clusters='auto' needs 2 <= k_min <= k_max <= n_samples - 1; got k_min=6"):
+        choose_k(u, 6, 20, seed=0)
