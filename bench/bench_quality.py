@@ -51,7 +51,7 @@ def load(name: str) -> tuple[np.ndarray, np.ndarray]:
 
         data = load_dataset("mnist")
         return (data.x, data.y) if name == "mnist" else (data.x[60000:], data.y[60000:])
-    if name == "mnist6":  # the MNIST test split restricted to the digits 0 to 5 (5,139 images, six groups)
+    if name == "mnist6":  # the MNIST test split restricted to the digits 0 to 5 (6,031 images, six groups)
         from dec_mlflow.data import load_dataset
 
         data = load_dataset("mnist")

@@ -23,7 +23,8 @@ from dec_mlflow.augment import check_image_shape, infer_image_shape, random_shif
 from dec_mlflow.callbacks import Callback, CallbackList
 from dec_mlflow.checkpoint import load_tensors, save_tensors
 from dec_mlflow.initialisation import (
-    INITS, K_RANGE, Initialisation, embedding_scale, input_space, kmeans_init, manifold_init, prototypes,
+    INITS, K_RANGE, MAX_MAP_DIM, Initialisation, choose_k, embedding_scale, input_space, kmeans_init, manifold_init,
+    prototypes, umap_map,
 )
 from dec_mlflow.model import Autoencoder, DECNet, scale_embedding
 from dec_mlflow.objectives import kl_divergence, target_distribution
@@ -926,6 +927,28 @@ def embedding_kmeans(ae: PretrainedAutoencoder, X: Features, n_clusters: int, *,
     km = KMeans(n_clusters, n_init=n_init, random_state=seed).fit(z)
     total = float(((z.astype(np.float64) - z.mean(0, dtype=np.float64)) ** 2).sum())
     return km.labels_.astype(np.int64), float(km.inertia_) / total
+
+
+def map_k_scores(est: DEC, X: Features, k_min: int, k_max: int, *,
+                 autoencoder: PretrainedAutoencoder | None = None) -> tuple[int, dict[int, float]]:
+    """What ``n_clusters='auto'`` would choose on ``X``, without fitting: (k, {k: silhouette in the map}).
+
+    The map is the one ``est.fit`` makes: of the scaled input (reduced to 50 principal components) when
+    there is no trained ``autoencoder``, else of its embedding; then :func:`choose_k` over ``k_min..k_max``.
+    """
+    seed = est._seed()
+    if autoencoder is None or not autoencoder.trained:
+        resolved = est.resolve(X)
+        offset, scale = fit_scaling(X, resolved["scaling"])
+        space = input_space(X, offset, scale, image_shape=resolved["image_shape"], seed=seed)
+    else:
+        space = embed(autoencoder.autoencoder.encoder, scaled(_as_features(X), autoencoder.offset, autoencoder.scale,
+                                                               torch.device("cpu"))).numpy()
+    threads = torch.get_num_threads()
+    try:
+        return choose_k(umap_map(space, MAX_MAP_DIM, seed=seed), k_min, k_max, seed=seed)
+    finally:
+        torch.set_num_threads(threads)  # UMAP's numba sets the OpenMP threads torch shares (see _initial_clusters)
 
 
 def _as_features(X) -> Features:

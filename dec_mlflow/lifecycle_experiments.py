@@ -21,7 +21,7 @@ import pandas as pd
 from dec_mlflow import experiments, tracking
 from dec_mlflow.callbacks import CallbackList
 from dec_mlflow.data import Dataset
-from dec_mlflow.estimator import DEC, selection_criteria
+from dec_mlflow.estimator import DEC, map_k_scores, selection_criteria
 from dec_mlflow.lifecycle import (
     ESTIMATOR_PARAMS,
     build_estimator,
@@ -178,13 +178,15 @@ def _log_comparison(data: Dataset, rows: list[dict], criteria: list[dict], selec
 def k_sweep(dataset: str, *, label_column: str = "", ks: Sequence[int] = (6, 7, 8, 9, 10, 11, 12),
             validation_fraction: float = 0.2, autoencoder: str = "", preset: str = "default", experiment: str = "",
             **params) -> dict:
-    """Choose k by the paper's generalizability G = KL_train / KL_validation (section 5.3, Figure 5).
+    """Choose k by n_clusters='auto''s criterion, next to the paper's generalizability G (section 5.3, Figure 5).
 
     Splits the dataset into training and validation parts (seeded by ``random_state``), pretrains
     once on the training part (or uses ``autoencoder``), fits DEC for every k (a child run each)
     and logs per k: KL on both parts, G and, with labels, NMI and ACC on the validation part; the
     parent logs the curves (step = k), k_sweep.png, the table k_sweep.json/.csv and the metric
-    recommended_k (the k before G's largest drop). ``**params``: ``K_SWEEP_PARAMS``.
+    recommended_k: the k of the best silhouette in the UMAP map, ``n_clusters='auto'``'s criterion
+    (``map_silhouette`` per k), with the paper's (the k before G's largest drop) as
+    recommended_k_generalizability. ``**params``: ``K_SWEEP_PARAMS``.
 
     Returns
     -------
@@ -207,13 +209,16 @@ def k_sweep(dataset: str, *, label_column: str = "", ks: Sequence[int] = (6, 7, 
         est = build_estimator({**params, "n_clusters": ks[0]}, data, preset=preset)
         ae, source = resolve_autoencoder(autoencoder, est, train_data, stage_params, data_params(train_data))
         mlflow.set_tag("dec.autoencoder_source", source)
+        # n_clusters='auto''s criterion on the same training part and autoencoder: the silhouette in the map
+        _, silhouettes = map_k_scores(est, train_data.x, min(ks), max(ks), autoencoder=ae)
         rows = []
         for k in sorted(ks):
             est = build_estimator({**params, "n_clusters": k}, data, preset=preset)
             with _child(f"k{k}", {tracking.STAGE_TAG: "k_sweep/k", "n_clusters": k, "dataset": data.name}, {**est.get_params(), "autoencoder": source}):
                 with progress_bar() as bar:
                     est.fit(train_data.x, autoencoder=ae, callback=CallbackList([bar, tracking.MlflowCallback(k, train_data.y)]))
-                row = {"k": k, **experiments.generalizability(est, train_data.x, data.x[val]), "n_iter": est.n_iter_}
+                row = {"k": k, **experiments.generalizability(est, train_data.x, data.x[val]), "n_iter": est.n_iter_,
+                       "map_silhouette": silhouettes[k]}
                 if data.y is not None:
                     row.update({f"val_{n}": v for n, v in clustering_scores(data.y[val], est.predict(data.x[val])).items()})
                 mlflow.log_metrics({n: float(v) for n, v in row.items() if n != "k"})
@@ -221,11 +226,17 @@ def k_sweep(dataset: str, *, label_column: str = "", ks: Sequence[int] = (6, 7, 
             rows.append(row)
             report("  ".join(f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}" for n, v in row.items()))
         table = pd.DataFrame(rows)
-        best = experiments.recommend_k(table["k"].tolist(), table["generalizability"].tolist())
-        mlflow.log_metric("recommended_k", best)
+        by_g = recommended_by_generalizability(table)
+        best = int(table["k"][table["map_silhouette"].idxmax()])  # ties: the smaller k (the table is sorted by k)
+        mlflow.log_metrics({"recommended_k": best, "recommended_k_generalizability": by_g})
         _log_frame(table, "k_sweep")
         tracking.log_figure("k_sweep.png", lambda: plots.k_sweep_figure(table, best))
     return {"run_id": run.info.run_id, "table": table, "recommended_k": best}
+
+
+def recommended_by_generalizability(table: pd.DataFrame) -> int:
+    """The paper's choice in a k_sweep table: the k before G's largest drop."""
+    return experiments.recommend_k(table["k"].tolist(), table["generalizability"].tolist())
 
 
 # ------------------------------------------------------------------------------------ imbalance

@@ -285,19 +285,23 @@ def gradient_vs_q_figure(q: np.ndarray, grad_norm: np.ndarray, cluster: int | No
 
 
 def k_sweep_figure(table, recommended: int):
-    """Generalizability G and (if present) validation NMI against k, as the paper's Figure 6.
+    """Generalizability G and (if present) the silhouette in the map and validation NMI against k (the paper's Figure 6).
 
-    ``table`` has columns 'k', 'generalizability' and optionally 'val_nmi'.
+    ``table`` has columns 'k', 'generalizability' and optionally 'map_silhouette' and 'val_nmi'.
     """
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.plot(table["k"], table["generalizability"], "o-", color="tab:blue", label="G = KL_train / KL_validation")
     ax.set_xlabel("number of clusters k")
     ax.set_ylabel("generalizability G", color="tab:blue")
     ax.axvline(recommended, color="gray", linestyle="--", label=f"recommended k = {recommended}")
-    if "val_nmi" in table:
+    if "val_nmi" in table or "map_silhouette" in table:
         twin = ax.twinx()
-        twin.plot(table["k"], table["val_nmi"], "s-", color="tab:orange", label="NMI (validation)")
-        twin.set_ylabel("NMI", color="tab:orange")
+        if "map_silhouette" in table:
+            twin.plot(table["k"], table["map_silhouette"], "^-", color="tab:green", label="silhouette in the map")
+        if "val_nmi" in table:
+            twin.plot(table["k"], table["val_nmi"], "s-", color="tab:orange", label="NMI (validation)")
+        twin.set_ylabel("silhouette (map) / NMI (validation)")
+        twin.legend(loc="lower right", fontsize=8)
     ax.set_xticks(list(table["k"]))
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title("Choosing k")
