@@ -6,7 +6,6 @@ import copy
 import functools
 import math
 import re
-from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from sklearn.utils.validation import check_array, check_is_fitted
 
 from dec_mlflow import distributed, trust
 from dec_mlflow.augment import check_image_shape, infer_image_shape, random_shift_rotate
-from dec_mlflow.callbacks import Callback, CallbackList
-from dec_mlflow.checkpoint import load_tensors, save_tensors
+from dec_mlflow.callbacks import Callback
+from dec_mlflow.checkpoint import Checkpoints, PretrainCheckpoint, PretrainedAutoencoder
 from dec_mlflow.initialisation import (
     INITS, K_RANGE, MAX_MAP_DIM, Initialisation, choose_k, embedding_scale, input_space, kmeans_init, manifold_init,
     prototypes, umap_map,
@@ -31,7 +30,7 @@ from dec_mlflow.objectives import kl_divergence, target_distribution
 from dec_mlflow.rows import Features, chunks, scaled, streamed
 from dec_mlflow.scaling import SCALINGS, auto_scaling, fit_scaling
 from dec_mlflow.training import (
-    LoopState, distill, embed, pretrain_end_to_end, pretrain_layerwise, reconstruction_error, self_train,
+    distill, embed, pretrain_end_to_end, pretrain_layerwise, reconstruction_error, self_train,
 )
 
 PRETRAIN_MODES = ("end_to_end", "layerwise")
@@ -58,114 +57,6 @@ DISTILL_SMOOTHING = 0.1
 PRETRAIN_RETRIES = 3  # divergent pretraining restarts this many times, each at a quarter of the rate
 # the label-free score that ranks runs best on average, and least badly on its worst dataset (docs/trust.md)
 TRUST_SCORE = "balance"
-
-
-@dataclass
-class PretrainedAutoencoder:
-    """What pretraining produces: the autoencoder and the input scaling it was trained under.
-
-    ``trained`` is False for the seeded, untrained autoencoder of a fit with ``pretrain_epochs=0``,
-    whose initial clustering is then made on the input instead of the embedding.
-    """
-
-    autoencoder: Autoencoder
-    offset: np.ndarray  # (n_features,) subtracted from raw features
-    scale: np.ndarray  # (n_features,) multiplied after the offset
-    loss: float  # mean reconstruction loss of the last pretraining epoch
-    lr: float = float("nan")  # the pretraining learning rate that converged (after any restarts)
-    trained: bool = True
-
-    @property
-    def n_features(self) -> int:
-        return self.autoencoder.dims[0]
-
-    def save(self, path: str | Path) -> None:
-        """Write dims, weights, scaling, loss and rate to ``path`` as tensors + JSON (no pickle, see ``load``)."""
-        save_tensors(path, *self._payload())
-
-    def _payload(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()}
-        tensors.update(offset=torch.from_numpy(np.asarray(self.offset)), scale=torch.from_numpy(np.asarray(self.scale)))
-        return tensors, {"dims": list(self.autoencoder.dims), "loss": float(self.loss), "lr": float(self.lr)}
-
-    @classmethod
-    def load(cls, path: str | Path) -> "PretrainedAutoencoder":
-        """Read a checkpoint written by ``save``; a file that needs pickle to load is refused (ValueError)."""
-        return cls._from_payload(*load_tensors(path), path)
-
-    @classmethod
-    def _from_payload(cls, tensors: dict[str, torch.Tensor], settings: dict, path) -> "PretrainedAutoencoder":
-        prefix = "autoencoder."
-        try:
-            ae = Autoencoder(settings["dims"])
-            ae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-            offset, scale, loss = tensors["offset"].numpy(), tensors["scale"].numpy(), float(settings["loss"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a checkpoint of something else
-            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"{path} is not a pretrained autoencoder checkpoint: {detail}") from None
-        return cls(ae, offset, scale, loss, float(settings.get("lr", float("nan"))))
-
-
-@dataclass
-class PretrainCheckpoint:
-    """An unfinished pretraining: the autoencoder so far and what continuing it exactly needs.
-
-    ``DEC.pretrain`` offers one to ``callback.on_checkpoint`` after every epoch and continues from
-    one given as ``resume``. Saved in the format of :class:`PretrainedAutoencoder` (tensors + JSON,
-    loaded without pickle) with the optimizer's momentum, the generator states and the position.
-    """
-
-    pretrained: PretrainedAutoencoder  # weights after `state.epoch` epochs of `state.stage`; lr: the rate in use
-    attempt: int  # restarts at a lower rate made before this one (0: the first attempt)
-    state: LoopState  # stage, epochs done, optimizer and generator states ('augment': DEC-DA's generator)
-
-    def save(self, path: str | Path) -> None:
-        tensors, settings = self.pretrained._payload()
-        for i, entry in self.state.optimizer["state"].items():
-            tensors.update({f"optimizer.{i}.{k}": v for k, v in entry.items()})  # SGD: momentum_buffer
-        tensors.update({f"rng.{k}": v for k, v in self.state.rng.items()})
-        settings["resume"] = {"stage": self.state.stage, "epoch": self.state.epoch, "loss": self.state.loss,
-                              "attempt": self.attempt, "param_groups": self.state.optimizer["param_groups"]}
-        save_tensors(path, tensors, settings)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "PretrainCheckpoint":
-        """Read a file written by ``save``; ValueError naming the file if it is not one (or needs pickle)."""
-        tensors, settings = load_tensors(path)
-        try:
-            position = settings["resume"]
-            optimizer: dict[int, dict] = {}
-            for name, t in tensors.items():
-                if name.startswith("optimizer."):
-                    _, index, key = name.split(".", 2)
-                    optimizer.setdefault(int(index), {})[key] = t
-            state = LoopState(str(position["stage"]), int(position["epoch"]), float(position["loss"]),
-                              {"state": optimizer, "param_groups": list(position["param_groups"])},
-                              {name[len("rng."):]: t for name, t in tensors.items() if name.startswith("rng.")})
-            attempt = int(position["attempt"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path} is not a pretraining checkpoint: {type(e).__name__} {e}") from None
-        weights = {k: v for k, v in tensors.items() if not k.startswith(("optimizer.", "rng."))}
-        return cls(PretrainedAutoencoder._from_payload(weights, settings, path), attempt, state)
-
-
-class _Checkpoints(CallbackList):
-    """Passes every hook on, turning the loops' :class:`LoopState` into a whole :class:`PretrainCheckpoint`."""
-
-    def __init__(self, callback: Callback, offset, scale, lr: float, attempt: int, transform):
-        super().__init__([callback])
-        self.offset, self.scale, self.lr, self.attempt, self.transform = offset, scale, lr, attempt, transform
-        self.autoencoder: Autoencoder | None = None  # set when it is built
-
-    def on_checkpoint(self, stage, epoch, state):
-        def checkpoint() -> PretrainCheckpoint:
-            loop = state()
-            if self.transform is not None:
-                loop.rng["augment"] = self.transform.keywords["generator"].get_state()
-            return PretrainCheckpoint(PretrainedAutoencoder(self.autoencoder, self.offset, self.scale, loop.loss, self.lr),
-                                      self.attempt, loop)
-
-        super().on_checkpoint(stage, epoch, checkpoint)
 
 
 def _cpu_has_bf16() -> bool:
@@ -652,7 +543,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         for attempt in range(first, PRETRAIN_RETRIES + 1):
             try:
                 transform = self._transform(resolved, scale, device, seed) if resolved["augment"] is True else None
-                checkpoints = _Checkpoints(callback, offset, scale, lr, attempt, transform)
+                checkpoints = Checkpoints(callback, offset, scale, lr, attempt, transform)
                 ae, loss = self._pretrain_once(x, lr, resolved, seed, transform, checkpoints, resume)
                 return PretrainedAutoencoder(ae.cpu(), offset, scale, loss, lr)
             except FloatingPointError as e:
@@ -664,7 +555,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
                 callback.on_retry("pretrain", attempt + 1, f"{e}; restarting at pretrain_lr={lr:g}")
         raise AssertionError("unreachable")
 
-    def _pretrain_once(self, x, lr: float, resolved: dict, seed: int, transform, callback: "_Checkpoints",
+    def _pretrain_once(self, x, lr: float, resolved: dict, seed: int, transform, callback: "Checkpoints",
                        resume: PretrainCheckpoint | None = None):
         """One pretraining from fresh weights seeded by ``seed``, or from ``resume``; returns (autoencoder, last loss)."""
         opt = dict(batch_size=self.pretrain_batch_size, lr=lr, momentum=self.pretrain_momentum,

@@ -30,10 +30,9 @@ from mlflow.tracking import MlflowClient
 from scipy import sparse
 
 from dec_mlflow.callbacks import Callback, SelfTrainRecorder
-from dec_mlflow.checkpoint import load_tensors, save_tensors
+from dec_mlflow.checkpoint import PretrainCheckpoint, PretrainedAutoencoder, load_tensors, save_tensors
 from dec_mlflow.data import Dataset
 from dec_mlflow.environment import temporary_environ
-from dec_mlflow.estimator import PretrainCheckpoint, PretrainedAutoencoder
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.model import DECNet
 from dec_mlflow.rows import Features, chunks, dense

@@ -19,7 +19,7 @@ from sklearn.datasets import make_blobs
 
 from dec_mlflow import DEC, __version__, lifecycle, tracking
 from dec_mlflow.callbacks import Callback, CallbackList
-from dec_mlflow.estimator import PretrainCheckpoint
+from dec_mlflow.checkpoint import PretrainCheckpoint
 
 SMALL = {"n_clusters": 3, "hidden_dims": (16, 8, 3), "pretrain_epochs": 3, "pretrain_lr": 0.1, "pretrain_batch_size": 64,
          "batch_size": 64, "update_interval": 10, "n_init": 3, "precision": "fp32", "init": "kmeans"}
