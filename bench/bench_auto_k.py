@@ -60,7 +60,7 @@ def run_one(name: str, seed: int) -> dict:
             "map_seconds": t1 - t0, "choose_seconds": t2 - t1, "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M")}
 
 
-def report() -> None:
+def report(note: str = "") -> None:
     rows = sorted(latest_rows(RESULTS, ("dataset", "seed")), key=lambda r: (ORDER.index(r["dataset"]), r["seed"]))
     lines = ["| data | rows | true k | seed | chosen k | silhouette at true k / at chosen k | ACC of the chosen k's start "
              "| map s | choice s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -77,6 +77,7 @@ def report() -> None:
         "the best silhouette in the map; the k of the best score wins (`dec_mlflow.initialisation.choose_k`). "
         "`map s` is the map (a fixed-k run of k >= 10 makes the same map), `choice s` the extra cost of the choice.\n\n"
         f"Machine: {'; '.join(sorted({r['machine'] for r in rows}))}. Found the true k in {hits} of {len(rows)}.\n\n"
+        + (note + "\n\n" if note else "")
         + "\n".join(lines) + "\n\n"
         "Where it misses, groups touch in the map: the silhouette prefers one clump to two that touch. On MNIST "
         "4, 7 and 9 (and 3, 5 and 8) form such clumps, so the choice undercounts there; the deep clustering at the "
@@ -93,10 +94,11 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--datasets", nargs="+", default=ORDER, choices=ORDER)
     r.add_argument("--seeds", nargs="+", type=int, default=[0])
-    sub.add_parser("report")
+    rep = sub.add_parser("report")
+    rep.add_argument("--note", default="", help="a paragraph printed above the table (load on the machine, missing runs)")
     args = ap.parse_args()
     if args.command == "report":
-        return report()
+        return report(args.note)
     OUT.mkdir(parents=True, exist_ok=True)
     for name in args.datasets:
         for seed in args.seeds:
