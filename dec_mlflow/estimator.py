@@ -411,8 +411,9 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     def _check_fit_data(self, X: Features, *, no_spread: bool) -> None:
         """Refuse, before any training, data that ``fit`` with these parameters could not train on."""
         n = X.shape[0]
-        if self.n_clusters == "auto" and n <= self.k_min:
-            raise ValueError(f"n_clusters='auto' needs more samples than k_min; got n_samples={n}, k_min={self.k_min}")
+        if self.n_clusters == "auto" and n <= self.k_max:
+            raise ValueError(f"n_clusters='auto' needs k_max < n_samples; got k_max={self.k_max}, n_samples={n} "
+                             f"(give a smaller k_max)")
         if self.n_clusters == "auto":
             pass
         elif n < self.n_clusters:

@@ -298,5 +298,11 @@ def test_auto_n_clusters_finds_the_groups_and_keeps_the_scores():
     assert est.get_params()["n_clusters"] == "auto"  # the parameter stays as given; the fit's k is n_clusters_
 
 
+def test_auto_n_clusters_needs_k_max_below_the_samples_before_any_work():
+    with pytest.raises(ValueError, match="n_clusters='auto' needs k_max < n_samples; got k_max=20, n_samples=15"):
+        DEC(n_clusters="auto").check_fit_data(np.random.default_rng(0).normal(size=(15, 4)))
+    DEC(n_clusters="auto", k_max=14).check_fit_data(np.random.default_rng(0).normal(size=(15, 4)))
+
+
 def test_a_number_of_clusters_is_kept_as_given_and_has_no_scores(fitted):
     assert fitted.n_clusters_ == fitted.n_clusters and fitted.k_scores_ == {}
