@@ -7,7 +7,9 @@ holding ``serving/onnx_pyfunc.py`` and the verified ONNX graph, plus the parity 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -77,20 +79,16 @@ def log_dec_model(
         raise ValueError(f"max_batch_rows must be an integer >= 1; got {max_batch_rows!r}")
     X_sample = np.asarray(X_sample, dtype=np.float64)
     n_features, n_clusters = network.offset.shape[0], network.centroids.shape[0]
-    with tempfile.TemporaryDirectory() as tmp:
+    config = {"n_features": n_features, "n_clusters": n_clusters, "max_batch_rows": max_batch_rows, "device": "auto",
+              "intra_op_threads": 0}
+    with tempfile.TemporaryDirectory() as tmp, _config_params_of_a_run_with_auto_k(config):
         onnx_path = Path(tmp) / "dec.onnx"
         check = export_onnx(network, onnx_path, X_sample, open_sessions=parity_sessions)
         model_info = mlflow.pyfunc.log_model(
             name=name,
             python_model=str(PYFUNC_PATH),
             artifacts={"onnx": str(onnx_path)},
-            model_config={
-                "n_features": n_features,
-                "n_clusters": n_clusters,
-                "max_batch_rows": max_batch_rows,
-                "device": "auto",
-                "intra_op_threads": 0,
-            },
+            model_config=config,
             signature=feature_signature(n_clusters, network.centroids.shape[1]),
             input_example=X_sample[:_EXAMPLE_ROWS],
             pip_requirements=pinned_requirements(),
@@ -99,6 +97,30 @@ def log_dec_model(
         )
     mlflow.log_metrics(check, model_id=model_info.model_id)
     return model_info, check
+
+
+class _DropConfigParamsWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to log model config as params")
+
+
+@contextmanager
+def _config_params_of_a_run_with_auto_k(config: dict):
+    """MLflow logs a model's config as params of the active run, all in one batch. A run of
+    ``n_clusters=auto`` already holds n_clusters='auto', so that batch fails with a warning and logs
+    nothing: log the other keys here instead, and keep the warning (about the expected clash) quiet."""
+    run = mlflow.active_run()
+    held = mlflow.get_run(run.info.run_id).data.params.get("n_clusters") if run else None
+    if held is None or held == str(config["n_clusters"]):
+        yield
+        return
+    mlflow.log_params({k: v for k, v in config.items() if k != "n_clusters"})
+    logger, quiet = logging.getLogger("mlflow.models.model"), _DropConfigParamsWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def parity_sessions(path: str) -> list:

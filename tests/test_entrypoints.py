@@ -146,6 +146,8 @@ def test_cluster_with_auto_n_clusters_logs_the_choice_and_each_candidates_score(
     assert result.exit_code == 0, result.output
     run = runs_by_stage("cluster")[-1]
     assert run.data.params["n_clusters"] == "auto" and run.data.params["n_clusters_resolved"] == "3"
+    # the logged model's config reaches the run's params as with a given k (MLflow's own batch would clash on n_clusters)
+    assert run.data.params["max_batch_rows"] == "100000" and run.data.params["device"] == "auto"
     history = MlflowClient().get_metric_history(run.info.run_id, "k_silhouette")
     assert sorted(m.step for m in history) == [2, 3, 4, 5, 6]
     assert max(history, key=lambda m: m.value).step == 3
