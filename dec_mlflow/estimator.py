@@ -30,7 +30,7 @@ from dec_mlflow.objectives import kl_divergence, target_distribution
 from dec_mlflow.rows import Features, chunks, scaled, streamed
 from dec_mlflow.scaling import SCALINGS, auto_scaling, fit_scaling
 from dec_mlflow.training import (
-    distill, embed, pretrain_end_to_end, pretrain_layerwise, reconstruction_error, self_train,
+    distill_and_self_train, embed, pretrain_end_to_end, pretrain_layerwise, reconstruction_error,
 )
 
 PRETRAIN_MODES = ("end_to_end", "layerwise")
@@ -635,28 +635,22 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             centroids = torch.nn.Parameter(torch.from_numpy(init.centroids * scale).to(device))
             distilling = self._distills() and init.posteriors is not None  # one cluster: no posteriors to learn
             n_iter = max(DISTILL_MIN_ITER, self.distill_epochs * max(1, x.shape[0] // min(self.batch_size, x.shape[0])))
-            self.round_labels_, total_iter = [], 0
             distill_lr = self._distill_lr(autoencoder.trained)
-            for round_ in range(self.distill_rounds if distilling else 1):
-                if distilling:
-                    # the first round learns the mixture's posteriors, each further one the sharpened target P of the
-                    # previous round, from the clean data's Q
-                    teacher = (torch.from_numpy(init.posteriors).to(device) if round_ == 0
-                               else target_distribution(result.q.to(device)).detach())
-                    if round_ > 0 and not autoencoder.trained:  # a fresh student learns the previous round's P
-                        encoder, centroids = self._fresh_student(X.shape[1], init.centroids, round_, device)
-                    distill(encoder, centroids, x, teacher, n_iter=n_iter, transform=transform,
-                            # a pretrained encoder distils as before the untrained start: constant rate, sharp targets
-                            smoothing=0.0 if autoencoder.trained else DISTILL_SMOOTHING, one_cycle=not autoencoder.trained,
-                            **{**train, "lr": distill_lr})
-                result = self_train(
-                    encoder, centroids, x, update_interval=resolved["update_interval"], tol=self.tol,
-                    max_iter=self.max_iter, train_encoder=self.variant != "frozen", decoder=decoder, gamma=self.gamma,
-                    transform=None if resolved["augment"] == "distill" else transform,
-                    **train,
-                )
-                self.round_labels_.append(result.labels)
-                total_iter += result.n_iter
+            trained = distill_and_self_train(
+                encoder, centroids, x, torch.from_numpy(init.posteriors).to(device) if distilling else None,
+                rounds=self.distill_rounds,
+                # a pretrained encoder distils as before the untrained start: constant rate, sharp targets
+                distill_options=dict(n_iter=n_iter, transform=transform, one_cycle=not autoencoder.trained,
+                                     smoothing=0.0 if autoencoder.trained else DISTILL_SMOOTHING, **{**train, "lr": distill_lr}),
+                self_train_options=dict(update_interval=resolved["update_interval"], tol=self.tol, max_iter=self.max_iter,
+                                        train_encoder=self.variant != "frozen", decoder=decoder, gamma=self.gamma,
+                                        transform=None if resolved["augment"] == "distill" else transform, **train),
+                # without pretraining, each round after the first trains a new encoder on the previous round's P
+                fresh_student=None if autoencoder.trained else (
+                    lambda round_: self._fresh_student(X.shape[1], init.centroids, round_, device)),
+            )
+        encoder, centroids, result = trained.encoder, trained.centroids, trained.result
+        self.round_labels_, total_iter = trained.round_labels, trained.n_iter
         self.network_ = DECNet(
             encoder.cpu(), centroids.detach().cpu(), torch.from_numpy(autoencoder.offset),
             torch.from_numpy(autoencoder.scale), self.alpha,

@@ -458,3 +458,47 @@ def self_train(
     encoder.eval()
     return SelfTrainResult(labels=labels, n_iter=it, converged=it > 0 and delta < tol, delta_label=delta, kl_loss=kl,
                            q=distributed.all_gather_rows(q_rows), p=p_all)
+
+
+@dataclass
+class Rounds:
+    """Outcome of :func:`distill_and_self_train`: the trained network and the last round's self-training."""
+
+    encoder: nn.Module
+    centroids: nn.Parameter
+    result: SelfTrainResult  # the last round's
+    round_labels: list[np.ndarray]  # each round's final labels, (n_samples,) each
+    n_iter: int  # self-training iterations over all rounds
+
+
+def distill_and_self_train(
+    encoder: nn.Module,
+    centroids: nn.Parameter,
+    x: torch.Tensor,
+    posteriors: torch.Tensor | None,
+    *,
+    rounds: int,
+    distill_options: dict,
+    self_train_options: dict,
+    fresh_student: Callable[[int], tuple[nn.Module, nn.Parameter]] | None = None,
+) -> Rounds:
+    """``fit``'s training stages: ``rounds`` rounds of distillation, each followed by self-training.
+
+    The first round distils ``posteriors`` (n_samples, n_clusters), the initial clustering's soft
+    labels; each further round the sharpened target P of the previous round's Q (computed on the clean
+    data), into a network from ``fresh_student(round)`` when given, else into the same one. Without
+    ``posteriors`` (nothing to distil: a k-means start, one cluster) one round of self-training alone.
+    ``distill_options`` go to :func:`distill` (all but the teacher), ``self_train_options`` to
+    :func:`self_train`; ``encoder`` and ``centroids`` are trained in place.
+    """
+    round_labels, n_iter, result = [], 0, None
+    for round_ in range(rounds if posteriors is not None else 1):
+        if posteriors is not None:
+            teacher = posteriors if round_ == 0 else target_distribution(result.q.to(posteriors.device)).detach()
+            if round_ > 0 and fresh_student is not None:
+                encoder, centroids = fresh_student(round_)
+            distill(encoder, centroids, x, teacher, **distill_options)
+        result = self_train(encoder, centroids, x, **self_train_options)
+        round_labels.append(result.labels)
+        n_iter += result.n_iter
+    return Rounds(encoder, centroids, result, round_labels, n_iter)

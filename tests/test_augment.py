@@ -102,7 +102,7 @@ def test_finetune_augments_self_training_but_not_pretraining():
 @pytest.mark.parametrize("augment, distill_augmented, self_train_augmented", [
     (False, False, False), ("auto", True, False), ("distill", True, False), ("finetune", True, True), (True, True, True)])
 def test_each_augment_value_augments_the_stages_it_names(monkeypatch, augment, distill_augmented, self_train_augmented):
-    import dec_mlflow.estimator as estimator
+    import dec_mlflow.training as training  # fit's stages: distill_and_self_train calls these
     seen = {}
 
     def recording(stage, real):
@@ -111,8 +111,8 @@ def test_each_augment_value_augments_the_stages_it_names(monkeypatch, augment, d
             return real(*args, **kwargs)
         return run
 
-    monkeypatch.setattr(estimator, "distill", recording("distill", estimator.distill))
-    monkeypatch.setattr(estimator, "self_train", recording("self_train", estimator.self_train))
+    monkeypatch.setattr(training, "distill", recording("distill", training.distill))
+    monkeypatch.setattr(training, "self_train", recording("self_train", training.self_train))
     x = np.random.default_rng(0).uniform(0, 1, size=(120, 16)).astype(np.float32)
     DEC(n_clusters=2, image_shape=(4, 4), hidden_dims=(8, 2), pretrain_epochs=2, update_interval=2, max_iter=6,
         batch_size=32, pretrain_batch_size=32, precision="fp32", augment=augment).fit(x)
@@ -143,7 +143,7 @@ def test_distill_epochs_is_checked(value):
 def test_each_further_round_distils_the_previous_rounds_target_then_self_trains_again(monkeypatch):
     import torch
 
-    import dec_mlflow.estimator as estimator
+    import dec_mlflow.training as training  # fit's stages: distill_and_self_train calls these
     from dec_mlflow.objectives import target_distribution
     calls = []
 
@@ -154,8 +154,8 @@ def test_each_further_round_distils_the_previous_rounds_target_then_self_trains_
             return result
         return run
 
-    monkeypatch.setattr(estimator, "distill", recording("distill", estimator.distill))
-    monkeypatch.setattr(estimator, "self_train", recording("self_train", estimator.self_train))
+    monkeypatch.setattr(training, "distill", recording("distill", training.distill))
+    monkeypatch.setattr(training, "self_train", recording("self_train", training.self_train))
     x = np.random.default_rng(0).uniform(0, 1, size=(200, 16)).astype(np.float32)
     small = dict(n_clusters=3, hidden_dims=(8, 2), pretrain_epochs=1, update_interval=2, max_iter=6, batch_size=32,
                  precision="fp32", random_state=0)
@@ -176,15 +176,15 @@ def test_each_further_round_distils_the_previous_rounds_target_then_self_trains_
 def test_without_pretraining_a_further_round_distils_into_a_fresh_encoder(monkeypatch):
     import torch
 
-    import dec_mlflow.estimator as estimator
+    import dec_mlflow.training as training  # fit's stages: distill_and_self_train calls these
     students = []
 
     def recording(encoder, centroids, *args, **kwargs):
         students.append((encoder, [p.detach().clone() for p in encoder.parameters()], centroids.detach().clone()))
         return real(encoder, centroids, *args, **kwargs)
 
-    real = estimator.distill
-    monkeypatch.setattr(estimator, "distill", recording)
+    real = training.distill
+    monkeypatch.setattr(training, "distill", recording)
     x, _ = make_blobs(300, n_features=6, centers=3, random_state=0)
     small = dict(n_clusters=3, hidden_dims=(8, 2), update_interval=2, max_iter=6, batch_size=32, precision="fp32",
                  random_state=0)

@@ -7,7 +7,7 @@ from torch import nn
 
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.objectives import soft_assignment
-from dec_mlflow.training import distill, self_train
+from dec_mlflow.training import distill, distill_and_self_train, self_train
 
 
 def _two_groups(n=200):
@@ -88,3 +88,35 @@ def test_smoothing_spreads_the_teachers_certainty():
         with torch.no_grad():
             confidences.append(soft_assignment(encoder(x), mu, 1.0).max(1).values.mean().item())
     assert confidences[1] < confidences[0]  # a smoothed target is not learnt as a certainty
+
+
+def test_rounds_distil_the_teacher_then_each_further_round_trains_a_fresh_student_on_p():
+    torch.manual_seed(0)
+    x = _two_groups()
+    teacher = torch.zeros(200, 2)
+    teacher[:100, 1] = teacher[100:, 0] = 1.0
+    students = []
+
+    def fresh_student(round_):
+        students.append(round_)
+        return nn.Sequential(nn.Linear(4, 2)), nn.Parameter(torch.tensor([[-1.0, -1.0], [1.0, 1.0]]))
+
+    options = dict(alpha=1.0, batch_size=50, lr=0.1, momentum=0.9, callback=Callback())
+    rounds = distill_and_self_train(
+        nn.Sequential(nn.Linear(4, 2)), nn.Parameter(torch.tensor([[-1.0, -1.0], [1.0, 1.0]])), x, teacher, rounds=2,
+        distill_options=dict(n_iter=300, **options), self_train_options=dict(update_interval=10, tol=0.001, max_iter=50, **options),
+        fresh_student=fresh_student)
+    assert students == [1] and len(rounds.round_labels) == 2
+    assert (torch.from_numpy(rounds.result.labels) == teacher.argmax(1)).float().mean() > 0.98
+    assert rounds.n_iter > 0
+
+
+def test_without_posteriors_there_is_one_round_of_self_training_alone():
+    torch.manual_seed(0)
+    x = _two_groups()
+    options = dict(alpha=1.0, batch_size=50, lr=0.1, momentum=0.9, callback=Callback())
+    rounds = distill_and_self_train(
+        nn.Sequential(nn.Linear(4, 2)), nn.Parameter(torch.tensor([[-2.0, -2.0], [2.0, 2.0]])), x, None, rounds=3,
+        distill_options={}, self_train_options=dict(update_interval=10, tol=0.001, max_iter=50, **options),
+        fresh_student=lambda round_: pytest.fail("no fresh student without distillation"))
+    assert len(rounds.round_labels) == 1 and rounds.result.labels.shape == (200,)
