@@ -22,8 +22,7 @@ from dec_mlflow.augment import check_image_shape, infer_image_shape, random_shif
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.checkpoint import Checkpoints, PretrainCheckpoint, PretrainedAutoencoder
 from dec_mlflow.initialisation import (
-    INITS, K_RANGE, MAX_MAP_DIM, Initialisation, choose_k, embedding_scale, input_space, kmeans_init, manifold_init,
-    prototypes, umap_map,
+    INITS, K_RANGE, MAX_MAP_DIM, choose_k, initial_clustering, input_space, umap_map,
 )
 from dec_mlflow.model import Autoencoder, DECNet, scale_embedding
 from dec_mlflow.objectives import kl_divergence, target_distribution
@@ -709,22 +708,10 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         z = distributed.all_gather_rows(embed(encoder, x, rows=distributed.rows(x.shape[0]))).cpu().numpy()  # (n, embedding_dim)
         init = scale = None
         if distributed.is_main():
-            if self.init == "manifold" and (self.n_clusters == "auto" or self.n_clusters > 1):  # one cluster: the mean
-                threads = torch.get_num_threads()
-                features = None if space is None else input_space(*space[:3], image_shape=space[3], seed=self.selected_seed_)
-                init = manifold_init(z, self.n_clusters, seed=self.selected_seed_, space=features, callback=callback,
-                                     k_range=(self.k_min, self.k_max))
-                # UMAP's numba sets the OpenMP thread count, which torch shares, to every core: a process limited to
-                # fewer (OMP_NUM_THREADS, torch.set_num_threads, one of several torchrun ranks) would self-train on all
-                torch.set_num_threads(threads)
-            else:
-                init = kmeans_init(z, self.n_clusters, n_init=self.n_init, seed=self.selected_seed_)
-            if space is not None and init.posteriors is not None:  # the encoder learns to carry clusters to prototypes
-                init = Initialisation(prototypes(len(init.centroids), z.shape[1], seed=self.selected_seed_), init.labels,
-                                      init.posteriors, init.k_scores)
-                scale = 1.0
-            else:
-                scale = embedding_scale(z, init)
+            features = None if space is None else input_space(*space[:3], image_shape=space[3], seed=self.selected_seed_)
+            init, scale = initial_clustering(z, self.n_clusters, init=self.init, seed=self.selected_seed_,
+                                             n_init=self.n_init, space=features, k_range=(self.k_min, self.k_max),
+                                             callback=callback)
         init, scale = distributed.broadcast_object((init, scale))
         scale_embedding(encoder, scale, decoder)
         callback.on_stage_end("init")

@@ -143,6 +143,31 @@ def manifold_init(z: np.ndarray, n_clusters: int | str, *, seed: int, space: np.
     return dataclasses.replace(cluster_map(z, u, k, seed=seed, callback=callback), k_scores=scores)
 
 
+def initial_clustering(z: np.ndarray, n_clusters: int | str, *, init: str, seed: int, n_init: int,
+                       space: np.ndarray | None = None, k_range: tuple[int, int] = K_RANGE,
+                       callback=None) -> tuple[Initialisation, float]:
+    """``fit``'s initial clustering of the embedding ``z`` (n_samples, embedding_dim), and the factor for its scale.
+
+    ``init='manifold'`` (:func:`manifold_init`, of ``space`` when given: the reduced input of an untrained
+    encoder) or ``'kmeans'`` (:func:`kmeans_init`; also for one cluster, whose centroid is the mean). With
+    ``space``, the centroids become :func:`prototypes` (the encoder learns to carry each cluster to its
+    own) and the factor is 1; otherwise the factor (:func:`embedding_scale`) puts the points at the
+    distance from their centroids that the Student's t kernel expects.
+    """
+    if init == "manifold" and (n_clusters == "auto" or n_clusters > 1):
+        threads = torch.get_num_threads()
+        result = manifold_init(z, n_clusters, seed=seed, space=space, k_range=k_range, callback=callback)
+        # UMAP's numba sets the OpenMP thread count, which torch shares, to every core: a process limited to
+        # fewer (OMP_NUM_THREADS, torch.set_num_threads, one of several torchrun ranks) would self-train on all
+        torch.set_num_threads(threads)
+    else:
+        result = kmeans_init(z, n_clusters, n_init=n_init, seed=seed)
+    if space is not None and result.posteriors is not None:
+        centroids = prototypes(len(result.centroids), z.shape[1], seed=seed)
+        return dataclasses.replace(result, centroids=centroids), 1.0
+    return result, embedding_scale(z, result)
+
+
 def choose_k(u: np.ndarray, k_min: int, k_max: int, *, seed: int, callback=None) -> tuple[int, dict[int, float]]:
     """The number of clusters in the map ``u`` (n_samples, m): the k in [k_min, k_max] of the best silhouette.
 

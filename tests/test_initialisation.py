@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
 
-from dec_mlflow.initialisation import choose_k, cluster_map, kmeans_init, manifold_init
+from dec_mlflow.initialisation import choose_k, cluster_map, initial_clustering, kmeans_init, manifold_init, prototypes
 from dec_mlflow.metrics import cluster_accuracy
 
 
@@ -132,3 +132,18 @@ def test_auto_k_range_is_capped_at_the_samples_and_checked():
     assert sorted(scores) == [2, 3, 4, 5] and k in scores
     with pytest.raises(ValueError, match="n_clusters='auto' needs 2 <= k_min <= k_max <= n_samples - 1; got k_min=6"):
         choose_k(u, 6, 20, seed=0)
+
+
+def test_initial_clustering_of_an_untrained_encoder_starts_at_prototypes_at_scale_one(unequal_blobs):
+    z, y = unequal_blobs
+    embedding = np.random.default_rng(0).normal(size=(len(z), 4)).astype(np.float32)  # an untrained encoder's: no clusters
+    init, scale = initial_clustering(embedding, 3, init="manifold", seed=0, n_init=3, space=z)
+    assert scale == 1.0 and cluster_accuracy(y, init.labels) > 0.99  # the clusters come from the input space
+    np.testing.assert_array_equal(init.centroids, prototypes(3, 4, seed=0))
+
+
+def test_initial_clustering_by_kmeans_scales_the_embedding_to_the_kernels_distance(blobs):
+    init, scale = initial_clustering(blobs[0], 4, init="kmeans", seed=0, n_init=3)
+    assert init.posteriors is None and cluster_accuracy(blobs[1], init.labels) == 1.0
+    within = np.square(blobs[0] * scale - init.centroids[init.labels] * scale).sum(1).mean()
+    assert within == pytest.approx(9.0, rel=1e-4)  # WITHIN_CLUSTER_SQ_DIST
