@@ -76,7 +76,11 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
 
     Parameters
     ----------
-    n_clusters : int, default=10
+    n_clusters : int or 'auto', default=10
+        'auto' (needs ``init='manifold'``): the k in ``k_min..k_max`` of the best silhouette in the UMAP map
+        of the initial clustering (:func:`dec_mlflow.initialisation.choose_k`); the fit's k is ``n_clusters_``.
+    k_min, k_max : int, default=2, 20
+        The range ``n_clusters='auto'`` considers; ``k_max`` must be below the number of samples.
     hidden_dims : tuple of int, default=(500, 500, 2000, 10)
         Encoder widths after the input; the last one is the embedding dimension.
     scaling : {'auto', 'max', 'standard', 'none'}, default='auto'
@@ -183,7 +187,11 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
 
     Attributes
     ----------
-    cluster_centers_ : ndarray of shape (n_clusters, embedding_dim)
+    cluster_centers_ : ndarray of shape (n_clusters_, embedding_dim)
+    n_clusters_ : int
+        The number of clusters of the fit: ``n_clusters``, or the one 'auto' chose.
+    k_scores_ : dict of int to float
+        With ``n_clusters='auto'``, each candidate k's silhouette in the map; empty otherwise.
     labels_ : ndarray of shape (n_samples,)
     init_labels_ : ndarray of shape (n_samples,)
         The initial clustering of the pretrained embedding (k-means: the AE+k-means baseline;
