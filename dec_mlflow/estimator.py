@@ -421,9 +421,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         if self.n_clusters == "auto" and n <= self.k_max:
             raise ValueError(f"n_clusters='auto' needs k_max < n_samples; got k_max={self.k_max}, n_samples={n} "
                              f"(give a smaller k_max)")
-        if self.n_clusters == "auto":
-            pass
-        elif n < self.n_clusters:
+        if self.n_clusters != "auto" and n < self.n_clusters:
             raise ValueError(f"n_samples={n} should be >= n_clusters={self.n_clusters}")
         if no_spread and n > 1:
             # the autoencoder would learn one point and every later stage divide by a zero spread
@@ -825,11 +823,7 @@ def map_k_scores(est: DEC, X: Features, k_min: int, k_max: int, *,
     else:
         space = embed(autoencoder.autoencoder.encoder, scaled(_as_features(X), autoencoder.offset, autoencoder.scale,
                                                                torch.device("cpu"))).numpy()
-    threads = torch.get_num_threads()
-    try:
-        return choose_k(umap_map(space, MAX_MAP_DIM, seed=seed), k_min, k_max, seed=seed)
-    finally:
-        torch.set_num_threads(threads)  # UMAP's numba sets the OpenMP threads torch shares (see _initial_clusters)
+    return choose_k(umap_map(space, MAX_MAP_DIM, seed=seed), k_min, k_max, seed=seed)
 
 
 def _as_features(X) -> Features:

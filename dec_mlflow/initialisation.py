@@ -155,11 +155,7 @@ def initial_clustering(z: np.ndarray, n_clusters: int | str, *, init: str, seed:
     distance from their centroids that the Student's t kernel expects.
     """
     if init == "manifold" and (n_clusters == "auto" or n_clusters > 1):
-        threads = torch.get_num_threads()
         result = manifold_init(z, n_clusters, seed=seed, space=space, k_range=k_range, callback=callback)
-        # UMAP's numba sets the OpenMP thread count, which torch shares, to every core: a process limited to
-        # fewer (OMP_NUM_THREADS, torch.set_num_threads, one of several torchrun ranks) would self-train on all
-        torch.set_num_threads(threads)
     else:
         result = kmeans_init(z, n_clusters, n_init=n_init, seed=seed)
     if space is not None and result.posteriors is not None:
@@ -309,9 +305,15 @@ def umap_map(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UM
                         n_epochs=LARGE_MAP_EPOCHS if n_samples > 10_000 else None,
                         tqdm_kwds={"disable": not callback.shows_progress, "desc": "init/map: UMAP epochs",
                                    "leave": False})
-    with warnings.catch_warnings():  # the map is never used to transform new data: UMAP's notice of it is noise
-        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
-        u = reducer.fit_transform(np.asarray(z, np.float32)).astype(np.float64)
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():  # the map is never used to transform new data: UMAP's notice of it is noise
+            warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
+            u = reducer.fit_transform(np.asarray(z, np.float32)).astype(np.float64)
+    finally:
+        # UMAP's numba sets the OpenMP thread count, which torch shares, to every core: a process limited to
+        # fewer (OMP_NUM_THREADS, torch.set_num_threads, one of several torchrun ranks) would then train on all
+        torch.set_num_threads(threads)
     callback.on_stage_end("init/map")
     return u
 
