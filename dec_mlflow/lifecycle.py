@@ -387,8 +387,8 @@ def _launch(stage: str, run_name: str, options: dict) -> dict:
     """Start the run of ``stage``, run the stage as ``options['nproc']`` torchrun processes in it, wait.
 
     ``options`` are the stage's keyword arguments, passed on as the command's options; rank 0
-    resumes the run (its id is in the environment of the ranks). The run ends FAILED when any rank
-    fails (``distributed.WorkerFailed``), even one killed before it could say so.
+    resumes the run (its id is in the environment of the ranks). The run and the runs nested in it
+    end FAILED when any rank fails (``distributed.WorkerFailed``), even one killed before it could say so.
     """
     args = [stage]
     for name, value in options.items():
@@ -399,7 +399,13 @@ def _launch(stage: str, run_name: str, options: dict) -> dict:
         args += [f"--{name}", "" if value is None else str(value)]
     with tracking.stage_run(run_name, options["experiment"]) as run, tracking.run_environment(run):
         report(f"Running {stage} as {options['nproc']} processes (torchrun) in run {run.info.run_id}")
-        distributed.launch(options["nproc"], "dec_mlflow.cli", args)
+        try:
+            distributed.launch(options["nproc"], "dec_mlflow.cli", args)
+        except BaseException as e:
+            # every rank has stopped; rank 0 may not have ended its child runs (killed, or stopped by
+            # torchrun's SIGTERM while it was ending them after its peer's death)
+            tracking.end_open_children(run.info.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
     return {"run_id": run.info.run_id, "nproc": options["nproc"]}
 
 

@@ -116,6 +116,24 @@ def child_run(run_name: str) -> Iterator[mlflow.ActiveRun]:
             yield run
 
 
+def end_open_children(run_id: str, status: str) -> list[str]:
+    """End ``status`` every run nested (at any depth) in ``run_id`` that is still RUNNING; their ids.
+
+    For a launcher whose processes have all stopped: a child run they opened stays RUNNING when its
+    process was killed, or stopped while it was still ending its runs after an error.
+    """
+    client, ended, parents = MlflowClient(), [], [run_id]
+    experiment_id = client.get_run(run_id).info.experiment_id
+    while parents:
+        parent = parents.pop()
+        for child in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'"):
+            parents.append(child.info.run_id)
+            if child.info.status == "RUNNING":
+                client.set_terminated(child.info.run_id, status=status)
+                ended.append(child.info.run_id)
+    return ended
+
+
 @contextmanager
 def _killed_on_interrupt() -> Iterator[None]:
     """End the active run KILLED when the block is interrupted, where MLflow would end it FAILED.

@@ -304,6 +304,22 @@ def test_the_heartbeat_comes_from_a_timer_while_a_long_stage_makes_no_training_s
         assert client.get_run(run.info.run_id).data.tags[tracking.HEARTBEAT_TAG] == last
 
 
+def test_a_launcher_ends_the_runs_its_stopped_processes_left_running_and_no_other(store):
+    client = MlflowClient()
+    experiment_id = client.create_experiment("launcher-sweep")
+    launcher = client.create_run(experiment_id)
+    child = client.create_run(experiment_id, tags={"mlflow.parentRunId": launcher.info.run_id})
+    grandchild = client.create_run(experiment_id, tags={"mlflow.parentRunId": child.info.run_id})
+    finished = client.create_run(experiment_id, tags={"mlflow.parentRunId": launcher.info.run_id})
+    client.set_terminated(finished.info.run_id, "FINISHED")
+    other = client.create_run(experiment_id)  # another job's run in the same experiment
+    ended = tracking.end_open_children(launcher.info.run_id, "FAILED")
+    assert sorted(ended) == sorted([child.info.run_id, grandchild.info.run_id])
+    status = {r: client.get_run(r.info.run_id).info.status for r in (launcher, child, grandchild, finished, other)}
+    assert [status[r] for r in (launcher, child, grandchild, finished, other)] == [
+        "RUNNING", "FAILED", "FAILED", "FINISHED", "RUNNING"]
+
+
 @pytest.fixture
 def takeover(store, monkeypatch):
     """A FAILED run, two live claimant runs of this process, and claims that settle in 1 s."""
