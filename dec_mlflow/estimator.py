@@ -22,7 +22,7 @@ from dec_mlflow.augment import check_image_shape, infer_image_shape, random_shif
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.checkpoint import Checkpoints, PretrainCheckpoint, PretrainedAutoencoder
 from dec_mlflow.initialisation import (
-    INITS, K_RANGE, MAX_MAP_DIM, choose_k, initial_clustering, input_space, umap_map,
+    INITS, K_RANGE, MAX_MAP_DIM, InputSpace, choose_k, initial_clustering, input_space, umap_map,
 )
 from dec_mlflow.model import Autoencoder, DECNet, scale_embedding
 from dec_mlflow.objectives import kl_divergence, target_distribution
@@ -821,9 +821,9 @@ def map_k_scores(est: DEC, X: Features, k_min: int, k_max: int, *,
         offset, scale = fit_scaling(X, resolved["scaling"])
         space = input_space(X, offset, scale, image_shape=resolved["image_shape"], seed=seed)
     else:
-        space = embed(autoencoder.autoencoder.encoder, scaled(_as_features(X), autoencoder.offset, autoencoder.scale,
-                                                               torch.device("cpu"))).numpy()
-    return choose_k(umap_map(space, MAX_MAP_DIM, seed=seed), k_min, k_max, seed=seed)
+        space = InputSpace(embed(autoencoder.autoencoder.encoder, scaled(_as_features(X), autoencoder.offset,
+                                                                         autoencoder.scale, torch.device("cpu"))).numpy())
+    return choose_k(umap_map(space.points, MAX_MAP_DIM, seed=seed, shifted=space.shifted), k_min, k_max, seed=seed)
 
 
 def _as_features(X) -> Features:

@@ -38,6 +38,9 @@ PCA_SAMPLE = 20_000
 # image's pixel-distance neighbours are too often of another class; large sets lose by it (docs/recipe.md).
 BLUR_MIN_SIGMA = 0.5
 BLUR_MAX_ROWS = 30_000
+# On the same sets, a neighbour is as near as its image shifted by up to SHIFT_PIXELS in either direction
+# (:func:`nearest_neighbours` with shifted views): a digit written a pixel off is still the nearest of its class.
+SHIFT_PIXELS = 1
 # Exact nearest neighbours (blocked matmuls on every core, deterministic) up to this many rows; beyond it
 # UMAP's own approximate search, single-threaded when seeded.
 EXACT_KNN_MAX_ROWS = 200_000
@@ -55,6 +58,18 @@ WITHIN_CLUSTER_SQ_DIST = 9.0
 # Radius of an untrained encoder's prototypes (:func:`prototypes`): 8.5 apart, a point on one has q = 0.89
 # against nine others, about distillation's smoothed targets.
 PROTOTYPE_RADIUS = 6.0
+
+
+@dataclass(frozen=True)
+class InputSpace:
+    """What the input-space map clusters (:func:`input_space`).
+
+    ``points`` (n_samples, m) are the reduced input; ``shifted`` (n_shifts, n_samples, m), for small
+    image sets only, the same rows with each image shifted, reduced alike: the map's neighbours are
+    then shift-invariant (:func:`nearest_neighbours`).
+    """
+    points: np.ndarray
+    shifted: np.ndarray | None = None
 
 
 @dataclass
@@ -106,7 +121,7 @@ def kmeans_init(z: np.ndarray, n_clusters: int, *, n_init: int, seed: int) -> In
     return Initialisation(km.cluster_centers_.astype(np.float32), km.labels_.astype(np.int64), None)
 
 
-def manifold_init(z: np.ndarray, n_clusters: int | str, *, seed: int, space: np.ndarray | None = None,
+def manifold_init(z: np.ndarray, n_clusters: int | str, *, seed: int, space: InputSpace | None = None,
                   n_neighbors: int = UMAP_NEIGHBORS, k_range: tuple[int, int] = K_RANGE, callback=None) -> Initialisation:
     """UMAP then a Gaussian mixture (N2D, McConville et al. 2020); centroids in the embedding ``z``.
 
@@ -124,7 +139,7 @@ def manifold_init(z: np.ndarray, n_clusters: int | str, *, seed: int, space: np.
     seed : int
         Seeds UMAP and the GMM. A fixed seed makes UMAP's optimisation single-threaded (umap-learn's
         rule), the price of the same result on every run.
-    space : ndarray of shape (n_samples, m), optional
+    space : InputSpace, optional
         What to map and cluster instead of ``z``: the reduced input (:func:`input_space`) when the
         encoder is not pretrained.
     n_neighbors : int, default=20
@@ -134,17 +149,18 @@ def manifold_init(z: np.ndarray, n_clusters: int | str, *, seed: int, space: np.
     callback : Callback, optional
         Told of the sub-stages 'init/neighbours', 'init/map', 'init/k' and 'init/mixture' and their steps.
     """
-    space = z if space is None else space
+    space = InputSpace(z) if space is None else space
+    mapped = dict(seed=seed, n_neighbors=n_neighbors, shifted=space.shifted, callback=callback)
     if n_clusters != "auto":
-        u = umap_map(space, n_clusters, seed=seed, n_neighbors=n_neighbors, callback=callback)
+        u = umap_map(space.points, n_clusters, **mapped)
         return cluster_map(z, u, n_clusters, seed=seed, callback=callback)
-    u = umap_map(space, MAX_MAP_DIM, seed=seed, n_neighbors=n_neighbors, callback=callback)
+    u = umap_map(space.points, MAX_MAP_DIM, **mapped)
     k, scores = choose_k(u, *k_range, seed=seed, callback=callback)
     return dataclasses.replace(cluster_map(z, u, k, seed=seed, callback=callback), k_scores=scores)
 
 
 def initial_clustering(z: np.ndarray, n_clusters: int | str, *, init: str, seed: int, n_init: int,
-                       space: np.ndarray | None = None, k_range: tuple[int, int] = K_RANGE,
+                       space: InputSpace | None = None, k_range: tuple[int, int] = K_RANGE,
                        callback=None) -> tuple[Initialisation, float]:
     """``fit``'s initial clustering of the embedding ``z`` (n_samples, embedding_dim), and the factor for its scale.
 
@@ -202,29 +218,58 @@ def choose_k(u: np.ndarray, k_min: int, k_max: int, *, seed: int, callback=None)
 
 
 def input_space(X: Features, offset: np.ndarray, scale: np.ndarray, *, seed: int,
-                image_shape: tuple[int, ...] | None = None, n_components: int = INPUT_MAP_DIMS) -> np.ndarray:
-    """What the input-space map clusters: the scaled input ``(X - offset) * scale``, images blurred
-    (:func:`blur_images`), reduced to ``n_components`` principal components if wider.
+                image_shape: tuple[int, ...] | None = None, n_components: int = INPUT_MAP_DIMS) -> InputSpace:
+    """What the input-space map clusters: the scaled input ``(X - offset) * scale``, reduced to
+    ``n_components`` principal components if wider; for image sets under :data:`BLUR_MAX_ROWS` rows,
+    the images blurred (:func:`blur_images`) and their shifted views (:func:`shifted_images`).
 
     The principal axes are fitted on a seeded sample of at most :data:`PCA_SAMPLE` rows; every row
     is then projected a chunk at a time, so a memory-mapped or sparse ``X`` is never copied whole.
 
     Returns
     -------
-    ndarray of shape (n_samples, min(n_features, n_components)), float32
+    InputSpace with points of shape (n_samples, min(n_features, n_components)), float32, and the
+    shifted views (n_shifts, n_samples, same) or None
     """
     def prepared(block: np.ndarray) -> np.ndarray:
         block = (block - offset) * scale
-        return blur_images(block, image_shape) if blur else block
+        return blur_images(block, image_shape) if small_images else block
+
+    def reduced(block: np.ndarray) -> np.ndarray:
+        return (block if pca is None else pca.transform(block)).astype(np.float32)
 
     n, d = X.shape
-    blur = image_shape is not None and n < BLUR_MAX_ROWS
-    if d <= n_components:
-        return np.concatenate([prepared(block) for block in chunks(X)]).astype(np.float32)
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, PCA_SAMPLE), replace=False))
-    sample = prepared(np.asarray(X[rows].toarray() if hasattr(X, "toarray") else X[rows], np.float32))
-    pca = PCA(n_components, svd_solver="randomized", random_state=seed).fit(sample)
-    return np.concatenate([pca.transform(prepared(block)) for block in chunks(X)]).astype(np.float32)
+    small_images = image_shape is not None and n < BLUR_MAX_ROWS
+    pca = None
+    if d > n_components:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, PCA_SAMPLE), replace=False))
+        sample = prepared(np.asarray(X[rows].toarray() if hasattr(X, "toarray") else X[rows], np.float32))
+        pca = PCA(n_components, svd_solver="randomized", random_state=seed).fit(sample)
+    points, shifted = [], []
+    for block in chunks(X):
+        block = prepared(block)
+        points.append(reduced(block))
+        if small_images:
+            shifted.append(np.stack([reduced(view) for view in shifted_images(block, image_shape)]))
+    return InputSpace(np.concatenate(points), np.concatenate(shifted, axis=1) if shifted else None)
+
+
+def shifted_images(block: np.ndarray, image_shape: tuple[int, ...], pixels: int = SHIFT_PIXELS) -> list[np.ndarray]:
+    """Rows of flattened channels-last images, shifted by up to ``pixels`` along each side (not 0, 0).
+
+    Each view moves every image by (dy, dx), zero filling what comes in; ``(2 * pixels + 1) ** 2 - 1`` views.
+    """
+    height, width, *channels = image_shape
+    images = block.reshape(len(block), height, width, channels[0] if channels else 1)
+    views = []
+    for dy in range(-pixels, pixels + 1):
+        for dx in range(-pixels, pixels + 1):
+            if dy or dx:
+                view = np.zeros_like(images)
+                view[:, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = \
+                    images[:, max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)]
+                views.append(view.reshape(len(block), -1))
+    return views
 
 
 def blur_images(block: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
@@ -244,11 +289,15 @@ def blur_sigma(image_shape: tuple[int, ...]) -> float:
     return max(BLUR_MIN_SIGMA, min(image_shape[:2]) / 28.0)
 
 
-def nearest_neighbours(f: np.ndarray, k: int, *, block: int = 1024, callback=None) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbours(f: np.ndarray, k: int, *, shifted: np.ndarray | None = None, block: int = 1024,
+                       callback=None) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``k`` nearest neighbours of every row of ``f`` (n, m) among all rows, itself first.
 
     Blocked matmuls (|b|^2 - 2 a.b is enough to rank the neighbours of a) and a top-k per block, on
-    every core torch uses; the same input gives the same neighbours.
+    every core torch uses; the same input gives the same neighbours. With ``shifted`` views of the
+    rows (n_views, n, m: :func:`input_space`'s shifted images), the distance of a and b is the least
+    over the views v of |v(a) - b| and |a - v(b)|, and the same for b and a: a shift-invariant
+    distance, at 1 + 2 n_views times the cost.
 
     Returns
     -------
@@ -259,6 +308,8 @@ def nearest_neighbours(f: np.ndarray, k: int, *, block: int = 1024, callback=Non
     n = x.shape[0]
     squares = x.pow(2).sum(1)  # (n,)
     xt = x.T.contiguous()
+    views = [] if shifted is None else [torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for v in shifted]
+    view_squares = [v.pow(2).sum(1) for v in views]
     indices, distances = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
     callback = callback or Callback()
     callback.on_stage_begin("init/neighbours", n)
@@ -266,19 +317,36 @@ def nearest_neighbours(f: np.ndarray, k: int, *, block: int = 1024, callback=Non
         for start in range(0, n, block):
             rows = x[start : start + block]
             rank = torch.addmm(squares.expand(rows.shape[0], n), rows, xt, alpha=-2.0)  # (b, n): d^2 - |a|^2
+            if views:
+                rank += squares[start : start + block, None]  # d^2: the views' distances are whole ones
+                for view, view_sq in zip(views, view_squares):
+                    moved = view[start : start + block]  # v(a) against every b
+                    rank = torch.minimum(rank, torch.addmm(squares.expand(rows.shape[0], n), moved, xt, alpha=-2.0)
+                                         + view_sq[start : start + block, None])
+                    # a against every v(b)
+                    rank = torch.minimum(rank, torch.addmm(view_sq.expand(rows.shape[0], n), rows, view.T, alpha=-2.0)
+                                         + squares[start : start + block, None])
+                own = torch.arange(rows.shape[0])
+                rank[own, own + start] = -float("inf")  # itself first, whatever rounding gave it
             value, index = torch.topk(rank, k, largest=False, sorted=True)
             indices[start : start + block] = index.numpy()
-            distances[start : start + block] = (value + squares[start : start + block, None]).clamp_min(0).sqrt().numpy()
+            if views:
+                value[:, 0] = 0.0
+            else:
+                value = value + squares[start : start + block, None]
+            distances[start : start + block] = value.clamp_min(0).sqrt().numpy()
             callback.on_step("init/neighbours", min(n, start + block), {})
     callback.on_stage_end("init/neighbours")
     return indices, distances
 
 
-def umap_map(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UMAP_NEIGHBORS, callback=None) -> np.ndarray:
+def umap_map(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UMAP_NEIGHBORS,
+             shifted: np.ndarray | None = None, callback=None) -> np.ndarray:
     """UMAP of ``z`` (n, m) to ``min(n_clusters, m, 10)`` dimensions (at least 2), ``min_dist=0``.
 
-    The neighbour graph is exact (:func:`nearest_neighbours`) up to :data:`EXACT_KNN_MAX_ROWS`
-    rows; on more than 10,000 rows UMAP optimises for :data:`LARGE_MAP_EPOCHS` epochs. A
+    The neighbour graph is exact (:func:`nearest_neighbours`, shift-invariant with ``shifted`` views
+    of the rows) up to :data:`EXACT_KNN_MAX_ROWS` rows; on more than 10,000 rows UMAP optimises for
+    :data:`LARGE_MAP_EPOCHS` epochs. A
     ``callback`` that shows progress (``shows_progress``) gets UMAP's own bar of its epochs.
 
     Returns
@@ -295,8 +363,9 @@ def umap_map(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UM
     n_components = max(2, min(n_clusters, z.shape[1], MAX_MAP_DIM))
     n_neighbors = min(n_neighbors, n_samples - 1)
     knn = None
-    if n_samples <= EXACT_KNN_MAX_ROWS and n_samples > 4096:  # below, UMAP computes exact neighbours itself
-        index, distance = nearest_neighbours(z, n_neighbors, callback=callback)
+    # below 4,096 rows UMAP computes exact neighbours itself, but not shift-invariant ones
+    if n_samples <= EXACT_KNN_MAX_ROWS and (n_samples > 4096 or shifted is not None):
+        index, distance = nearest_neighbours(z, n_neighbors, shifted=shifted, callback=callback)
         knn = (index, distance, None)
     callback = callback or Callback()
     callback.on_stage_begin("init/map", None)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
 
-from dec_mlflow.initialisation import choose_k, cluster_map, initial_clustering, kmeans_init, manifold_init, prototypes
+from dec_mlflow.initialisation import (
+    InputSpace, choose_k, cluster_map, initial_clustering, kmeans_init, manifold_init, prototypes,
+)
 from dec_mlflow.metrics import cluster_accuracy
 
 
@@ -92,22 +94,57 @@ def test_prototypes_are_orthogonal_at_the_radius_and_seeded():
     np.testing.assert_allclose(np.linalg.norm(wide, axis=1), PROTOTYPE_RADIUS, rtol=1e-5)
 
 
-def test_input_space_reduces_wide_input_and_blurs_small_image_sets_only():
-    from dec_mlflow.initialisation import blur_images, input_space
+def test_input_space_reduces_wide_input_and_blurs_and_shifts_small_image_sets_only():
+    from dec_mlflow.initialisation import blur_images, input_space, shifted_images
 
     rng = np.random.default_rng(0)
     x = rng.random((300, 64)).astype(np.float32)
     offset, scale = np.zeros(64, np.float32), np.full(64, 0.5, np.float32)
     reduced = input_space(x, offset, scale, seed=0, n_components=10)
-    assert reduced.shape == (300, 10) and reduced.dtype == np.float32
-    np.testing.assert_array_equal(reduced, input_space(x, offset, scale, seed=0, n_components=10))
+    assert reduced.points.shape == (300, 10) and reduced.points.dtype == np.float32 and reduced.shifted is None
+    np.testing.assert_array_equal(reduced.points, input_space(x, offset, scale, seed=0, n_components=10).points)
     narrow = input_space(x, offset, scale, seed=0, image_shape=(8, 8), n_components=100)  # not wider: kept, blurred
-    np.testing.assert_allclose(narrow, blur_images(x * 0.5, (8, 8)), rtol=1e-5)
-    assert not np.allclose(narrow, x * 0.5)
+    np.testing.assert_allclose(narrow.points, blur_images(x * 0.5, (8, 8)), rtol=1e-5)
+    assert not np.allclose(narrow.points, x * 0.5)
+    assert narrow.shifted.shape == (8, 300, 64)  # the eight one-pixel shifts of each blurred image
+    np.testing.assert_allclose(narrow.shifted[0], shifted_images(narrow.points, (8, 8))[0], rtol=1e-6)
+    wide = input_space(x, offset, scale, seed=0, image_shape=(8, 8), n_components=10)  # reduced alike
+    assert wide.points.shape == (300, 10) and wide.shifted.shape == (8, 300, 10)
     image = np.zeros((1, 81), np.float32)
     image[0, 40] = 1.0  # one lit pixel in the middle of a 9 x 9 image spreads to its neighbours, keeping its mass
     blurred = blur_images(image, (9, 9)).reshape(9, 9)
     assert blurred[4, 4] < 1.0 and blurred[4, 5] > 0 and blurred.sum() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_shifted_images_move_each_image_one_pixel_and_fill_with_zeros():
+    from dec_mlflow.initialisation import shifted_images
+
+    image = np.arange(1, 10, dtype=np.float32).reshape(1, 9)  # 3 x 3: 1 2 3 / 4 5 6 / 7 8 9
+    views = [v.reshape(3, 3) for v in shifted_images(image, (3, 3))]
+    assert len(views) == 8
+    np.testing.assert_array_equal(views[7], [[0, 0, 0], [0, 1, 2], [0, 4, 5]])  # (1, 1): down and right by one
+    np.testing.assert_array_equal(views[3], [[2, 3, 0], [5, 6, 0], [8, 9, 0]])  # (0, -1): left by one
+
+
+def test_shift_invariant_neighbours_find_the_same_image_moved_a_pixel():
+    from dec_mlflow.initialisation import nearest_neighbours, shifted_images
+
+    rng = np.random.default_rng(0)
+    strokes = (rng.random((40, 6, 6)) > 0.6).astype(np.float32)
+    images = np.zeros((40, 8, 8), np.float32)
+    images[:, 1:7, 1:7] = strokes  # a blank border: a one-pixel shift loses nothing
+    moved = np.zeros_like(images)
+    moved[:, 1:8, 1:8] = images[:, :7, :7]  # each image one pixel down and right
+    x = np.concatenate([images, moved]).reshape(80, 64)
+    shifted = np.stack(shifted_images(x, (8, 8)))
+    plain, _ = nearest_neighbours(x, 2)
+    index, distance = nearest_neighbours(x, 2, shifted=shifted, block=32)
+    twin = np.r_[np.arange(40, 80), np.arange(40)]
+    assert (index[:, 0] == np.arange(80)).all() and (index[:, 1] == twin).all()
+    np.testing.assert_allclose(distance, 0.0, atol=1e-3)  # the same strokes, a pixel apart
+    assert (plain[:, 1] != twin).mean() > 0.5  # plain distances mostly miss them
+    again, _ = nearest_neighbours(x, 2, shifted=shifted, block=32)
+    np.testing.assert_array_equal(index, again)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +174,7 @@ def test_auto_k_range_is_capped_at_the_samples_and_checked():
 def test_initial_clustering_of_an_untrained_encoder_starts_at_prototypes_at_scale_one(unequal_blobs):
     z, y = unequal_blobs
     embedding = np.random.default_rng(0).normal(size=(len(z), 4)).astype(np.float32)  # an untrained encoder's: no clusters
-    init, scale = initial_clustering(embedding, 3, init="manifold", seed=0, n_init=3, space=z)
+    init, scale = initial_clustering(embedding, 3, init="manifold", seed=0, n_init=3, space=InputSpace(z))
     assert scale == 1.0 and cluster_accuracy(y, init.labels) > 0.99  # the clusters come from the input space
     np.testing.assert_array_equal(init.centroids, prototypes(3, 4, seed=0))
 
