@@ -38,9 +38,12 @@ PCA_SAMPLE = 20_000
 # image's pixel-distance neighbours are too often of another class; large sets lose by it (docs/recipe.md).
 BLUR_MIN_SIGMA = 0.5
 BLUR_MAX_ROWS = 30_000
-# On the same sets, a neighbour is as near as its image shifted by up to SHIFT_PIXELS in either direction
+# For image sets, a neighbour is as near as its image shifted by up to SHIFT_PIXELS in either direction
 # (:func:`nearest_neighbours` with shifted views): a digit written a pixel off is still the nearest of its class.
+# Up to SHIFT_EXACT_MAX_ROWS every pair is compared so; above, the SHIFT_CANDIDATES plain nearest of each row.
 SHIFT_PIXELS = 1
+SHIFT_EXACT_MAX_ROWS = 30_000
+SHIFT_CANDIDATES = 100
 # Exact nearest neighbours (blocked matmuls on every core, deterministic) up to this many rows; beyond it
 # UMAP's own approximate search, single-threaded when seeded.
 EXACT_KNN_MAX_ROWS = 200_000
@@ -220,8 +223,9 @@ def choose_k(u: np.ndarray, k_min: int, k_max: int, *, seed: int, callback=None)
 def input_space(X: Features, offset: np.ndarray, scale: np.ndarray, *, seed: int,
                 image_shape: tuple[int, ...] | None = None, n_components: int = INPUT_MAP_DIMS) -> InputSpace:
     """What the input-space map clusters: the scaled input ``(X - offset) * scale``, reduced to
-    ``n_components`` principal components if wider; for image sets under :data:`BLUR_MAX_ROWS` rows,
-    the images blurred (:func:`blur_images`) and their shifted views (:func:`shifted_images`).
+    ``n_components`` principal components if wider; for image sets, their shifted views
+    (:func:`shifted_images`, up to :data:`EXACT_KNN_MAX_ROWS` rows, where the neighbour search uses
+    them), and under :data:`BLUR_MAX_ROWS` rows the images blurred first (:func:`blur_images`).
 
     The principal axes are fitted on a seeded sample of at most :data:`PCA_SAMPLE` rows; every row
     is then projected a chunk at a time, so a memory-mapped or sparse ``X`` is never copied whole.
@@ -233,13 +237,13 @@ def input_space(X: Features, offset: np.ndarray, scale: np.ndarray, *, seed: int
     """
     def prepared(block: np.ndarray) -> np.ndarray:
         block = (block - offset) * scale
-        return blur_images(block, image_shape) if small_images else block
+        return blur_images(block, image_shape) if image_shape is not None and n < BLUR_MAX_ROWS else block
 
     def reduced(block: np.ndarray) -> np.ndarray:
         return (block if pca is None else pca.transform(block)).astype(np.float32)
 
     n, d = X.shape
-    small_images = image_shape is not None and n < BLUR_MAX_ROWS
+    shifts = image_shape is not None and n <= EXACT_KNN_MAX_ROWS
     pca = None
     if d > n_components:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, PCA_SAMPLE), replace=False))
@@ -249,7 +253,7 @@ def input_space(X: Features, offset: np.ndarray, scale: np.ndarray, *, seed: int
     for block in chunks(X):
         block = prepared(block)
         points.append(reduced(block))
-        if small_images:
+        if shifts:
             shifted.append(np.stack([reduced(view) for view in shifted_images(block, image_shape)]))
     return InputSpace(np.concatenate(points), np.concatenate(shifted, axis=1) if shifted else None)
 
@@ -294,10 +298,12 @@ def nearest_neighbours(f: np.ndarray, k: int, *, shifted: np.ndarray | None = No
     """Exact ``k`` nearest neighbours of every row of ``f`` (n, m) among all rows, itself first.
 
     Blocked matmuls (|b|^2 - 2 a.b is enough to rank the neighbours of a) and a top-k per block, on
-    every core torch uses; the same input gives the same neighbours. With ``shifted`` views of the
-    rows (n_views, n, m: :func:`input_space`'s shifted images), the distance of a and b is the least
-    over the views v of |v(a) - b| and |a - v(b)|, and the same for b and a: a shift-invariant
-    distance, at 1 + 2 n_views times the cost.
+    every core torch uses; the same input gives the same neighbours.
+
+    With ``shifted`` views of the rows (n_views, n, m: :func:`input_space`'s shifted images), the
+    distance of a and b is the least of |a - b| and, over the views v, of |v(a) - b| and |a - v(b)|:
+    shift-invariant. Up to :data:`SHIFT_EXACT_MAX_ROWS` rows every pair is compared so (1 + 2 n_views
+    times the plain cost); above, the :data:`SHIFT_CANDIDATES` plain nearest of each row are ranked by it.
 
     Returns
     -------
@@ -306,37 +312,69 @@ def nearest_neighbours(f: np.ndarray, k: int, *, shifted: np.ndarray | None = No
     """
     x = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
     n = x.shape[0]
+    views = None if shifted is None else torch.from_numpy(np.ascontiguousarray(shifted, dtype=np.float32))
+    reranked = views is not None and n > SHIFT_EXACT_MAX_ROWS
+    callback = callback or Callback()
+    callback.on_stage_begin("init/neighbours", 2 * n if reranked else n)
+    with torch.no_grad():
+        if not reranked:
+            result = _all_pairs(x, k, views, block, lambda done: callback.on_step("init/neighbours", done, {}))
+        else:
+            candidates, _ = _all_pairs(x, min(SHIFT_CANDIDATES, n), None, block,
+                                       lambda done: callback.on_step("init/neighbours", done, {}))
+            result = _rerank(x, views, candidates, k, block,
+                             lambda done: callback.on_step("init/neighbours", n + done, {}))
+    callback.on_stage_end("init/neighbours")
+    return result
+
+
+def _all_pairs(x: torch.Tensor, k: int, views: torch.Tensor | None, block: int, report) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`nearest_neighbours` comparing every pair, shift-invariant with ``views``."""
+    n = x.shape[0]
     squares = x.pow(2).sum(1)  # (n,)
     xt = x.T.contiguous()
-    views = [] if shifted is None else [torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for v in shifted]
-    view_squares = [v.pow(2).sum(1) for v in views]
+    view_squares = [] if views is None else [v.pow(2).sum(1) for v in views]
     indices, distances = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
-    callback = callback or Callback()
-    callback.on_stage_begin("init/neighbours", n)
-    with torch.no_grad():
-        for start in range(0, n, block):
-            rows = x[start : start + block]
-            rank = torch.addmm(squares.expand(rows.shape[0], n), rows, xt, alpha=-2.0)  # (b, n): d^2 - |a|^2
-            if views:
-                rank += squares[start : start + block, None]  # d^2: the views' distances are whole ones
-                for view, view_sq in zip(views, view_squares):
-                    moved = view[start : start + block]  # v(a) against every b
-                    rank = torch.minimum(rank, torch.addmm(squares.expand(rows.shape[0], n), moved, xt, alpha=-2.0)
-                                         + view_sq[start : start + block, None])
-                    # a against every v(b)
-                    rank = torch.minimum(rank, torch.addmm(view_sq.expand(rows.shape[0], n), rows, view.T, alpha=-2.0)
-                                         + squares[start : start + block, None])
-                own = torch.arange(rows.shape[0])
-                rank[own, own + start] = -float("inf")  # itself first, whatever rounding gave it
-            value, index = torch.topk(rank, k, largest=False, sorted=True)
-            indices[start : start + block] = index.numpy()
-            if views:
-                value[:, 0] = 0.0
-            else:
-                value = value + squares[start : start + block, None]
-            distances[start : start + block] = value.clamp_min(0).sqrt().numpy()
-            callback.on_step("init/neighbours", min(n, start + block), {})
-    callback.on_stage_end("init/neighbours")
+    for start in range(0, n, block):
+        rows = x[start : start + block]
+        own_sq = squares[start : start + block, None]
+        rank = torch.addmm(squares.expand(rows.shape[0], n), rows, xt, alpha=-2.0)  # (b, n): d^2 - |a|^2
+        if views is not None:
+            rank += own_sq  # d^2: the views' distances are whole ones
+            for view, view_sq in zip(views, view_squares):
+                moved = view[start : start + block]  # v(a) against every b, then a against every v(b)
+                rank = torch.minimum(rank, torch.addmm(squares.expand(rows.shape[0], n), moved, xt, alpha=-2.0)
+                                     + view_sq[start : start + block, None])
+                rank = torch.minimum(rank, torch.addmm(view_sq.expand(rows.shape[0], n), rows, view.T, alpha=-2.0) + own_sq)
+            own = torch.arange(rows.shape[0])
+            rank[own, own + start] = -float("inf")  # itself first, whatever rounding gave it
+        value, index = torch.topk(rank, k, largest=False, sorted=True)
+        indices[start : start + block] = index.numpy()
+        value = torch.cat([torch.zeros_like(value[:, :1]), value[:, 1:]], 1) if views is not None else value + own_sq
+        distances[start : start + block] = value.clamp_min(0).sqrt().numpy()
+        report(min(n, start + block))
+    return indices, distances
+
+
+def _rerank(x: torch.Tensor, views: torch.Tensor, candidates: np.ndarray, k: int, block: int,
+            report) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest of each row's ``candidates`` (n, c; itself first) by the shift-invariant distance."""
+    n = x.shape[0]
+    indices, distances = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+    for start in range(0, n, block):
+        rows = x[start : start + block]  # (b, m)
+        near = torch.from_numpy(candidates[start : start + block])  # (b, c)
+        others = x[near]  # (b, c, m)
+        d2 = (others - rows[:, None]).pow(2).sum(-1)
+        for view in views:
+            d2 = torch.minimum(d2, (others - view[start : start + block, None]).pow(2).sum(-1))  # v(a) to b
+            d2 = torch.minimum(d2, (view[near] - rows[:, None]).pow(2).sum(-1))  # a to v(b)
+        d2[:, 0] = -float("inf")  # itself first
+        value, order = torch.topk(d2, k, largest=False, sorted=True)
+        indices[start : start + block] = np.take_along_axis(candidates[start : start + block], order.numpy(), 1)
+        value[:, 0] = 0.0
+        distances[start : start + block] = value.clamp_min(0).sqrt().numpy()
+        report(min(n, start + block))
     return indices, distances
 
 

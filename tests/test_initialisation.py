@@ -126,8 +126,13 @@ def test_shifted_images_move_each_image_one_pixel_and_fill_with_zeros():
     np.testing.assert_array_equal(views[3], [[2, 3, 0], [5, 6, 0], [8, 9, 0]])  # (0, -1): left by one
 
 
-def test_shift_invariant_neighbours_find_the_same_image_moved_a_pixel():
+@pytest.mark.parametrize("search", ["all pairs", "reranked candidates"])
+def test_shift_invariant_neighbours_find_the_same_image_moved_a_pixel(search, monkeypatch):
+    from dec_mlflow import initialisation
     from dec_mlflow.initialisation import nearest_neighbours, shifted_images
+
+    if search == "reranked candidates":  # as above 30,000 rows: the plain nearest (here all) ranked by shifts
+        monkeypatch.setattr(initialisation, "SHIFT_EXACT_MAX_ROWS", 10)
 
     rng = np.random.default_rng(0)
     strokes = (rng.random((40, 6, 6)) > 0.6).astype(np.float32)
