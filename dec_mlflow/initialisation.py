@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from scipy import ndimage
 from sklearn.cluster import KMeans
@@ -83,6 +84,19 @@ class Initialisation:
     labels: np.ndarray  # (n_samples,) int64
     posteriors: np.ndarray | None  # (n_samples, n_clusters) float32 soft labels to distil, or None
     k_scores: dict[int, float] | None = None  # n_clusters='auto': each candidate k's score (:func:`choose_k`)
+    # the default recipe's map of the input, kept for the run's trust score (:func:`input_map`)
+    input_map: InputMap | None = None
+
+
+@dataclass
+class InputMap:
+    """The UMAP of a dataset's input (:func:`input_map`) that a run's label-free trust score reads.
+
+    ``u`` (n_samples, m) is the map, ``graph`` (n_samples x n_samples, sparse, symmetric) UMAP's
+    weighted graph of each row's nearest neighbours in the input.
+    """
+    u: np.ndarray
+    graph: sp.csr_matrix
 
 
 def embedding_scale(z: np.ndarray, init: Initialisation) -> float:
@@ -125,7 +139,8 @@ def kmeans_init(z: np.ndarray, n_clusters: int, *, n_init: int, seed: int) -> In
 
 
 def manifold_init(z: np.ndarray, n_clusters: int | str, *, seed: int, space: InputSpace | None = None,
-                  n_neighbors: int = UMAP_NEIGHBORS, k_range: tuple[int, int] = K_RANGE, callback=None) -> Initialisation:
+                  n_neighbors: int = UMAP_NEIGHBORS, k_range: tuple[int, int] = K_RANGE, keep_map: bool = False,
+                  callback=None) -> Initialisation:
     """UMAP then a Gaussian mixture (N2D, McConville et al. 2020); centroids in the embedding ``z``.
 
     ``umap_map`` of ``space`` (default: ``z`` itself), then ``cluster_map``: a full-covariance GMM
@@ -149,17 +164,19 @@ def manifold_init(z: np.ndarray, n_clusters: int | str, *, seed: int, space: Inp
         UMAP's neighbourhood size, capped at n_samples - 1.
     k_range : (int, int), default=(2, 20)
         The smallest and largest k ``n_clusters='auto'`` considers (capped at n_samples - 1).
+    keep_map : bool, default=False
+        Return the map and its neighbour graph as the result's ``input_map`` (for the trust score).
     callback : Callback, optional
         Told of the sub-stages 'init/neighbours', 'init/map', 'init/k' and 'init/mixture' and their steps.
     """
     space = InputSpace(z) if space is None else space
-    mapped = dict(seed=seed, n_neighbors=n_neighbors, shifted=space.shifted, callback=callback)
-    if n_clusters != "auto":
-        u = umap_map(space.points, n_clusters, **mapped)
-        return cluster_map(z, u, n_clusters, seed=seed, callback=callback)
-    u = umap_map(space.points, MAX_MAP_DIM, **mapped)
-    k, scores = choose_k(u, *k_range, seed=seed, callback=callback)
-    return dataclasses.replace(cluster_map(z, u, k, seed=seed, callback=callback), k_scores=scores)
+    mapped = dict(seed=seed, n_neighbors=n_neighbors, shifted=space.shifted, callback=callback, return_graph=True)
+    k, scores = n_clusters, None
+    u, graph = umap_map(space.points, MAX_MAP_DIM if n_clusters == "auto" else n_clusters, **mapped)
+    if n_clusters == "auto":
+        k, scores = choose_k(u, *k_range, seed=seed, callback=callback)
+    return dataclasses.replace(cluster_map(z, u, k, seed=seed, callback=callback), k_scores=scores,
+                               input_map=InputMap(u, graph) if keep_map else None)
 
 
 def initial_clustering(z: np.ndarray, n_clusters: int | str, *, init: str, seed: int, n_init: int,
@@ -174,7 +191,8 @@ def initial_clustering(z: np.ndarray, n_clusters: int | str, *, init: str, seed:
     distance from their centroids that the Student's t kernel expects.
     """
     if init == "manifold" and (n_clusters == "auto" or n_clusters > 1):
-        result = manifold_init(z, n_clusters, seed=seed, space=space, k_range=k_range, callback=callback)
+        result = manifold_init(z, n_clusters, seed=seed, space=space, k_range=k_range, keep_map=space is not None,
+                               callback=callback)
     else:
         result = kmeans_init(z, n_clusters, n_init=n_init, seed=seed)
     if space is not None and result.posteriors is not None:
@@ -210,7 +228,7 @@ def choose_k(u: np.ndarray, k_min: int, k_max: int, *, seed: int, callback=None)
     for step, k in enumerate(range(k_min, k_max + 1), 1):
         best = -1.0
         for start in range(K_STARTS):
-            gmm = GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=seed * 1009 + start).fit(sample)
+            gmm = GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=(seed * 1009 + start) % 2**32).fit(sample)
             labels = gmm.predict(scored)
             if len(np.unique(labels)) > 1:
                 best = max(best, float(silhouette_score(scored, labels)))
@@ -379,7 +397,7 @@ def _rerank(x: torch.Tensor, views: torch.Tensor, candidates: np.ndarray, k: int
 
 
 def umap_map(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UMAP_NEIGHBORS,
-             shifted: np.ndarray | None = None, callback=None) -> np.ndarray:
+             shifted: np.ndarray | None = None, return_graph: bool = False, callback=None):
     """UMAP of ``z`` (n, m) to ``min(n_clusters, m, 10)`` dimensions (at least 2), ``min_dist=0``.
 
     The neighbour graph is exact (:func:`nearest_neighbours`, shift-invariant with ``shifted`` views
@@ -389,7 +407,8 @@ def umap_map(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UM
 
     Returns
     -------
-    ndarray of shape (n_samples, n_components), float64
+    ndarray of shape (n_samples, n_components), float64; with ``return_graph``, also UMAP's weighted,
+    symmetric graph of the neighbours (scipy.sparse.csr_matrix, n_samples x n_samples)
     """
     try:
         import umap
@@ -422,7 +441,20 @@ def umap_map(z: np.ndarray, n_clusters: int, *, seed: int, n_neighbors: int = UM
         # fewer (OMP_NUM_THREADS, torch.set_num_threads, one of several torchrun ranks) would then train on all
         torch.set_num_threads(threads)
     callback.on_stage_end("init/map")
-    return u
+    return (u, reducer.graph_.tocsr()) if return_graph else u
+
+
+def input_map(X: Features, offset: np.ndarray, scale: np.ndarray, n_clusters: int, *, seed: int,
+              image_shape: tuple[int, ...] | None = None, callback=None) -> InputMap:
+    """The map of the scaled input that the default recipe's manifold initialisation clusters, with its graph.
+
+    The same :func:`input_space` and :func:`umap_map` calls as a run without pretraining, so for such a run
+    it is the map it started from; runs of other recipes (a pretrained encoder's map, the k-means start)
+    compute it for their trust score.
+    """
+    space = input_space(X, offset, scale, seed=seed, image_shape=image_shape)
+    u, graph = umap_map(space.points, n_clusters, seed=seed, shifted=space.shifted, return_graph=True, callback=callback)
+    return InputMap(u, graph)
 
 
 def map_gmm(u: np.ndarray, n_clusters: int, *, seed: int, n_init: int = GMM_N_INIT, callback=None) -> GaussianMixture:
@@ -438,7 +470,7 @@ def map_gmm(u: np.ndarray, n_clusters: int, *, seed: int, n_init: int = GMM_N_IN
     callback.on_stage_begin("init/mixture", n_init + 1)
     for start in range(n_init):
         gmm = GaussianMixture(n_clusters, covariance_type="full", reg_covar=1e-4, init_params="k-means++",
-                              random_state=seed * 1009 + start).fit(sample)
+                              random_state=(seed * 1009 + start) % 2**32).fit(sample)
         score = gmm.score(sample)
         if score > best_score:
             best, best_score = gmm, score
