@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import re
@@ -22,7 +23,7 @@ from dec_mlflow.augment import check_image_shape, infer_image_shape, random_shif
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.checkpoint import Checkpoints, PretrainCheckpoint, PretrainedAutoencoder
 from dec_mlflow.initialisation import (
-    INITS, K_RANGE, MAX_MAP_DIM, InputSpace, choose_k, initial_clustering, input_space, umap_map,
+    INITS, K_RANGE, MAX_MAP_DIM, InputSpace, choose_k, initial_clustering, input_map, input_space, umap_map,
 )
 from dec_mlflow.model import Autoencoder, DECNet, scale_embedding
 from dec_mlflow.objectives import kl_divergence, target_distribution
@@ -54,8 +55,8 @@ PRETRAINED_DISTILL_LR = 0.01
 DISTILL_ROUNDS = 1
 DISTILL_SMOOTHING = 0.1
 PRETRAIN_RETRIES = 3  # divergent pretraining restarts this many times, each at a quarter of the rate
-# the label-free score that ranks runs best on average, and least badly on its worst dataset (docs/trust.md)
-TRUST_SCORE = "balance"
+# what trust_score is, in the words the CLI and the run's tag use (docs/trust.md)
+TRUST_SCORE = "agreement of mixture reruns x modularity on the neighbour graph"
 
 
 def _cpu_has_bf16() -> bool:
@@ -207,11 +208,12 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     pretrain_loss_ : float
     kl_loss_ : float
         KL(P || Q) over the training data at the last target update.
-    trust_scores_ : dict of str to float
-        Label-free scores of the result, higher is better (:mod:`dec_mlflow.trust`):
-        'balance', 'silhouette', 'init_agreement', 'confidence'.
     trust_score_ : float
-        The one of them that ranks runs best, ``trust_scores_[TRUST_SCORE]``.
+        Label-free, in [0, 1], higher is better: ``agreement`` x ``modularity`` (:func:`dec_mlflow.trust.trust_scores`).
+        Compare it between runs on the same data.
+    trust_scores_ : dict of str to float
+        Its two parts: 'agreement', the share of points on which independent Gaussian mixtures of the input's
+        map agree with the labels, and 'modularity', of the labels on the input's neighbour graph.
     resolved_params_ : dict
         What the 'auto' settings resolved to: scaling, pretrain_epochs, pretrain_lr (after any
         restart), precision, device, update_interval.
@@ -671,8 +673,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.pretrain_loss_ = autoencoder.loss
         self.kl_loss_ = result.kl_loss
         self.resolved_params_ = {**resolved, "pretrain_lr": autoencoder.lr, "distill_lr": distill_lr}
-        self.trust_scores_ = self._trust_scores(embed(self.network_.encoder, x.cpu()).numpy(), result.q.cpu().numpy())
-        self.trust_score_ = self.trust_scores_[TRUST_SCORE]
+        self.trust_scores_ = self._trust_scores(X, autoencoder, init, resolved["image_shape"], callback)
+        self.trust_score_ = self.trust_scores_.pop("score")
         return self
 
     def _distill_lr(self, trained: bool) -> float:
@@ -718,19 +720,37 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             init, scale = initial_clustering(z, self.n_clusters, init=self.init, seed=self.selected_seed_,
                                              n_init=self.n_init, space=features, k_range=(self.k_min, self.k_max),
                                              callback=callback)
-        init, scale = distributed.broadcast_object((init, scale))
+        kept = init.input_map if init is not None else None  # rank 0's, for the trust score: not sent to every rank
+        init, scale = distributed.broadcast_object((None if init is None else dataclasses.replace(init, input_map=None), scale))
+        init = dataclasses.replace(init, input_map=kept)
         scale_embedding(encoder, scale, decoder)
         callback.on_stage_end("init")
         return init, scale
 
-    def _trust_scores(self, z: np.ndarray, q: np.ndarray) -> dict[str, float]:
-        """Label-free scores of the fitted clustering (see ``trust_scores_``)."""
-        return {
-            "balance": trust.size_balance(self.labels_, self.n_clusters_),
-            "silhouette": trust.silhouette(z, self.labels_, seed=self.selected_seed_),
-            "init_agreement": trust.agreement(self.labels_, self.init_labels_),
-            "confidence": trust.confidence(q),
-        }
+    def _trust_scores(self, X: Features, autoencoder: PretrainedAutoencoder, init, image_shape, callback: Callback) -> dict:
+        """Stage 6: the label-free trust score and its two parts (:func:`dec_mlflow.trust.trust_scores`).
+
+        They read the map of the input and its neighbour graph: the initial clustering's, when the run
+        started from the input (the default recipe), else computed here the same way (on a seeded sample of
+        :data:`dec_mlflow.trust.MAP_SAMPLE` rows of larger data), so that runs of every recipe on the same
+        data are scored alike. Rank 0 computes them under torchrun.
+        """
+        scores = None
+        if distributed.is_main():
+            if self.n_clusters_ < 2:  # one cluster: every rerun finds it, and it is no better than chance
+                scores = {"score": 0.0, "agreement": 1.0, "modularity": 0.0}
+            else:
+                callback.on_stage_begin("trust", None)
+                mapped, labels = init.input_map, self.labels_
+                if mapped is None:
+                    rows = np.arange(X.shape[0])
+                    if len(rows) > trust.MAP_SAMPLE:
+                        rows = np.sort(np.random.default_rng(self.selected_seed_).choice(len(rows), trust.MAP_SAMPLE, replace=False))
+                    mapped, labels = input_map(X[rows], autoencoder.offset, autoencoder.scale, self.n_clusters_,
+                                               seed=self.selected_seed_, image_shape=image_shape, callback=callback), labels[rows]
+                scores = trust.trust_scores(labels, mapped.u, mapped.graph, self.n_clusters_, seed=self.selected_seed_)
+                callback.on_stage_end("trust")
+        return distributed.broadcast_object(scores)
 
     def _pretrain_and_select(self, X: Features, callback: Callback) -> PretrainedAutoencoder:
         """Pretrain ``n_pretrain_init`` candidates; keep the best by ``pretrain_selection``, set selected_seed_."""

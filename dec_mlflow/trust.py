@@ -1,12 +1,21 @@
 """Label-free scores of a clustering: how far to trust a run when no labels exist.
 
-Arrays in, floats out; no torch, no I/O. Each score is "higher is better" and lies in a fixed range,
-so runs on the same data compare.
+Arrays in, floats out; no I/O. Each score is "higher is better" and lies in a fixed range, so runs on
+the same data compare.
+
+:func:`trust_scores` is what a run logs: the product of two checks that fail in opposite ways.
+``agreement`` (:func:`rerun_agreement`) is the share of points on which independent Gaussian mixtures
+of the data's map put the run's clusters back together: low for a run that training led astray, and
+for one that cuts a group in two, since every rerun cuts it elsewhere; but a run that merges two
+groups agrees well, its merged group is easy to find again. ``modularity`` (:func:`modularity`) of the
+clusters on the data's neighbour graph drops when two groups that share few neighbours are merged.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
+from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import normalized_mutual_info_score, silhouette_score
 
 SILHOUETTE_SAMPLE = 5000  # points the silhouette is computed on: O(m^2) distances, about a second
@@ -46,3 +55,81 @@ def agreement(labels_a: np.ndarray, labels_b: np.ndarray) -> float:
 def confidence(q: np.ndarray) -> float:
     """Mean over points of the largest soft assignment max_j q_ij, in [1/k, 1]."""
     return float(np.asarray(q).max(1).mean())
+
+
+# Gaussian mixtures refitted to the run's map for `agreement`, each the most likely of TRUST_STARTS starts
+# (one reference ranked the pool of docs/trust.md less well: a single mixture of a cut group is a coin toss).
+TRUST_REFERENCES = 3
+TRUST_STARTS = 10
+# A run that did not start from the map of its input (a pretrained encoder, the k-means start) maps a seeded
+# sample of at most this many rows for its score: UMAP of all rows would cost more than such a run's training.
+MAP_SAMPLE = 10_000
+
+
+def matched_agreement(labels_a: np.ndarray, labels_b: np.ndarray) -> float:
+    """Share of points two labellings put in the same cluster once clusters are matched one to one.
+
+    The matching maximises that share (Hungarian algorithm on the contingency table), so cluster ids do
+    not matter; in [0, 1], 1 for the same partition.
+    """
+    a, b = np.asarray(labels_a), np.asarray(labels_b)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"labellings must be two 1-d arrays of the same, non-zero length; got shapes {a.shape} and {b.shape}")
+    _, a = np.unique(a, return_inverse=True)
+    _, b = np.unique(b, return_inverse=True)
+    table = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(table, (a, b), 1)
+    rows, cols = linear_sum_assignment(-table)
+    return float(table[rows, cols].sum() / len(a))
+
+
+def modularity(labels: np.ndarray, graph: sp.spmatrix) -> float:
+    """Newman's modularity of ``labels`` on the weighted, symmetric neighbour ``graph`` (n x n, sparse).
+
+    The share of link weight inside clusters minus the share expected if links fell at random between
+    clusters of these sizes (sum over clusters of their share of link ends, squared). In [-1/2, 1):
+    0 for one cluster; merging two clusters lowers it unless they share more links than chance would
+    give them, and cutting a group lowers it by the links cut.
+    """
+    labels = np.asarray(labels)
+    g = sp.coo_matrix(graph)
+    if g.shape != (len(labels), len(labels)):
+        raise ValueError(f"graph must be n x n for n = {len(labels)} labels; got shape {g.shape}")
+    total = g.data.sum()
+    if total <= 0:
+        return 0.0
+    _, ids = np.unique(labels, return_inverse=True)
+    k = ids.max() + 1
+    links = np.zeros((k, k))
+    np.add.at(links, (ids[g.row], ids[g.col]), g.data)
+    links /= total
+    ends = links.sum(1)
+    return float(np.trace(links) - (ends ** 2).sum())
+
+
+def rerun_agreement(labels: np.ndarray, u: np.ndarray, n_clusters: int, *, seed: int,
+                    n_references: int = TRUST_REFERENCES, n_init: int = TRUST_STARTS) -> float:
+    """Mean :func:`matched_agreement` of ``labels`` with ``n_references`` Gaussian mixtures of the map ``u``.
+
+    Each reference is :func:`dec_mlflow.initialisation.map_gmm` with ``n_clusters`` components and its
+    own seed (``seed + 1``, ``seed + 2``, ...; a run's own mixture uses ``seed``): an independent rerun
+    of the clustering step on the same map.
+    """
+    from dec_mlflow.initialisation import map_gmm  # torch and umap-learn only where a map is clustered
+
+    if n_clusters < 2:
+        return 1.0  # one cluster: every rerun finds it
+    return float(np.mean([matched_agreement(labels, map_gmm(u, n_clusters, seed=seed + r, n_init=n_init).predict(u))
+                          for r in range(1, n_references + 1)]))
+
+
+def trust_scores(labels: np.ndarray, u: np.ndarray, graph: sp.spmatrix, n_clusters: int, *, seed: int) -> dict[str, float]:
+    """A run's label-free scores on the map ``u`` of its data and the map's neighbour ``graph``.
+
+    ``score`` = ``agreement`` x max(``modularity``, 0), in [0, 1): see the module's docstring. Compare
+    it between runs on the same data: its ceiling grows with k (modularity is at most 1 - 1/k for k
+    equal clusters), which is how merged groups show.
+    """
+    agreement = rerun_agreement(labels, u, n_clusters, seed=seed)
+    quality = modularity(labels, graph)
+    return {"score": agreement * max(quality, 0.0), "agreement": agreement, "modularity": quality}

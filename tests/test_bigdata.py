@@ -14,7 +14,7 @@ import sklearn
 import torch
 from scipy import sparse
 
-from dec_mlflow import DEC, rows
+from dec_mlflow import DEC, rows, trust
 from dec_mlflow.data import load_dataset
 from dec_mlflow.estimator import selection_criteria
 from dec_mlflow.rows import MappedRows, ScaledRows, scaled
@@ -187,6 +187,7 @@ def test_loading_and_fitting_never_hold_the_dense_matrix(tmp_path, monkeypatch, 
         source = lambda: matrix  # noqa: E731
     del x
     monkeypatch.setattr(rows, "CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(trust, "MAP_SAMPLE", 500)  # the trust score's map: a sample whose size does not grow with n
     est = DEC(n_clusters=4, hidden_dims=(16, 4), pretrain_epochs=1, pretrain_batch_size=1024, pretrain_lr=0.1,
               batch_size=1024, update_interval=20, max_iter=40, init="kmeans", n_init=1, precision="fp32",
               scaling="max")

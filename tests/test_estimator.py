@@ -59,7 +59,7 @@ def test_fit_reuses_given_autoencoder_without_pretraining(blobs, tmp_path):
             stages.append(stage)
 
     est.fit(blobs[0], autoencoder=loaded, callback=Stages())
-    assert [s for s in stages if "/" not in s] == ["init", "distill", "self_train"]  # init/map etc. are its parts
+    assert [s for s in stages if "/" not in s] == ["init", "distill", "self_train", "trust"]  # init/map etc. are parts
     assert est.pretrain_loss_ == pytest.approx(ae.loss)
     # the given autoencoder is copied, not trained in place
     np.testing.assert_array_equal(loaded.autoencoder.encoder[0].weight.detach(), ae.autoencoder.encoder[0].weight.detach())

@@ -1,9 +1,13 @@
-"""Label-free trust scores on small cases computed by hand."""
+"""Label-free trust scores on small cases computed by hand, and the trust score on constructed data."""
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
+from sklearn.datasets import make_blobs
 
 from dec_mlflow import trust
+from dec_mlflow.initialisation import input_map
+from dec_mlflow.scaling import fit_scaling
 
 
 def test_size_balance_is_one_for_equal_clusters_and_lower_for_a_merge():
@@ -31,12 +35,71 @@ def test_silhouette_of_a_wrong_split_is_low():
     assert abs(trust.silhouette(z, labels, seed=0)) < 0.05
 
 
-def test_agreement_ignores_cluster_ids():
+def test_matched_agreement_ignores_cluster_ids_and_counts_the_matched_share():
     a = np.array([0, 0, 1, 1, 2, 2])
-    assert trust.agreement(a, (a + 1) % 3) == pytest.approx(1.0)
-    assert trust.agreement(a, np.array([0, 1, 0, 1, 0, 1])) == pytest.approx(0.0, abs=1e-12)
+    assert trust.matched_agreement(a, (a + 1) % 3) == pytest.approx(1.0)
+    # clusters {0,1},{2,3},{4,5} against {0,1,2},{3,4,5}: at best 2 + 2 of 6 points matched
+    assert trust.matched_agreement(a, np.array([0, 0, 0, 1, 1, 1])) == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="same, non-zero length"):
+        trust.matched_agreement(a, a[:3])
 
 
-def test_confidence_is_the_mean_largest_assignment():
-    q = np.array([[0.9, 0.1], [0.6, 0.4]])
-    assert trust.confidence(q) == pytest.approx(0.75)
+def two_cliques(size: int = 5) -> sp.csr_matrix:
+    """Two cliques of ``size`` nodes joined by one link (both directions), unit weights."""
+    rows, cols = [], []
+    for block in (range(size), range(size, 2 * size)):
+        rows += [i for i in block for j in block if i != j]
+        cols += [j for i in block for j in block if i != j]
+    rows += [size - 1, size]
+    cols += [size, size - 1]
+    return sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(2 * size, 2 * size))
+
+
+def test_modularity_by_hand_on_two_cliques():
+    g = two_cliques()  # 2 x 20 links inside, 2 between: 42 in all
+    right = np.repeat([0, 1], 5)
+    assert trust.modularity(right, g) == pytest.approx(40 / 42 - 2 * 0.5**2)
+    assert trust.modularity(np.zeros(10, int), g) == pytest.approx(0.0)  # one cluster: no better than chance
+    assert trust.modularity(right + 7, g) == pytest.approx(trust.modularity(right, g))  # ids do not matter
+    cut = np.array([0, 0, 1, 1, 1, 2, 2, 2, 3, 3])  # each clique cut in two
+    assert trust.modularity(cut, g) < trust.modularity(right, g)
+    with pytest.raises(ValueError, match="n x n"):
+        trust.modularity(right[:4], g)
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    """Three separated groups of unequal sizes in 20 dimensions, and the map of them a run would read."""
+    x, y = make_blobs([60, 120, 240], n_features=20, cluster_std=1.0, center_box=(-10, 10), random_state=3)
+    x = x.astype(np.float32)
+    offset, scale = fit_scaling(x, "standard")
+    return y, input_map(x, offset, scale, 3, seed=0)
+
+
+def test_trust_score_ranks_the_true_partition_above_a_merge_a_cut_and_noise(blobs):
+    y, m = blobs
+    right = trust.trust_scores(y, m.u, m.graph, 3, seed=0)
+    merged = np.where(y == 2, 1, y)  # two groups as one
+    cut = y.copy()
+    cut[np.random.default_rng(0).choice(np.flatnonzero(y == 2), 120, replace=False)] = 3  # the largest group cut in two
+    noise = np.random.default_rng(0).integers(0, 3, len(y))
+    others = {"merged": trust.trust_scores(merged, m.u, m.graph, 2, seed=0),
+              "cut": trust.trust_scores(cut, m.u, m.graph, 4, seed=0),
+              "noise": trust.trust_scores(noise, m.u, m.graph, 3, seed=0)}
+    assert right["agreement"] == pytest.approx(1.0)
+    for name, other in others.items():
+        assert other["score"] < right["score"] - 0.05, name
+    assert others["merged"]["modularity"] < right["modularity"]  # two groups with no common neighbours merged
+    assert others["cut"]["agreement"] < 0.95  # a cut is not: the reruns cut elsewhere
+    assert others["cut"]["modularity"] < right["modularity"]  # and a cut through a group's neighbours costs links
+
+
+def test_trust_score_lies_in_zero_one_and_repeats_with_the_seed(blobs):
+    y, m = blobs
+    noise = np.random.default_rng(1).integers(0, 3, len(y))
+    for labels in (y, noise, np.zeros_like(y)):
+        k = len(np.unique(labels))
+        first = trust.trust_scores(labels, m.u, m.graph, k, seed=4)
+        assert 0.0 <= first["score"] <= 1.0
+        assert first == trust.trust_scores(labels, m.u, m.graph, k, seed=4)
+    assert trust.trust_scores(np.zeros_like(y), m.u, m.graph, 1, seed=0)["score"] == 0.0
