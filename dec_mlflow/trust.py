@@ -16,7 +16,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import normalized_mutual_info_score, silhouette_score
+from sklearn.metrics import silhouette_score
+
+from dec_mlflow.initialisation import map_gmm
 
 SILHOUETTE_SAMPLE = 5000  # points the silhouette is computed on: O(m^2) distances, about a second
 
@@ -45,16 +47,6 @@ def silhouette(z: np.ndarray, labels: np.ndarray, *, seed: int, sample_size: int
     if len(np.unique(labels[idx])) < 2:
         return 0.0
     return float(silhouette_score(z[idx], labels[idx]))
-
-
-def agreement(labels_a: np.ndarray, labels_b: np.ndarray) -> float:
-    """Normalised mutual information of two labellings of the same points, in [0, 1]."""
-    return float(normalized_mutual_info_score(labels_a, labels_b))
-
-
-def confidence(q: np.ndarray) -> float:
-    """Mean over points of the largest soft assignment max_j q_ij, in [1/k, 1]."""
-    return float(np.asarray(q).max(1).mean())
 
 
 # Gaussian mixtures refitted to the run's map for `agreement`, each the most likely of TRUST_STARTS starts
@@ -115,8 +107,6 @@ def rerun_agreement(labels: np.ndarray, u: np.ndarray, n_clusters: int, *, seed:
     own seed (``seed + 1``, ``seed + 2``, ...; a run's own mixture uses ``seed``): an independent rerun
     of the clustering step on the same map.
     """
-    from dec_mlflow.initialisation import map_gmm  # torch and umap-learn only where a map is clustered
-
     if n_clusters < 2:
         return 1.0  # one cluster: every rerun finds it
     return float(np.mean([matched_agreement(labels, map_gmm(u, n_clusters, seed=seed + r, n_init=n_init).predict(u))

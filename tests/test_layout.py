@@ -15,13 +15,14 @@ LAYERS = {
     "dec_mlflow.tracking": 5, "dec_mlflow.experiments": 5, "serving.model_io": 5,
     "dec_mlflow.scoring": 5,  # batch scoring of a logged model (serving.loading, spark_udf)
     "dec_mlflow.estimator": 4, "dec_mlflow.export": 3,
+    "dec_mlflow.trust": 3,  # label-free scores; the reruns are mixtures of the initialisation's map
     "dec_mlflow.checkpoint": 3,  # checkpoint files, the pretrained autoencoder and an unfinished pretraining
     "dec_mlflow.training": 2,
     "serving.loading": 2,  # loads a logged model with the installed serving code
     "dec_mlflow.model": 1, "dec_mlflow.callbacks": 1, "dec_mlflow.data": 1, "dec_mlflow.plots": 1,
     "dec_mlflow.distributed": 1,  # collectives (no-ops in one process), torchrun
     "dec_mlflow.objectives": 0, "dec_mlflow.metrics": 0, "dec_mlflow.corpora": 0, "dec_mlflow.paper": 0,
-    "dec_mlflow.scaling": 1, "dec_mlflow.rows": 0, "dec_mlflow.initialisation": 2, "dec_mlflow.trust": 0,
+    "dec_mlflow.scaling": 1, "dec_mlflow.rows": 0, "dec_mlflow.initialisation": 2,
     "dec_mlflow.augment": 2,  # image transforms and image-shape inference (uses scaling.auto_scaling)
     "dec_mlflow.presets": 0, "dec_mlflow.environment": 0,
     "serving.onnx_pyfunc": 0,  # runs in the serving environment: imports nothing of ours
