@@ -1,9 +1,9 @@
 """MkDocs hooks: the pages that are generated from the repository at build time, so they cannot drift.
 
 - ``BENCHMARKS.md``, ``REPRODUCING.md`` and ``serving/README.md`` stay where they are (the bench scripts
-  write the first; the third ships with the package) and become pages of the site, their relative links
-  rewritten to the site's pages (a link that matches no page is left alone, so ``mkdocs build --strict``
-  reports it).
+  write the first, and its figures in ``bench/figures``; the third ships with the package) and become pages
+  of the site, their relative links rewritten to the site's pages (a link that matches no page is left
+  alone, so ``mkdocs build --strict`` reports it).
 - The parameter reference is generated from the click commands of ``dec_mlflow/cli.py``: each option's
   name, type, default and help, as ``dec-mlflow <command> --help`` prints them. It replaces the marker
   ``PARAMETERS_MARKER`` in ``docs/reference/parameters.md``.
@@ -27,6 +27,7 @@ INCLUDED = {
     "REPRODUCING.md": "reproducing.md",
     "serving/README.md": "serving-reference.md",
 }
+FIGURES = "bench/figures"  # written by the bench scripts, shown by BENCHMARKS.md
 PARAMETERS_MARKER = "<!-- generated: cli parameters -->"
 LAYOUT_MARKER = "<!-- generated: module layout -->"
 PACKAGES = ("dec_mlflow", "serving")
@@ -127,6 +128,9 @@ def on_files(files, config):
     for source, page in INCLUDED.items():
         text = rewrite_links((REPO / source).read_text(encoding="utf-8"), source, page)
         files.append(File.generated(config, page, content=text))
+    # the figures BENCHMARKS.md shows, at the same path beside its page (the site's root, as the file is the repo's)
+    for figure in sorted((REPO / FIGURES).glob("*.png")):
+        files.append(File.generated(config, f"{FIGURES}/{figure.name}", abs_src_path=str(figure)))
     return files
 
 
