@@ -5,8 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import re
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
@@ -17,41 +16,33 @@ from sklearn.cluster import KMeans
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from dec_mlflow import distributed, trust
+from dec_mlflow import distributed, params, trust
 from dec_mlflow.augment import check_image_shape, infer_image_shape, random_shift_rotate
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.checkpoint import Checkpoints, PretrainCheckpoint, PretrainedAutoencoder
 from dec_mlflow.initialisation import (
-    INITS, K_RANGE, MAX_MAP_DIM, InputSpace, choose_k, initial_clustering, input_space, umap_map,
+    K_RANGE, MAX_MAP_DIM, InputSpace, choose_k, initial_clustering, input_space, umap_map,
 )
 from dec_mlflow.model import Autoencoder, DECNet, scale_embedding
 from dec_mlflow.objectives import kl_divergence, target_distribution
+from dec_mlflow.params import DISTILL_EPOCHS, DISTILL_ROUNDS
 from dec_mlflow.rows import Features, chunks, scaled, streamed
-from dec_mlflow.scaling import SCALINGS, auto_scaling, fit_scaling
+from dec_mlflow.scaling import auto_scaling, fit_scaling
 from dec_mlflow.training import (
     distill_and_self_train, embed, pretrain_end_to_end, pretrain_layerwise, reconstruction_error,
 )
 
-PRETRAIN_MODES = ("end_to_end", "layerwise")
-LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("auto", "fp32", "bf16")
-VARIANTS = ("dec", "frozen", "idec")
-SELECTIONS = ("reconstruction", "inertia")
-# augment besides True (every stage) and False: the stages after pretraining, or distillation alone
-AUGMENT_MODES = ("finetune", "distill")
 # 'auto' budgets. The paper's schedule is counted in SGD iterations; 75 epochs of MNIST are 20,500 of
 # them, and a small table at 75 epochs would get a few hundred: too few for the autoencoder to learn.
 PRETRAIN_EPOCHS = 75
 MIN_PRETRAIN_ITER = 5000
 UPDATE_INTERVAL = 140  # the paper's value on MNIST; small data updates P at least once per epoch
-# Distillation of the manifold clustering into the encoder (docs/recipe.md): epochs, at least this many
-# iterations on small data, the peak of its one-cycle rate, rounds, and the label smoothing of its targets.
-DISTILL_EPOCHS = 15
+# Distillation (docs/recipe.md): at least this many iterations on small data, the peak of its one-cycle
+# rate, and the label smoothing of its targets.
 DISTILL_MIN_ITER = 2000
 DISTILL_LR = 0.1  # 'auto' from an untrained encoder
 # ... and from a pretrained one at most, which 0.1 pushes past its soft targets on small data (docs/recipe.md)
 PRETRAINED_DISTILL_LR = 0.01
-DISTILL_ROUNDS = 1
 DISTILL_SMOOTHING = 0.1
 PRETRAIN_RETRIES = 3  # divergent pretraining restarts this many times, each at a quarter of the rate
 # the label-free score that ranks runs best on average, and least badly on its worst dataset (docs/trust.md)
@@ -74,116 +65,9 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     and centroids together by minimising KL(P || Q) between the Student's t soft assignments Q and
     their sharpened target P.
 
-    Parameters
-    ----------
-    n_clusters : int or 'auto', default=10
-        'auto' (needs ``init='manifold'``): the k in ``k_min..k_max`` of the best silhouette in the UMAP map
-        of the initial clustering (:func:`dec_mlflow.initialisation.choose_k`); the fit's k is ``n_clusters_``.
-    k_min, k_max : int, default=2, 20
-        The range ``n_clusters='auto'`` considers; ``k_max`` must be below the number of samples.
-    hidden_dims : tuple of int, default=(500, 500, 2000, 10)
-        Encoder widths after the input; the last one is the embedding dimension.
-    scaling : {'auto', 'max', 'standard', 'none'}, default='auto'
-        Input scaling learned at fit time and applied by predict / export: 'max' divides by the
-        global max |x| (pixels / 255 for MNIST), 'standard' standardises each feature, 'auto'
-        picks one from the data (:func:`dec_mlflow.scaling.auto_scaling`). Both are followed by
-        one global factor that brings the mean squared value to 0.1, the scale the learning
-        rates are tuned for; 'none' feeds the data as it is.
-    pretrain_mode : {'end_to_end', 'layerwise'}, default='end_to_end'
-        'layerwise' is the paper's greedy denoising pretraining followed by ``pretrain_epochs`` of
-        end-to-end fine-tuning; 'end_to_end' trains the whole autoencoder from the start.
-    pretrain_epochs : int or 'auto', default='auto'
-        End-to-end epochs (fine-tuning epochs in 'layerwise' mode). 0 skips pretraining: the encoder
-        starts from its seeded random weights and the initial clustering is made on the input
-        (``init='manifold'`` only). 'auto' is 0 in ``fit`` with the manifold initialisation and the
-        'dec' variant (the default recipe), else (and always in ``pretrain``) 75 epochs, or more on
-        small data so that pretraining makes at least 5,000 SGD iterations.
-    layerwise_epochs : int, default=20
-        Epochs per layer in 'layerwise' mode.
-    pretrain_batch_size : int, default=256
-    pretrain_lr : float, default=1.0
-        SGD learning rate of pretraining (MSE averaged over features). If the loss stops being
-        finite, pretraining restarts from scratch at a quarter of the rate, up to 3 times.
-    pretrain_momentum : float, default=0.9
-    pretrain_lr_schedule : {'constant', 'cosine'}, default='constant'
-    dropout : float, default=0.2
-        Corruption rate of the denoising layers ('layerwise' mode only).
-    precision : {'auto', 'fp32', 'bf16'}, default='auto'
-        Matmul precision of pretraining; 'auto' picks bf16 on CPUs with native bf16 instructions.
-        Self-training always runs in fp32.
-    augment : 'auto', bool, 'finetune' or 'distill', default='auto'
-        DEC-DA (Guo et al., ACML 2018): random shifts (up to 10 %) and rotations (up to 10
-        degrees) of each training batch in pretraining, distillation and self-training (True),
-        in distillation and self-training only ('finetune'), or in distillation only
-        ('distill'; augmented self-training drifts on MNIST, its labels keep changing by more than
-        ``tol``); the target P still comes from the clean data. 'auto' is 'distill' where the
-        samples are images (``image_shape`` given or inferred) on one scale and fit distils, else
-        False. Needs an image shape; never for tabular data.
-    image_shape : 'auto', tuple of int or None, default='auto'
-        ``(height, width)`` or ``(height, width, channels)`` of one sample, channels last, as the
-        features are laid out; needed by ``augment``. 'auto' infers ``(side, side)`` for rows that
-        look like square single-channel images (:func:`dec_mlflow.augment.infer_image_shape`),
-        never for tables, sparse or tf-idf input; None: not images.
-    n_pretrain_init : int, default=1
-        Autoencoders to pretrain, with seeds ``random_state``, ``random_state + 1``, ...; the one
-        with the best ``pretrain_selection`` criterion is kept and its seed drives the rest of the
-        fit, so the result equals ``fit`` with ``random_state`` set to the selected seed. Labels
-        are never used. Costs one pretraining per candidate.
-    pretrain_selection : {'reconstruction', 'inertia'}, default='reconstruction'
-        Criterion among candidates, lower is better: 'reconstruction' is the mean squared
-        reconstruction error over X; 'inertia' is the k-means (``n_init``) inertia in the
-        embedding divided by the embedding's total sum of squares (scale-free, so embeddings of
-        different autoencoders compare).
-    init : {'manifold', 'kmeans'}, default='manifold'
-        How the initial clusters are found. 'kmeans' is the paper's, in the pretrained embedding
-        (``n_init`` restarts). 'manifold' is UMAP then a Gaussian mixture (N2D, McConville et al.
-        2020), of the input (reduced to 50 principal components) when pretraining is skipped, else
-        of the pretrained embedding; encoder and centroids are then trained for ``distill_epochs``
-        epochs towards the mixture's posteriors (distillation) before self-training starts.
-    distill_epochs : int, default=15
-        Epochs of distillation (``init='manifold'``), at least 500 iterations on small data.
-    distill_lr : float or 'auto', default='auto'
-        Peak SGD rate of distillation, reached after a warm-up over 15 % of its iterations and
-        decayed to zero by a cosine (one cycle). 'auto' is 0.1 for an untrained encoder (the
-        default recipe) and ``min(lr, 0.01)`` for a pretrained one, which a faster rate pushes
-        past its soft targets on small data, merging clusters; a pretrained encoder distils at
-        that constant rate, towards unsmoothed targets.
-    distill_rounds : int, default=1
-        Cycles of distillation then self-training (``init='manifold'``). The first round distils
-        the mixture's posteriors; each further round distils, for ``distill_epochs`` epochs and
-        under the same augmentation, the target P of the previous round's self-training (computed
-        on the clean data), then self-trains again. Without pretraining each further round
-        distils into a fresh, differently seeded encoder (a "born-again" student), which learns
-        the previous round's result without its mistakes of the path there; a pretrained encoder
-        is trained on.
-    n_init : int, default=20
-        k-means restarts (``init='kmeans'`` and the 'inertia' criterion).
-    alpha : float, default=1.0
-        Degrees of freedom of the Student's t kernel.
-    batch_size : int, default=256
-        Self-training batch size.
-    lr : float, default=0.01
-        SGD learning rate of self-training (distillation has its own, ``distill_lr``).
-    momentum : float, default=0.9
-        SGD momentum of distillation and self-training.
-    update_interval : int or 'auto', default='auto'
-        Iterations between recomputations of the target P over the whole data set; 'auto' is the
-        paper's 140, or one epoch when an epoch is shorter.
-    tol : float, default=0.001
-        Stop when fewer than this fraction of labels change between two target updates.
-    max_iter : int, default=20000
-        Upper bound on self-training iterations.
-    variant : {'dec', 'frozen', 'idec'}, default='dec'
-        'dec' trains encoder and centroids on KL(P || Q); 'frozen' keeps the pretrained encoder
-        fixed and moves only the centroids (the paper's "DEC w/o backprop"); 'idec' keeps the
-        decoder and minimises ``reconstruction MSE + gamma * KL`` (Guo et al., IJCAI 2017).
-    gamma : float, default=0.1
-        Weight of the KL term in 'idec' (IDEC's paper value); ignored by the other variants.
-    random_state : int, RandomState instance or None, default=0
-        Seed of all randomness (weights, batches, initialisation). An int gives the same result
-        on the CPU every time; a RandomState or None (numpy's global one) draws the seed at fit.
-    device : str, default='auto'
-        'auto' uses CUDA when available, else the CPU.
+    The keyword arguments are the rows of :data:`dec_mlflow.params.PARAMS` (name, default, rule and help),
+    listed under Parameters below and in docs/reference/parameters.md; why the defaults are what they
+    are: docs/recipe.md.
 
     Attributes
     ----------
@@ -298,90 +182,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ validation
     def validate_params(self) -> None:
-        """Raise ValueError naming the first parameter that breaks its rule."""
-        if self.n_clusters != "auto":
-            _check_int("n_clusters", self.n_clusters, low=1, auto=True)
-        elif self.init != "manifold":
-            raise ValueError(f"n_clusters='auto' chooses k on the manifold initialisation's map, so it needs "
-                             f"init='manifold'; got init={self.init!r} (give n_clusters as a number)")
-        elif self.n_pretrain_init > 1 and self.pretrain_selection == "inertia":
-            raise ValueError("pretrain_selection='inertia' compares k-means at n_clusters, which 'auto' chooses "
-                             "only after pretraining; use pretrain_selection='reconstruction' or a number of clusters")
-        _check_int("k_min", self.k_min, low=2)
-        _check_int("k_max", self.k_max, low=2)
-        if self.k_max < self.k_min:
-            raise ValueError(f"k_max must be >= k_min; got k_min={self.k_min}, k_max={self.k_max}")
-        positive_ints = ["pretrain_batch_size", "n_pretrain_init", "n_init", "batch_size", "max_iter"]
-        for name in positive_ints:
-            _check_int(name, getattr(self, name), low=1)
-        if self.update_interval != "auto":
-            _check_int("update_interval", self.update_interval, low=1, auto=True)
-        if self.pretrain_epochs != "auto":
-            _check_int("pretrain_epochs", self.pretrain_epochs, low=0, auto=True)
-        _check_int("layerwise_epochs", self.layerwise_epochs, low=0)
-        if not (self.random_state is None or isinstance(self.random_state, np.random.RandomState)):
-            _check_int("random_state", self.random_state, low=0)
-        for name in ["pretrain_lr", "lr", "alpha", "gamma"]:
-            _check_real(name, getattr(self, name), low=0.0, low_open=True)
-        if self.distill_lr != "auto":
-            _check_real("distill_lr", self.distill_lr, low=0.0, low_open=True)
-        for name in ["pretrain_momentum", "momentum", "tol"]:
-            _check_real(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
-        _check_real("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
-        for name, choices in [
-            ("scaling", ("auto", *SCALINGS)),
-            ("pretrain_mode", PRETRAIN_MODES),
-            ("pretrain_lr_schedule", LR_SCHEDULES),
-            ("precision", PRECISIONS),
-            ("variant", VARIANTS),
-            ("pretrain_selection", SELECTIONS),
-            ("init", INITS),
-        ]:
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
-        dims = tuple(self.hidden_dims)
-        if not dims or any(not isinstance(d, Integral) or isinstance(d, bool) or d < 1 for d in dims):
-            raise ValueError(f"hidden_dims must be a non-empty sequence of positive integers; got {self.hidden_dims!r}")
-        if self.pretrain_epochs == 0 and not self._starts_from_input():
-            raise ValueError("pretrain_epochs=0 (no pretraining) needs init='manifold' and variant='dec', which cluster "
-                             f"the input and train the encoder from its start; got init={self.init!r}, variant={self.variant!r}")
-        if self.pretrain_epochs == 0 and self.n_pretrain_init > 1:
-            raise ValueError(f"n_pretrain_init={self.n_pretrain_init} chooses among pretrained autoencoders, but "
-                             "pretrain_epochs=0 pretrains none (use n_pretrain_init=1)")
-        _check_device(self.device)
-        if not isinstance(self.augment, (bool, np.bool_)) and self.augment not in ("auto", *AUGMENT_MODES):
-            raise ValueError(f"augment must be 'auto', True, False, 'finetune' or 'distill'; got {self.augment!r}")
-        if isinstance(self.distill_epochs, bool) or not isinstance(self.distill_epochs, Integral) or self.distill_epochs < 1:
-            raise ValueError(f"distill_epochs must be an integer >= 1; got {self.distill_epochs!r}")
-        if isinstance(self.distill_rounds, bool) or not isinstance(self.distill_rounds, Integral) or self.distill_rounds < 1:
-            raise ValueError(f"distill_rounds must be an integer >= 1; got {self.distill_rounds!r}")
-        if self.distill_rounds > 1 and not self._distills():
-            raise ValueError(f"distill_rounds={self.distill_rounds} repeats distillation, which only init='manifold' with a "
-                             f"trained encoder runs; got init={self.init!r}, variant={self.variant!r} (use distill_rounds=1)")
-        if self.augment == "distill" and not self._distills():
-            raise ValueError("augment='distill' augments distillation, which only init='manifold' with a trained encoder "
-                             f"runs; got init={self.init!r}, variant={self.variant!r} (use augment='finetune' or True)")
-        if self._augments_explicitly() and self.image_shape is None:
-            raise ValueError(f"augment={self.augment!r} needs image_shape, the (height, width[, channels]) of one sample; "
-                             "augmentation only applies to images, never to tabular data")
-        if isinstance(self.image_shape, str) and self.image_shape != "auto":
-            raise ValueError(f"image_shape must be 'auto', None or a tuple such as (28, 28); got {self.image_shape!r}")
-        if self.image_shape not in (None, "auto"):
-            check_image_shape(self.image_shape, int(np.prod(tuple(self.image_shape))))
-        if self._augments_explicitly() and self.scaling == "standard":
-            raise ValueError("augment=True needs one scale for every pixel: scaling must be 'auto', 'max' or 'none', "
-                             "not 'standard' (a shifted image would carry each pixel's own mean and deviation)")
-
-    def _distills(self) -> bool:
-        """Whether fit distils: a manifold initialisation (it has posteriors to learn) and a trained encoder."""
-        return self.init == "manifold" and self.variant != "frozen"
-
-    def _starts_from_input(self) -> bool:
-        """Whether fit can do without pretraining: it clusters the input and trains the encoder by distillation."""
-        return self.init == "manifold" and self.variant == "dec"
-
-    def _augments_explicitly(self) -> bool:
-        return self.augment is True or self.augment in AUGMENT_MODES
+        """Raise ValueError naming the first parameter that breaks its rule (:func:`dec_mlflow.params.validate`)."""
+        params.validate(self.get_params())
 
     def _check_X(self, X, *, fitting: bool) -> Features:
         """``X`` as float32 (n_samples, n_features), checked; a memory map or sparse matrix is checked
@@ -432,7 +234,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
                              f"n_clusters={self.n_clusters} (use fewer clusters, or init='kmeans')")
         if self.image_shape not in (None, "auto"):
             check_image_shape(self.image_shape, X.shape[1])
-        if self._augments_explicitly() and self.scaling == "auto" and auto_scaling(X) == "standard":  # else found after pretraining
+        if params.augments_explicitly(self.get_params()) and self.scaling == "auto" and auto_scaling(X) == "standard":  # else found after pretraining
             raise ValueError(f"augment={self.augment!r} needs one scale for every pixel, but scaling='auto' chooses "
                              "'standard' (per feature) for this data; give scaling='max' or 'none'")
 
@@ -478,7 +280,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         """
         n = X.shape[0]
         epochs = self.pretrain_epochs
-        if epochs == "auto" and self._starts_from_input() and self.n_pretrain_init == 1 and not pretraining:
+        if epochs == "auto" and params.starts_from_input(self.get_params()) and self.n_pretrain_init == 1 and not pretraining:
             epochs = 0
         elif epochs == "auto":
             iters_per_epoch = math.ceil(n / min(self.pretrain_batch_size, n))
@@ -493,7 +295,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             image_shape = None if self.image_shape is None else tuple(int(s) for s in self.image_shape)
         augment = self.augment
         if augment == "auto":  # images on one scale (shifting a per-feature scaled image would mix pixels' scales)
-            augment = "distill" if image_shape is not None and self._distills() and scaling != "standard" else False
+            augment = "distill" if image_shape is not None and params.distills(self.get_params()) and scaling != "standard" else False
         return {"scaling": scaling, "pretrain_epochs": int(epochs), "update_interval": int(interval),
                 "precision": self._precision(), "device": str(self._device()), "image_shape": image_shape,
                 "augment": augment}
@@ -638,7 +440,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
             space = None if autoencoder.trained else (X, autoencoder.offset, autoencoder.scale, resolved["image_shape"])
             init, scale = self._initial_clusters(encoder, decoder, x, callback, space)
             centroids = torch.nn.Parameter(torch.from_numpy(init.centroids * scale).to(device))
-            distilling = self._distills() and init.posteriors is not None  # one cluster: no posteriors to learn
+            distilling = params.distills(self.get_params()) and init.posteriors is not None  # one cluster: no posteriors to learn
             n_iter = max(DISTILL_MIN_ITER, self.distill_epochs * max(1, x.shape[0] // min(self.batch_size, x.shape[0])))
             distill_lr = self._distill_lr(autoencoder.trained)
             trained = distill_and_self_train(
@@ -777,6 +579,10 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         return float(kl_divergence(target_distribution(q), q))
 
 
+# help(DEC) lists the parameters from their table, before the fitted attributes
+DEC.__doc__ = DEC.__doc__.replace("    Attributes\n", params.numpydoc(indent="    ") + "\n\n    Attributes\n", 1)
+
+
 def selection_criteria(ae: PretrainedAutoencoder, X: Features, n_clusters: int, *, n_init: int, seed: int) -> dict:
     """Label-free quality criteria of a pretrained autoencoder on raw ``X``; lower is better.
 
@@ -829,36 +635,3 @@ def map_k_scores(est: DEC, X: Features, k_min: int, k_max: int, *,
 def _as_features(X) -> Features:
     """A memory map or sparse matrix as it is, anything else as an in-memory float32 array."""
     return X if streamed(X) else np.asarray(X, np.float32)
-
-
-def _check_device(device) -> None:
-    """'auto', 'cpu', 'cuda' or 'cuda:N' (a torch.device too), and CUDA only where torch can use it."""
-    name = str(device) if isinstance(device, torch.device) else device
-    if name in ("auto", "cpu"):
-        return
-    match = re.fullmatch(r"cuda(?::(\d+))?", name) if isinstance(name, str) else None
-    if match is None:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available here (no GPU or driver, or a CPU-only torch); "
-                         "use device='auto' or 'cpu'")
-    n_gpus = torch.cuda.device_count()
-    if match.group(1) is not None and int(match.group(1)) >= n_gpus:
-        raise ValueError(f"device={device!r} but this machine has {n_gpus} CUDA device(s): cuda:0 to cuda:{n_gpus - 1}")
-
-
-def _check_int(name, value, *, low, auto=False):
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
-        alternative = " or 'auto'" if auto else ""
-        raise ValueError(f"{name} must be an integer >= {low}{alternative}; got {value!r}")
-
-
-def _check_real(name, value, *, low, high=None, low_open=False, high_open=False):
-    ok = isinstance(value, Real) and not isinstance(value, bool) and np.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low)
-    if high is not None:
-        ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        lo = f"> {low}" if low_open else f">= {low}"
-        hi = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
-        raise ValueError(f"{name} must be a number {lo}{hi}; got {value!r}")

@@ -1,5 +1,6 @@
 """The scikit-learn DEC estimator on small, well-separated data."""
 
+import inspect
 import os
 
 import numpy as np
@@ -9,7 +10,7 @@ from sklearn.base import clone
 from sklearn.datasets import make_blobs
 from sklearn.exceptions import NotFittedError
 
-from dec_mlflow import DEC, PretrainedAutoencoder
+from dec_mlflow import DEC, PretrainedAutoencoder, params
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.metrics import cluster_accuracy
 
@@ -39,6 +40,14 @@ def test_same_seed_same_labels_and_weights(blobs):
     np.testing.assert_array_equal(a.labels_, b.labels_)
     np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
     assert a.n_iter_ == b.n_iter_
+
+
+def test_the_keyword_arguments_are_the_rows_of_the_parameter_table():
+    """DEC's keyword arguments, their defaults and its docstring's Parameters are dec_mlflow.params.PARAMS."""
+    assert list(inspect.signature(DEC).parameters) == [p.name for p in params.PARAMS]
+    assert DEC().get_params() == params.DEFAULTS
+    for p in params.PARAMS:
+        assert f"\n    {p.name} : {p.rule}, default={p.default!r}\n" in DEC.__doc__, p.name
 
 
 def test_different_seed_changes_weights(blobs):

@@ -1,5 +1,5 @@
-"""The architecture as the imports show it: entry points -> lifecycle -> tracking -> estimator -> checkpoint/export
--> training -> objectives/model, and only the MLflow-facing layers import mlflow."""
+"""The architecture as the imports show it: entry points -> lifecycle -> tracking -> estimator -> params ->
+checkpoint/export -> training -> objectives/model, and only the MLflow-facing layers import mlflow."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # A module may import only modules of a lower layer. A new module gets a layer here.
 LAYERS = {
-    "dec_mlflow.cli": 8, "serving.server": 8,  # entry points: parse options, call one stage / serve
-    "dec_mlflow.lifecycle_experiments": 7,  # the paper's experiments as stages
-    "dec_mlflow.lifecycle": 6,  # the lifecycle's stages
-    "dec_mlflow.tracking": 5, "dec_mlflow.experiments": 5, "serving.model_io": 5,
-    "dec_mlflow.scoring": 5,  # batch scoring of a logged model (serving.loading, spark_udf)
-    "dec_mlflow.estimator": 4, "dec_mlflow.export": 3,
+    "dec_mlflow.cli": 9, "serving.server": 9,  # entry points: parse options, call one stage / serve
+    "dec_mlflow.lifecycle_experiments": 8,  # the paper's experiments as stages
+    "dec_mlflow.lifecycle": 7,  # the lifecycle's stages
+    "dec_mlflow.tracking": 6, "dec_mlflow.experiments": 6, "serving.model_io": 6,
+    "dec_mlflow.scoring": 6,  # batch scoring of a logged model (serving.loading, spark_udf)
+    "dec_mlflow.estimator": 5,
+    "dec_mlflow.params": 4,  # the table of the estimator's parameters and their rules
+    "dec_mlflow.export": 3,
     "dec_mlflow.checkpoint": 3,  # checkpoint files, the pretrained autoencoder and an unfinished pretraining
     "dec_mlflow.training": 2,
     "serving.loading": 2,  # loads a logged model with the installed serving code
