@@ -36,10 +36,11 @@ from dec_mlflow import distributed, scoring, tracking
 from dec_mlflow.callbacks import Callback, CallbackList, ProgressBar
 from dec_mlflow.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from dec_mlflow.data import Dataset, load_dataset
-from dec_mlflow.estimator import DEC, TRUST_SCORE, PretrainedAutoencoder, selection_criteria
+from dec_mlflow.estimator import DEC, TRUST_SCORE, PretrainedAutoencoder
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.params import DEFAULTS as _DEC_DEFAULTS
 from dec_mlflow.params import Augment, Integer, validate
+from dec_mlflow.pretraining import selection_criteria
 from dec_mlflow.rows import Features, dense
 from dec_mlflow.presets import preset_params
 
