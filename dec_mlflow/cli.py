@@ -17,10 +17,9 @@ import signal
 
 import click
 
-from dec_mlflow import distributed, lifecycle, lifecycle_experiments
+from dec_mlflow import distributed, lifecycle, lifecycle_experiments, params
 from dec_mlflow.environment import Stopped, sigterm_stops
-from dec_mlflow.estimator import AUGMENT_MODES, LR_SCHEDULES, PRECISIONS, PRETRAIN_MODES, SCALINGS, SELECTIONS, TRUST_SCORE, VARIANTS
-from dec_mlflow.initialisation import INITS
+from dec_mlflow.estimator import TRUST_SCORE
 from dec_mlflow.presets import DESCRIPTIONS, PRESETS
 
 
@@ -43,44 +42,28 @@ class _NumberOrAuto(click.ParamType):
 INT_OR_AUTO = _NumberOrAuto(int)
 FLOAT_OR_AUTO = _NumberOrAuto(float)
 
-# name -> (click type, help) for each estimator parameter; defaults come from the estimator.
-ESTIMATOR_OPTIONS = {
-    "n_clusters": (INT_OR_AUTO, "Number of clusters k; 'auto' (cluster only) = the k in k_min..k_max of the best silhouette in the UMAP map of the initial clustering, logged as n_clusters_resolved."),
-    "k_min": (click.INT, "n_clusters=auto: the smallest k considered (>= 2)."),
-    "k_max": (click.INT, "n_clusters=auto: the largest k considered (at most n_samples - 1)."),
-    "hidden_dims": (str, "Encoder widths after the input, comma-separated; the last is the embedding size."),
-    "scaling": (click.Choice(("auto", *SCALINGS)), "Input scaling; 'auto' = 'max' for images, counts and tf-idf, else 'standard'; both then scaled to mean square 0.1."),
-    "pretrain_mode": (click.Choice(PRETRAIN_MODES), "'end_to_end', or the paper's greedy 'layerwise' denoising then fine-tuning."),
-    "pretrain_epochs": (INT_OR_AUTO, "End-to-end pretraining epochs (fine-tuning epochs in layerwise mode); 0 = none (the default recipe: the encoder starts untrained, the initial clusters come from the input); 'auto' = the preset's: 0 for the manifold start, else (and in pretrain) 75 or more on small data (>= 5,000 iterations)."),
-    "layerwise_epochs": (click.INT, "Epochs per layer in layerwise mode."),
-    "pretrain_batch_size": (click.INT, "Pretraining batch size."),
-    "pretrain_lr": (click.FLOAT, "Pretraining SGD learning rate; on divergence pretraining restarts at a quarter of it (3 times at most)."),
-    "pretrain_momentum": (click.FLOAT, "Pretraining SGD momentum."),
-    "pretrain_lr_schedule": (click.Choice(LR_SCHEDULES), "Pretraining learning-rate schedule."),
-    "dropout": (click.FLOAT, "Corruption (dropout) rate of the layerwise denoising stage."),
-    "precision": (click.Choice(PRECISIONS), "Pretraining matmul precision; 'auto' = bf16 where the CPU has it natively."),
-    "augment": (click.Choice(("auto", "true", "false", *AUGMENT_MODES), case_sensitive=False),
-                "DEC-DA: random shifts and rotations of images in every training stage (true), in distillation and self-training only (finetune) or in distillation only (distill); needs an image shape, never for tables; 'auto' = distill where the samples are images, else false."),
-    "image_shape": (str, "Shape of one sample as an image, e.g. 28,28 or 32,32,3 (channels last); default: the dataset's (28,28 for mnist), else inferred for rows that look like square single-channel images; 'none': not images."),
-    "n_pretrain_init": (click.INT, "Autoencoders to pretrain (seeds random_state, +1, ...); the best by pretrain_selection is kept."),
-    "pretrain_selection": (click.Choice(SELECTIONS), "Label-free criterion among pretrained candidates (lower is better)."),
-    "init": (click.Choice(("auto", *INITS)), "Initial clusters: 'manifold' (UMAP + Gaussian mixture, then distillation) or the paper's 'kmeans'; 'auto' = the preset's."),
-    "distill_epochs": (INT_OR_AUTO, "Epochs of distillation towards the manifold initialisation (>= 2,000 iterations); 'auto' = the preset's (15)."),
-    "distill_lr": (FLOAT_OR_AUTO, "Peak SGD rate of distillation (one cycle: 15 % warm-up, then cosine decay to 0); 'auto' = 0.1 from an untrained encoder (the default recipe), min(lr, 0.01) from a pretrained one."),
-    "distill_rounds": (INT_OR_AUTO, "Rounds of distillation then self-training; rounds after the first distil the previous round's target P (into a fresh encoder when there was no pretraining); 'auto' = the preset's (2 for best, else 1)."),
-    "n_init": (click.INT, "k-means restarts (init=kmeans, and the 'inertia' selection)."),
-    "alpha": (click.FLOAT, "Student's t degrees of freedom."),
-    "batch_size": (click.INT, "Self-training batch size."),
-    "lr": (click.FLOAT, "Self-training SGD learning rate (distillation's is distill_lr)."),
-    "momentum": (click.FLOAT, "Distillation and self-training SGD momentum."),
-    "update_interval": (INT_OR_AUTO, "Iterations between target-distribution updates over the whole data; 'auto' = 140, or one epoch if shorter."),
-    "tol": (click.FLOAT, "Stop when fewer than this fraction of labels change between updates."),
-    "max_iter": (click.INT, "Maximum self-training iterations."),
-    "variant": (click.Choice(VARIANTS), "'dec'; 'frozen' (encoder fixed, centroids only: DEC w/o backprop); 'idec' (keeps the decoder)."),
-    "gamma": (click.FLOAT, "IDEC: weight of the KL term beside the reconstruction loss."),
-    "random_state": (click.INT, "Seed of all randomness (weights, batches, k-means)."),
-    "device": (str, "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'."),
-}
+
+
+def _click_type(param: params.Param):
+    """The option type of an estimator parameter: from its rule, with 'auto' where the stage's default is 'auto'
+    (left to the preset); widths, image shape and device are text the stage parses."""
+    rule, stage_auto = param.rule, lifecycle.ESTIMATOR_DEFAULTS[param.name] == "auto"
+    if isinstance(rule, params.Integer):
+        return INT_OR_AUTO if rule.auto or stage_auto else click.INT
+    if isinstance(rule, params.Number):
+        return FLOAT_OR_AUTO if rule.auto or stage_auto else click.FLOAT
+    if isinstance(rule, params.OneOf):
+        return click.Choice(("auto", *rule.choices) if stage_auto and "auto" not in rule.choices else rule.choices)
+    if isinstance(rule, params.Augment):
+        return click.Choice(("auto", "true", "false", *params.AUGMENT_MODES), case_sensitive=False)
+    if isinstance(rule, params.Seed):
+        return click.INT  # the stages name and reuse runs by the seed
+    return str
+
+
+# name -> (click type, help) for each estimator parameter, from the table dec_mlflow.params.PARAMS;
+# defaults are the stages' (lifecycle.ESTIMATOR_DEFAULTS).
+ESTIMATOR_OPTIONS = {p.name: (_click_type(p), p.help) for p in params.PARAMS}
 _LIST_ITEMS = {int: "integers", float: "numbers", str: "names"}
 
 

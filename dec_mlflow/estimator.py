@@ -3,188 +3,45 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
-import functools
-import math
-import re
-from numbers import Integral, Real
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import sparse
 from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
-from sklearn.cluster import KMeans
-from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from dec_mlflow import distributed, trust
-from dec_mlflow.augment import check_image_shape, infer_image_shape, random_shift_rotate
+from dec_mlflow import distributed, params, settings, trust
+from dec_mlflow.augment import check_image_shape
 from dec_mlflow.callbacks import Callback
-from dec_mlflow.checkpoint import Checkpoints, PretrainCheckpoint, PretrainedAutoencoder
+from dec_mlflow.checkpoint import PretrainCheckpoint, PretrainedAutoencoder
 from dec_mlflow.initialisation import (
-    INITS, K_RANGE, MAX_MAP_DIM, InputSpace, choose_k, initial_clustering, input_map, input_space, umap_map,
+    K_RANGE, MAX_MAP_DIM, InputSpace, choose_k, initial_clusters, input_map, input_space, umap_map,
 )
-from dec_mlflow.model import Autoencoder, DECNet, scale_embedding
+from dec_mlflow.model import DECNet
 from dec_mlflow.objectives import kl_divergence, target_distribution
+from dec_mlflow.params import DISTILL_EPOCHS, DISTILL_ROUNDS
+from dec_mlflow.pretraining import as_features, fit_autoencoder, fresh_students, pretrain, untrained_autoencoder
 from dec_mlflow.rows import Features, chunks, scaled, streamed
-from dec_mlflow.scaling import SCALINGS, auto_scaling, fit_scaling
-from dec_mlflow.training import (
-    distill_and_self_train, embed, pretrain_end_to_end, pretrain_layerwise, reconstruction_error,
-)
+from dec_mlflow.scaling import auto_scaling, fit_scaling
+from dec_mlflow.training import distill_and_self_train, embed
 
-PRETRAIN_MODES = ("end_to_end", "layerwise")
-LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("auto", "fp32", "bf16")
-VARIANTS = ("dec", "frozen", "idec")
-SELECTIONS = ("reconstruction", "inertia")
-# augment besides True (every stage) and False: the stages after pretraining, or distillation alone
-AUGMENT_MODES = ("finetune", "distill")
-# 'auto' budgets. The paper's schedule is counted in SGD iterations; 75 epochs of MNIST are 20,500 of
-# them, and a small table at 75 epochs would get a few hundred: too few for the autoencoder to learn.
-PRETRAIN_EPOCHS = 75
-MIN_PRETRAIN_ITER = 5000
-UPDATE_INTERVAL = 140  # the paper's value on MNIST; small data updates P at least once per epoch
-# Distillation of the manifold clustering into the encoder (docs/recipe.md): epochs, at least this many
-# iterations on small data, the peak of its one-cycle rate, rounds, and the label smoothing of its targets.
-DISTILL_EPOCHS = 15
-DISTILL_MIN_ITER = 2000
-DISTILL_LR = 0.1  # 'auto' from an untrained encoder
-# ... and from a pretrained one at most, which 0.1 pushes past its soft targets on small data (docs/recipe.md)
-PRETRAINED_DISTILL_LR = 0.01
-DISTILL_ROUNDS = 1
-DISTILL_SMOOTHING = 0.1
-PRETRAIN_RETRIES = 3  # divergent pretraining restarts this many times, each at a quarter of the rate
 # what trust_score is, in the words the CLI and the run's tag use (docs/trust.md)
 TRUST_SCORE = "agreement of mixture reruns x modularity on the neighbour graph"
-
-
-def _cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matmul instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     """Deep Embedded Clustering (Xie, Girshick, Farhadi, ICML 2016).
 
-    Pretrains an autoencoder, clusters its embedding to place the centroids, then refines encoder
-    and centroids together by minimising KL(P || Q) between the Student's t soft assignments Q and
-    their sharpened target P.
+    Pretrains an autoencoder (or, by default, starts from an untrained one and clusters the input),
+    clusters its embedding to place the centroids, then refines encoder and centroids together by
+    minimising KL(P || Q) between the Student's t soft assignments Q and their sharpened target P.
+    ``fit`` runs these stages, each a function of its own module: :func:`dec_mlflow.settings.resolve`,
+    :func:`dec_mlflow.pretraining.fit_autoencoder`, :func:`dec_mlflow.initialisation.initial_clusters`,
+    :func:`dec_mlflow.training.distill_and_self_train`, then the scores of :mod:`dec_mlflow.trust`.
 
-    Parameters
-    ----------
-    n_clusters : int or 'auto', default=10
-        'auto' (needs ``init='manifold'``): the k in ``k_min..k_max`` of the best silhouette in the UMAP map
-        of the initial clustering (:func:`dec_mlflow.initialisation.choose_k`); the fit's k is ``n_clusters_``.
-    k_min, k_max : int, default=2, 20
-        The range ``n_clusters='auto'`` considers; ``k_max`` must be below the number of samples.
-    hidden_dims : tuple of int, default=(500, 500, 2000, 10)
-        Encoder widths after the input; the last one is the embedding dimension.
-    scaling : {'auto', 'max', 'standard', 'none'}, default='auto'
-        Input scaling learned at fit time and applied by predict / export: 'max' divides by the
-        global max |x| (pixels / 255 for MNIST), 'standard' standardises each feature, 'auto'
-        picks one from the data (:func:`dec_mlflow.scaling.auto_scaling`). Both are followed by
-        one global factor that brings the mean squared value to 0.1, the scale the learning
-        rates are tuned for; 'none' feeds the data as it is.
-    pretrain_mode : {'end_to_end', 'layerwise'}, default='end_to_end'
-        'layerwise' is the paper's greedy denoising pretraining followed by ``pretrain_epochs`` of
-        end-to-end fine-tuning; 'end_to_end' trains the whole autoencoder from the start.
-    pretrain_epochs : int or 'auto', default='auto'
-        End-to-end epochs (fine-tuning epochs in 'layerwise' mode). 0 skips pretraining: the encoder
-        starts from its seeded random weights and the initial clustering is made on the input
-        (``init='manifold'`` only). 'auto' is 0 in ``fit`` with the manifold initialisation and the
-        'dec' variant (the default recipe), else (and always in ``pretrain``) 75 epochs, or more on
-        small data so that pretraining makes at least 5,000 SGD iterations.
-    layerwise_epochs : int, default=20
-        Epochs per layer in 'layerwise' mode.
-    pretrain_batch_size : int, default=256
-    pretrain_lr : float, default=1.0
-        SGD learning rate of pretraining (MSE averaged over features). If the loss stops being
-        finite, pretraining restarts from scratch at a quarter of the rate, up to 3 times.
-    pretrain_momentum : float, default=0.9
-    pretrain_lr_schedule : {'constant', 'cosine'}, default='constant'
-    dropout : float, default=0.2
-        Corruption rate of the denoising layers ('layerwise' mode only).
-    precision : {'auto', 'fp32', 'bf16'}, default='auto'
-        Matmul precision of pretraining; 'auto' picks bf16 on CPUs with native bf16 instructions.
-        Self-training always runs in fp32.
-    augment : 'auto', bool, 'finetune' or 'distill', default='auto'
-        DEC-DA (Guo et al., ACML 2018): random shifts (up to 10 %) and rotations (up to 10
-        degrees) of each training batch in pretraining, distillation and self-training (True),
-        in distillation and self-training only ('finetune'), or in distillation only
-        ('distill'; augmented self-training drifts on MNIST, its labels keep changing by more than
-        ``tol``); the target P still comes from the clean data. 'auto' is 'distill' where the
-        samples are images (``image_shape`` given or inferred) on one scale and fit distils, else
-        False. Needs an image shape; never for tabular data.
-    image_shape : 'auto', tuple of int or None, default='auto'
-        ``(height, width)`` or ``(height, width, channels)`` of one sample, channels last, as the
-        features are laid out; needed by ``augment``. 'auto' infers ``(side, side)`` for rows that
-        look like square single-channel images (:func:`dec_mlflow.augment.infer_image_shape`),
-        never for tables, sparse or tf-idf input; None: not images.
-    n_pretrain_init : int, default=1
-        Autoencoders to pretrain, with seeds ``random_state``, ``random_state + 1``, ...; the one
-        with the best ``pretrain_selection`` criterion is kept and its seed drives the rest of the
-        fit, so the result equals ``fit`` with ``random_state`` set to the selected seed. Labels
-        are never used. Costs one pretraining per candidate.
-    pretrain_selection : {'reconstruction', 'inertia'}, default='reconstruction'
-        Criterion among candidates, lower is better: 'reconstruction' is the mean squared
-        reconstruction error over X; 'inertia' is the k-means (``n_init``) inertia in the
-        embedding divided by the embedding's total sum of squares (scale-free, so embeddings of
-        different autoencoders compare).
-    init : {'manifold', 'kmeans'}, default='manifold'
-        How the initial clusters are found. 'kmeans' is the paper's, in the pretrained embedding
-        (``n_init`` restarts). 'manifold' is UMAP then a Gaussian mixture (N2D, McConville et al.
-        2020), of the input (reduced to 50 principal components) when pretraining is skipped, else
-        of the pretrained embedding; encoder and centroids are then trained for ``distill_epochs``
-        epochs towards the mixture's posteriors (distillation) before self-training starts.
-    distill_epochs : int, default=15
-        Epochs of distillation (``init='manifold'``), at least 500 iterations on small data.
-    distill_lr : float or 'auto', default='auto'
-        Peak SGD rate of distillation, reached after a warm-up over 15 % of its iterations and
-        decayed to zero by a cosine (one cycle). 'auto' is 0.1 for an untrained encoder (the
-        default recipe) and ``min(lr, 0.01)`` for a pretrained one, which a faster rate pushes
-        past its soft targets on small data, merging clusters; a pretrained encoder distils at
-        that constant rate, towards unsmoothed targets.
-    distill_rounds : int, default=1
-        Cycles of distillation then self-training (``init='manifold'``). The first round distils
-        the mixture's posteriors; each further round distils, for ``distill_epochs`` epochs and
-        under the same augmentation, the target P of the previous round's self-training (computed
-        on the clean data), then self-trains again. Without pretraining each further round
-        distils into a fresh, differently seeded encoder (a "born-again" student), which learns
-        the previous round's result without its mistakes of the path there; a pretrained encoder
-        is trained on.
-    n_init : int, default=20
-        k-means restarts (``init='kmeans'`` and the 'inertia' criterion).
-    alpha : float, default=1.0
-        Degrees of freedom of the Student's t kernel.
-    batch_size : int, default=256
-        Self-training batch size.
-    lr : float, default=0.01
-        SGD learning rate of self-training (distillation has its own, ``distill_lr``).
-    momentum : float, default=0.9
-        SGD momentum of distillation and self-training.
-    update_interval : int or 'auto', default='auto'
-        Iterations between recomputations of the target P over the whole data set; 'auto' is the
-        paper's 140, or one epoch when an epoch is shorter.
-    tol : float, default=0.001
-        Stop when fewer than this fraction of labels change between two target updates.
-    max_iter : int, default=20000
-        Upper bound on self-training iterations.
-    variant : {'dec', 'frozen', 'idec'}, default='dec'
-        'dec' trains encoder and centroids on KL(P || Q); 'frozen' keeps the pretrained encoder
-        fixed and moves only the centroids (the paper's "DEC w/o backprop"); 'idec' keeps the
-        decoder and minimises ``reconstruction MSE + gamma * KL`` (Guo et al., IJCAI 2017).
-    gamma : float, default=0.1
-        Weight of the KL term in 'idec' (IDEC's paper value); ignored by the other variants.
-    random_state : int, RandomState instance or None, default=0
-        Seed of all randomness (weights, batches, initialisation). An int gives the same result
-        on the CPU every time; a RandomState or None (numpy's global one) draws the seed at fit.
-    device : str, default='auto'
-        'auto' uses CUDA when available, else the CPU.
+    The keyword arguments are the rows of :data:`dec_mlflow.params.PARAMS` (name, default, rule and help),
+    listed under Parameters below and in docs/reference/parameters.md; why the defaults are what they
+    are: docs/recipe.md.
 
     Attributes
     ----------
@@ -195,11 +52,9 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         With ``n_clusters='auto'``, each candidate k's silhouette in the map; empty otherwise.
     labels_ : ndarray of shape (n_samples,)
     init_labels_ : ndarray of shape (n_samples,)
-        The initial clustering of the pretrained embedding (k-means: the AE+k-means baseline;
-        manifold: UMAP + GMM).
+        The initial clustering (k-means: the AE+k-means baseline; manifold: UMAP + GMM).
     round_labels_ : list of ndarray of shape (n_samples,)
-        The labels at the end of each round's self-training (``distill_rounds``); the last is
-        ``labels_``.
+        The labels at the end of each round's self-training (``distill_rounds``); the last is ``labels_``.
     n_iter_ : int
         Self-training iterations, summed over the rounds.
     converged_ : bool
@@ -215,8 +70,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         Its two parts: 'agreement', the share of points on which independent Gaussian mixtures of the input's
         map agree with the labels, and 'modularity', of the labels on the input's neighbour graph.
     resolved_params_ : dict
-        What the 'auto' settings resolved to: scaling, pretrain_epochs, pretrain_lr (after any
-        restart), precision, device, update_interval.
+        What the 'auto' settings resolved to (:func:`dec_mlflow.settings.resolve`), with pretrain_lr
+        (after any restart) and distill_lr.
     selected_seed_ : int
         Seed of the pretrained autoencoder used (``random_state`` unless ``n_pretrain_init > 1``).
     pretrain_candidates_ : list of dict
@@ -227,163 +82,29 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     """
 
     def __init__(
-        self,
-        n_clusters=10,
-        k_min=K_RANGE[0],
-        k_max=K_RANGE[1],
-        hidden_dims=(500, 500, 2000, 10),
-        scaling="auto",
-        pretrain_mode="end_to_end",
-        pretrain_epochs="auto",
-        layerwise_epochs=20,
-        pretrain_batch_size=256,
-        pretrain_lr=1.0,
-        pretrain_momentum=0.9,
-        pretrain_lr_schedule="constant",
-        dropout=0.2,
-        precision="auto",
-        augment="auto",
-        image_shape="auto",
-        n_pretrain_init=1,
-        pretrain_selection="reconstruction",
-        init="manifold",
-        distill_epochs=DISTILL_EPOCHS,
-        distill_lr="auto",
-        distill_rounds=DISTILL_ROUNDS,
-        n_init=20,
-        alpha=1.0,
-        batch_size=256,
-        lr=0.01,
-        momentum=0.9,
-        update_interval="auto",
-        tol=0.001,
-        max_iter=20000,
-        variant="dec",
-        gamma=0.1,
-        random_state=0,
-        device="auto",
-    ):
-        self.n_clusters = n_clusters
-        self.k_min = k_min
-        self.k_max = k_max
-        self.hidden_dims = hidden_dims
-        self.scaling = scaling
-        self.pretrain_mode = pretrain_mode
-        self.pretrain_epochs = pretrain_epochs
-        self.layerwise_epochs = layerwise_epochs
-        self.pretrain_batch_size = pretrain_batch_size
-        self.pretrain_lr = pretrain_lr
-        self.pretrain_momentum = pretrain_momentum
-        self.pretrain_lr_schedule = pretrain_lr_schedule
-        self.dropout = dropout
-        self.precision = precision
-        self.augment = augment
-        self.image_shape = image_shape
-        self.n_pretrain_init = n_pretrain_init
-        self.pretrain_selection = pretrain_selection
-        self.init = init
-        self.distill_epochs = distill_epochs
-        self.distill_lr = distill_lr
-        self.distill_rounds = distill_rounds
-        self.n_init = n_init
-        self.alpha = alpha
-        self.batch_size = batch_size
-        self.lr = lr
-        self.momentum = momentum
-        self.update_interval = update_interval
-        self.tol = tol
-        self.max_iter = max_iter
-        self.variant = variant
-        self.gamma = gamma
-        self.random_state = random_state
-        self.device = device
+        self, n_clusters=10, k_min=K_RANGE[0], k_max=K_RANGE[1], hidden_dims=(500, 500, 2000, 10), scaling="auto",
+        pretrain_mode="end_to_end", pretrain_epochs="auto", layerwise_epochs=20, pretrain_batch_size=256,
+        pretrain_lr=1.0, pretrain_momentum=0.9, pretrain_lr_schedule="constant", dropout=0.2, precision="auto",
+        augment="auto", image_shape="auto", n_pretrain_init=1, pretrain_selection="reconstruction", init="manifold",
+        distill_epochs=DISTILL_EPOCHS, distill_lr="auto", distill_rounds=DISTILL_ROUNDS, n_init=20, alpha=1.0,
+        batch_size=256, lr=0.01, momentum=0.9, update_interval="auto", tol=0.001, max_iter=20000, variant="dec",
+        gamma=0.1, random_state=0, device="auto",
+    ):  # the defaults of dec_mlflow.params.PARAMS (a test keeps them equal)
+        self.n_clusters, self.k_min, self.k_max, self.hidden_dims = n_clusters, k_min, k_max, hidden_dims
+        self.scaling, self.pretrain_mode, self.pretrain_epochs = scaling, pretrain_mode, pretrain_epochs
+        self.layerwise_epochs, self.pretrain_batch_size, self.pretrain_lr = layerwise_epochs, pretrain_batch_size, pretrain_lr
+        self.pretrain_momentum, self.pretrain_lr_schedule = pretrain_momentum, pretrain_lr_schedule
+        self.dropout, self.precision, self.augment, self.image_shape = dropout, precision, augment, image_shape
+        self.n_pretrain_init, self.pretrain_selection, self.init = n_pretrain_init, pretrain_selection, init
+        self.distill_epochs, self.distill_lr, self.distill_rounds = distill_epochs, distill_lr, distill_rounds
+        self.n_init, self.alpha, self.batch_size, self.lr, self.momentum = n_init, alpha, batch_size, lr, momentum
+        self.update_interval, self.tol, self.max_iter = update_interval, tol, max_iter
+        self.variant, self.gamma, self.random_state, self.device = variant, gamma, random_state, device
 
     # ------------------------------------------------------------------ validation
     def validate_params(self) -> None:
-        """Raise ValueError naming the first parameter that breaks its rule."""
-        if self.n_clusters != "auto":
-            _check_int("n_clusters", self.n_clusters, low=1, auto=True)
-        elif self.init != "manifold":
-            raise ValueError(f"n_clusters='auto' chooses k on the manifold initialisation's map, so it needs "
-                             f"init='manifold'; got init={self.init!r} (give n_clusters as a number)")
-        elif self.n_pretrain_init > 1 and self.pretrain_selection == "inertia":
-            raise ValueError("pretrain_selection='inertia' compares k-means at n_clusters, which 'auto' chooses "
-                             "only after pretraining; use pretrain_selection='reconstruction' or a number of clusters")
-        _check_int("k_min", self.k_min, low=2)
-        _check_int("k_max", self.k_max, low=2)
-        if self.k_max < self.k_min:
-            raise ValueError(f"k_max must be >= k_min; got k_min={self.k_min}, k_max={self.k_max}")
-        positive_ints = ["pretrain_batch_size", "n_pretrain_init", "n_init", "batch_size", "max_iter"]
-        for name in positive_ints:
-            _check_int(name, getattr(self, name), low=1)
-        if self.update_interval != "auto":
-            _check_int("update_interval", self.update_interval, low=1, auto=True)
-        if self.pretrain_epochs != "auto":
-            _check_int("pretrain_epochs", self.pretrain_epochs, low=0, auto=True)
-        _check_int("layerwise_epochs", self.layerwise_epochs, low=0)
-        if not (self.random_state is None or isinstance(self.random_state, np.random.RandomState)):
-            _check_int("random_state", self.random_state, low=0)
-        for name in ["pretrain_lr", "lr", "alpha", "gamma"]:
-            _check_real(name, getattr(self, name), low=0.0, low_open=True)
-        if self.distill_lr != "auto":
-            _check_real("distill_lr", self.distill_lr, low=0.0, low_open=True)
-        for name in ["pretrain_momentum", "momentum", "tol"]:
-            _check_real(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
-        _check_real("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
-        for name, choices in [
-            ("scaling", ("auto", *SCALINGS)),
-            ("pretrain_mode", PRETRAIN_MODES),
-            ("pretrain_lr_schedule", LR_SCHEDULES),
-            ("precision", PRECISIONS),
-            ("variant", VARIANTS),
-            ("pretrain_selection", SELECTIONS),
-            ("init", INITS),
-        ]:
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
-        dims = tuple(self.hidden_dims)
-        if not dims or any(not isinstance(d, Integral) or isinstance(d, bool) or d < 1 for d in dims):
-            raise ValueError(f"hidden_dims must be a non-empty sequence of positive integers; got {self.hidden_dims!r}")
-        if self.pretrain_epochs == 0 and not self._starts_from_input():
-            raise ValueError("pretrain_epochs=0 (no pretraining) needs init='manifold' and variant='dec', which cluster "
-                             f"the input and train the encoder from its start; got init={self.init!r}, variant={self.variant!r}")
-        if self.pretrain_epochs == 0 and self.n_pretrain_init > 1:
-            raise ValueError(f"n_pretrain_init={self.n_pretrain_init} chooses among pretrained autoencoders, but "
-                             "pretrain_epochs=0 pretrains none (use n_pretrain_init=1)")
-        _check_device(self.device)
-        if not isinstance(self.augment, (bool, np.bool_)) and self.augment not in ("auto", *AUGMENT_MODES):
-            raise ValueError(f"augment must be 'auto', True, False, 'finetune' or 'distill'; got {self.augment!r}")
-        if isinstance(self.distill_epochs, bool) or not isinstance(self.distill_epochs, Integral) or self.distill_epochs < 1:
-            raise ValueError(f"distill_epochs must be an integer >= 1; got {self.distill_epochs!r}")
-        if isinstance(self.distill_rounds, bool) or not isinstance(self.distill_rounds, Integral) or self.distill_rounds < 1:
-            raise ValueError(f"distill_rounds must be an integer >= 1; got {self.distill_rounds!r}")
-        if self.distill_rounds > 1 and not self._distills():
-            raise ValueError(f"distill_rounds={self.distill_rounds} repeats distillation, which only init='manifold' with a "
-                             f"trained encoder runs; got init={self.init!r}, variant={self.variant!r} (use distill_rounds=1)")
-        if self.augment == "distill" and not self._distills():
-            raise ValueError("augment='distill' augments distillation, which only init='manifold' with a trained encoder "
-                             f"runs; got init={self.init!r}, variant={self.variant!r} (use augment='finetune' or True)")
-        if self._augments_explicitly() and self.image_shape is None:
-            raise ValueError(f"augment={self.augment!r} needs image_shape, the (height, width[, channels]) of one sample; "
-                             "augmentation only applies to images, never to tabular data")
-        if isinstance(self.image_shape, str) and self.image_shape != "auto":
-            raise ValueError(f"image_shape must be 'auto', None or a tuple such as (28, 28); got {self.image_shape!r}")
-        if self.image_shape not in (None, "auto"):
-            check_image_shape(self.image_shape, int(np.prod(tuple(self.image_shape))))
-        if self._augments_explicitly() and self.scaling == "standard":
-            raise ValueError("augment=True needs one scale for every pixel: scaling must be 'auto', 'max' or 'none', "
-                             "not 'standard' (a shifted image would carry each pixel's own mean and deviation)")
-
-    def _distills(self) -> bool:
-        """Whether fit distils: a manifold initialisation (it has posteriors to learn) and a trained encoder."""
-        return self.init == "manifold" and self.variant != "frozen"
-
-    def _starts_from_input(self) -> bool:
-        """Whether fit can do without pretraining: it clusters the input and trains the encoder by distillation."""
-        return self.init == "manifold" and self.variant == "dec"
-
-    def _augments_explicitly(self) -> bool:
-        return self.augment is True or self.augment in AUGMENT_MODES
+        """Raise ValueError naming the first parameter that breaks its rule (:func:`dec_mlflow.params.validate`)."""
+        params.validate(self.get_params())
 
     def _check_X(self, X, *, fitting: bool) -> Features:
         """``X`` as float32 (n_samples, n_features), checked; a memory map or sparse matrix is checked
@@ -434,7 +155,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
                              f"n_clusters={self.n_clusters} (use fewer clusters, or init='kmeans')")
         if self.image_shape not in (None, "auto"):
             check_image_shape(self.image_shape, X.shape[1])
-        if self._augments_explicitly() and self.scaling == "auto" and auto_scaling(X) == "standard":  # else found after pretraining
+        if params.augments_explicitly(self.get_params()) and self.scaling == "auto" and auto_scaling(X) == "standard":  # else found after pretraining
             raise ValueError(f"augment={self.augment!r} needs one scale for every pixel, but scaling='auto' chooses "
                              "'standard' (per feature) for this data; give scaling='max' or 'none'")
 
@@ -454,83 +175,28 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         tags.input_tags.sparse = True  # scipy.sparse input stays sparse and is densified a batch at a time
         return tags
 
-    def _device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def _seed(self) -> int:
-        """``random_state`` as an int seed: itself, or drawn from the given RandomState (None: numpy's global one)."""
-        if isinstance(self.random_state, Integral):
-            return int(self.random_state)
-        return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-
-    def _precision(self) -> str:
-        if self.precision == "auto":
-            return "bf16" if self._device().type == "cpu" and _cpu_has_bf16() else "fp32"
-        return self.precision
-
     def resolve(self, X, *, pretraining: bool = False) -> dict:
-        """What the 'auto' settings resolve to on raw ``X`` (n_samples, n_features).
+        """What the 'auto' settings resolve to on raw ``X`` (:func:`dec_mlflow.settings.resolve`; ``pretraining``:
+        for ``pretrain``, which always pretrains)."""
+        return settings.resolve(self.get_params(), X, pretraining=pretraining)
 
-        Returns a dict with 'scaling', 'pretrain_epochs' (of ``fit``, or with ``pretraining`` of
-        ``pretrain``, which always pretrains), 'update_interval', 'precision', 'device' ('cpu',
-        'cuda' or 'cuda:N'), 'image_shape' (a tuple or None) and 'augment'; the pretraining rate
-        actually used is known only after pretraining (``resolved_params_``).
-        """
-        n = X.shape[0]
-        epochs = self.pretrain_epochs
-        if epochs == "auto" and self._starts_from_input() and self.n_pretrain_init == 1 and not pretraining:
-            epochs = 0
-        elif epochs == "auto":
-            iters_per_epoch = math.ceil(n / min(self.pretrain_batch_size, n))
-            epochs = max(PRETRAIN_EPOCHS, math.ceil(MIN_PRETRAIN_ITER / iters_per_epoch))
-        interval = self.update_interval
-        if interval == "auto":
-            interval = min(UPDATE_INTERVAL, max(1, n // min(self.batch_size, n)))
-        scaling = auto_scaling(X) if self.scaling == "auto" else self.scaling
-        if self.image_shape == "auto":
-            image_shape = infer_image_shape(X)
-        else:
-            image_shape = None if self.image_shape is None else tuple(int(s) for s in self.image_shape)
-        augment = self.augment
-        if augment == "auto":  # images on one scale (shifting a per-feature scaled image would mix pixels' scales)
-            augment = "distill" if image_shape is not None and self._distills() and scaling != "standard" else False
-        return {"scaling": scaling, "pretrain_epochs": int(epochs), "update_interval": int(interval),
-                "precision": self._precision(), "device": str(self._device()), "image_shape": image_shape,
-                "augment": augment}
-
-    def _transform(self, resolved: dict, scale: np.ndarray, device: torch.device, seed: int):
-        """The augmentation of scaled batches (DEC-DA), or None; its randomness from its own generator.
-
-        Shifting and rotating the scaled image equals doing so to the raw one only when every pixel
-        has the same scale and no offset ('max' and 'none'), which is checked here.
-        """
-        if not resolved["augment"]:
-            return None
-        if resolved["image_shape"] is None:
-            raise ValueError(f"augment={self.augment!r} needs image_shape, but none was given and the rows do not look "
-                             "like square single-channel images (dec_mlflow.augment.infer_image_shape); give image_shape")
-        shape = check_image_shape(resolved["image_shape"], scale.shape[0])
-        if not np.allclose(scale, scale[0]):
-            raise ValueError("augment=True needs one scale for every pixel (scaling 'max' or 'none'), but the "
-                             "input is scaled per feature ('standard', chosen by 'auto' for this data or given)")
-        # under torchrun each rank draws its own shifts for its own rows
-        generator = torch.Generator(device=device).manual_seed(seed + distributed.rank())
-        return functools.partial(random_shift_rotate, image_shape=shape, generator=generator)
+    def untrained_autoencoder(self, X, *, seed: int | None = None, scaling: str | None = None) -> PretrainedAutoencoder:
+        """The untrained autoencoder (weights seeded by ``seed``, default ``random_state``) and the input
+        scaling of a fit without pretraining (``scaling`` as resolved, else resolved here); its ``trained`` is False."""
+        return untrained_autoencoder(X, self.hidden_dims, scaling or self.resolve(X)["scaling"],
+                                     seed=settings.seed(self.random_state) if seed is None else seed)
 
     # ------------------------------------------------------------------ stages
     def pretrain(self, X, callback: Callback | None = None, *, seed: int | None = None,
                  resume: PretrainCheckpoint | None = None) -> PretrainedAutoencoder:
-        """Stage 1: fit the input scaling and pretrain the autoencoder on ``X``.
+        """Stage 1: fit the input scaling and pretrain the autoencoder on ``X`` (:func:`dec_mlflow.pretraining.pretrain`).
 
-        Does not fit the estimator; pass the result to ``fit(X, autoencoder=...)``. ``seed``
-        (default ``random_state``) seeds the weights and batches. A pretraining whose loss stops
-        being finite restarts from scratch at a quarter of the learning rate (up to 3 times,
-        reported through ``callback.on_retry``); the rate that worked is the result's ``lr``.
-        After every epoch ``callback.on_checkpoint`` is offered a :class:`PretrainCheckpoint`;
-        ``resume`` continues from one made with the same settings, data and seed: the result is
-        the one the uninterrupted pretraining would have given (exactly, on the CPU).
+        Does not fit the estimator; pass the result to ``fit(X, autoencoder=...)``. ``seed`` (default
+        ``random_state``) seeds the weights and batches. A diverging pretraining restarts at a quarter of the
+        rate (up to 3 times, reported through ``callback.on_retry``); the rate that worked is the result's
+        ``lr``. After every epoch ``callback.on_checkpoint`` is offered a :class:`PretrainCheckpoint`;
+        ``resume`` continues from one made with the same settings, data and seed: the result is the one the
+        uninterrupted pretraining would have given (exactly, on the CPU).
 
         Raises
         ------
@@ -539,69 +205,12 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         """
         self.validate_params()
         X = self._check_X(X, fitting=True)
-        callback = callback or Callback()
-        resolved = self.resolve(X, pretraining=True)
-        offset, scale = fit_scaling(X, resolved["scaling"])
-        device = self._device()
-        seed = self._seed() if seed is None else seed
-        x = scaled(X, offset, scale, device)  # (n, n_features); read a batch at a time when X is streamed
-        lr, first = (self.pretrain_lr, 0) if resume is None else (resume.pretrained.lr, resume.attempt)
-        if resume is not None:
-            resume = self._check_resume(resume, offset, scale)
-        for attempt in range(first, PRETRAIN_RETRIES + 1):
-            try:
-                transform = self._transform(resolved, scale, device, seed) if resolved["augment"] is True else None
-                checkpoints = Checkpoints(callback, offset, scale, lr, attempt, transform)
-                ae, loss = self._pretrain_once(x, lr, resolved, seed, transform, checkpoints, resume)
-                return PretrainedAutoencoder(ae.cpu(), offset, scale, loss, lr)
-            except FloatingPointError as e:
-                if attempt == PRETRAIN_RETRIES:
-                    raise FloatingPointError(
-                        f"{e}: pretraining diverged at pretrain_lr={self.pretrain_lr:g} and at each of {PRETRAIN_RETRIES} "
-                        f"restarts down to {lr:g}; lower pretrain_lr, or check the data for extreme values") from e
-                lr, resume = lr / 4.0, None
-                callback.on_retry("pretrain", attempt + 1, f"{e}; restarting at pretrain_lr={lr:g}")
-        raise AssertionError("unreachable")
-
-    def _pretrain_once(self, x, lr: float, resolved: dict, seed: int, transform, callback: "Checkpoints",
-                       resume: PretrainCheckpoint | None = None):
-        """One pretraining from fresh weights seeded by ``seed``, or from ``resume``; returns (autoencoder, last loss)."""
-        opt = dict(batch_size=self.pretrain_batch_size, lr=lr, momentum=self.pretrain_momentum,
-                   lr_schedule=self.pretrain_lr_schedule, precision=resolved["precision"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            ae = Autoencoder((x.shape[1], *self.hidden_dims)).to(x.device)
-            callback.autoencoder = ae
-            state = None
-            if resume is not None:
-                ae.load_state_dict(resume.pretrained.autoencoder.state_dict())
-                state = resume.state
-                if "augment" in state.rng and transform is not None:
-                    transform.keywords["generator"].set_state(state.rng["augment"])
-            finetune = "pretrain/finetune" if self.pretrain_mode == "layerwise" else "pretrain"
-            if self.pretrain_mode == "layerwise" and (state is None or state.stage != finetune):
-                pretrain_layerwise(ae, x, dropout=self.dropout, callback=callback, epochs=self.layerwise_epochs,
-                                   resume=state, **opt)
-                state = None
-            loss = float("nan")
-            epochs = resolved["pretrain_epochs"]
-            if epochs > 0:
-                loss = pretrain_end_to_end(ae, x, callback=callback, stage=finetune, epochs=epochs, transform=transform,
-                                           resume=state, **opt)
-        return ae, loss
-
-    def _check_resume(self, resume: PretrainCheckpoint, offset: np.ndarray, scale: np.ndarray) -> PretrainCheckpoint:
-        """``resume`` if it continues a pretraining of this network on this data's scaling, else ValueError."""
-        dims = (len(offset), *self.hidden_dims)
-        if tuple(resume.pretrained.autoencoder.dims) != dims:
-            raise ValueError(f"resume: the checkpoint is of an autoencoder {tuple(resume.pretrained.autoencoder.dims)}, "
-                             f"this pretraining makes {dims}")
-        if not (np.array_equal(resume.pretrained.offset, offset) and np.array_equal(resume.pretrained.scale, scale)):
-            raise ValueError("resume: the checkpoint was made under another input scaling (other data or scaling)")
-        return resume
+        seed = settings.seed(self.random_state) if seed is None else seed
+        return pretrain(self.get_params(), X, callback or Callback(), seed=seed, resume=resume)
 
     def fit(self, X, y=None, *, autoencoder: PretrainedAutoencoder | None = None, callback: Callback | None = None):
-        """Pretrain (unless ``autoencoder`` is given), find the initial clusters, self-train.
+        """Resolve the settings, pretrain (unless ``autoencoder`` is given), find the initial clusters, distil and
+        self-train in rounds, score. Each stage is a function a test can call alone.
 
         Parameters
         ----------
@@ -617,115 +226,51 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         """
         self.validate_params()
         X = self._check_X(X, fitting=True)
-        callback = callback or Callback()
-        self.selected_seed_, self.pretrain_candidates_ = self._seed(), []
-        resolved = self.resolve(X)
-        if autoencoder is None and resolved["pretrain_epochs"] == 0:
-            autoencoder = self.untrained_autoencoder(X, seed=self.selected_seed_, scaling=resolved["scaling"])
-        elif autoencoder is None:
-            autoencoder = self._pretrain_and_select(X, callback)
-        elif autoencoder.n_features != X.shape[1]:
-            raise ValueError(
-                f"autoencoder expects {autoencoder.n_features} features, but X has {X.shape[1]}"
-            )
-        device = self._device()
-        encoder = copy.deepcopy(autoencoder.autoencoder.encoder).to(device)
-        decoder = copy.deepcopy(autoencoder.autoencoder.decoder).to(device) if self.variant == "idec" else None
-        x = scaled(X, autoencoder.offset, autoencoder.scale, device)
-        transform = self._transform(resolved, autoencoder.scale, device, self.selected_seed_)
-        train = dict(alpha=self.alpha, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, callback=callback)
+        callback, p = callback or Callback(), self.get_params()
+        # 1. settings: what the 'auto' parameters resolve to on this data
+        resolved = settings.resolve(p, X)
+        # 2. the autoencoder: the given one, an untrained one (no pretraining), or the best pretrained candidate
+        autoencoder, self.selected_seed_, self.pretrain_candidates_ = fit_autoencoder(
+            p, X, resolved, callback, seed=settings.seed(self.random_state), given=autoencoder)
+        seed, on, trained = self.selected_seed_, torch.device(resolved["device"]), autoencoder.trained
+        encoder = copy.deepcopy(autoencoder.autoencoder.encoder).to(on)
+        decoder = copy.deepcopy(autoencoder.autoencoder.decoder).to(on) if self.variant == "idec" else None
+        x = scaled(X, autoencoder.offset, autoencoder.scale, on)  # (n_samples, n_features)
+        distill_options, self_train_options = settings.training_options(
+            p, resolved, n_samples=x.shape[0], trained=trained, decoder=decoder, callback=callback,
+            transform=settings.augmentation(resolved, self.augment, autoencoder.scale, on, seed))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.selected_seed_)
-            # an untrained encoder's embedding says nothing yet: the initial clusters come from the input itself
-            space = None if autoencoder.trained else (X, autoencoder.offset, autoencoder.scale, resolved["image_shape"])
-            init, scale = self._initial_clusters(encoder, decoder, x, callback, space)
-            centroids = torch.nn.Parameter(torch.from_numpy(init.centroids * scale).to(device))
-            distilling = self._distills() and init.posteriors is not None  # one cluster: no posteriors to learn
-            n_iter = max(DISTILL_MIN_ITER, self.distill_epochs * max(1, x.shape[0] // min(self.batch_size, x.shape[0])))
-            distill_lr = self._distill_lr(autoencoder.trained)
-            trained = distill_and_self_train(
-                encoder, centroids, x, torch.from_numpy(init.posteriors).to(device) if distilling else None,
-                rounds=self.distill_rounds,
-                # a pretrained encoder distils as before the untrained start: constant rate, sharp targets
-                distill_options=dict(n_iter=n_iter, transform=transform, one_cycle=not autoencoder.trained,
-                                     smoothing=0.0 if autoencoder.trained else DISTILL_SMOOTHING, **{**train, "lr": distill_lr}),
-                self_train_options=dict(update_interval=resolved["update_interval"], tol=self.tol, max_iter=self.max_iter,
-                                        train_encoder=self.variant != "frozen", decoder=decoder, gamma=self.gamma,
-                                        transform=None if resolved["augment"] == "distill" else transform, **train),
+            torch.manual_seed(seed)
+            # 3. initial clustering; an untrained encoder's embedding says nothing yet: then of the input itself
+            init, scale = initial_clusters(
+                encoder, x, self.n_clusters, init=self.init, seed=seed, n_init=self.n_init, k_range=(self.k_min, self.k_max),
+                callback=callback, decoder=decoder,
+                space=None if trained else (X, autoencoder.offset, autoencoder.scale, resolved["image_shape"]))
+            centroids = torch.nn.Parameter(torch.from_numpy(init.centroids * scale).to(on))  # (n_clusters, embedding_dim)
+            distilling = params.distills(p) and init.posteriors is not None  # one cluster: no posteriors to learn
+            # 4-5. distillation rounds towards the initial clustering, each followed by self-training on KL(P || Q)
+            rounds = distill_and_self_train(
+                encoder, centroids, x, torch.from_numpy(init.posteriors).to(on) if distilling else None,
+                rounds=self.distill_rounds, distill_options=distill_options, self_train_options=self_train_options,
                 # without pretraining, each round after the first trains a new encoder on the previous round's P
-                fresh_student=None if autoencoder.trained else (
-                    lambda round_: self._fresh_student(X.shape[1], init.centroids, round_, device)),
-            )
-        encoder, centroids, result = trained.encoder, trained.centroids, trained.result
-        self.round_labels_, total_iter = trained.round_labels, trained.n_iter
-        self.network_ = DECNet(
-            encoder.cpu(), centroids.detach().cpu(), torch.from_numpy(autoencoder.offset),
-            torch.from_numpy(autoencoder.scale), self.alpha,
-        ).eval()
-        self.cluster_centers_ = self.network_.centroids.detach().numpy().copy()
-        self.init_labels_ = init.labels
-        self.n_clusters_ = len(self.cluster_centers_)
-        self.k_scores_ = init.k_scores or {}
-        self.labels_ = result.labels
-        self.n_iter_ = total_iter
-        self.converged_ = result.converged
-        self.n_features_in_ = X.shape[1]
-        self.pretrain_loss_ = autoencoder.loss
-        self.kl_loss_ = result.kl_loss
-        self.resolved_params_ = {**resolved, "pretrain_lr": autoencoder.lr, "distill_lr": distill_lr}
+                fresh_student=None if trained else fresh_students(X.shape[1], self.hidden_dims, init.centroids,
+                                                                  seed=seed, on=on))
+        self._set_fitted(X, autoencoder, init, rounds, {**resolved, "pretrain_lr": autoencoder.lr,
+                                                        "distill_lr": distill_options["lr"]})
+        # 6. label-free scores of the result
         self.trust_scores_ = self._trust_scores(X, autoencoder, init, resolved["image_shape"], callback)
         self.trust_score_ = self.trust_scores_.pop("score")
         return self
 
-    def _distill_lr(self, trained: bool) -> float:
-        """``distill_lr``, its 'auto' resolved for an encoder that is pretrained (``trained``) or not."""
-        if self.distill_lr != "auto":
-            return float(self.distill_lr)
-        return min(self.lr, PRETRAINED_DISTILL_LR) if trained else DISTILL_LR
-
-    def _fresh_student(self, n_features: int, prototypes: np.ndarray, round_: int, device):
-        """Round ``round_``'s new encoder (seeded by ``selected_seed_ + round_``) and centroids at the prototypes."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.selected_seed_ + round_)
-            encoder = Autoencoder((n_features, *self.hidden_dims)).encoder.to(device)
-        return encoder, torch.nn.Parameter(torch.from_numpy(prototypes.copy()).to(device))
-
-    def untrained_autoencoder(self, X, *, seed: int | None = None, scaling: str | None = None) -> PretrainedAutoencoder:
-        """The untrained autoencoder (weights seeded by ``seed``, default ``random_state``) and the input
-        scaling of a fit without pretraining (``scaling`` as resolved, else resolved here); its ``trained`` is False."""
-        offset, scale = fit_scaling(X, scaling or self.resolve(X)["scaling"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._seed() if seed is None else seed)
-            ae = Autoencoder((X.shape[1], *self.hidden_dims))
-        return PretrainedAutoencoder(ae, offset, scale, float("nan"), float("nan"), trained=False)
-
-    def _initial_clusters(self, encoder, decoder, x, callback: Callback, space=None):
-        """Stage 2: the initial clustering (``init``), and the embedding's scale.
-
-        ``space`` (raw X, offset, scale), given when the encoder is untrained, makes the manifold
-        initialisation map the scaled input (reduced to 50 principal components) instead of the
-        embedding; the centroids are always in the embedding.
-
-        The encoder (and an IDEC decoder) are rescaled in place so that points lie at the squared
-        distance the Student's t kernel expects from their initial centroids; returns the clustering
-        (in the unscaled embedding) and the factor its centroids must be multiplied by. Under
-        torchrun the ranks embed their blocks of rows, rank 0 clusters the gathered embedding of all
-        the data and broadcasts the clustering, so every rank starts from the same centroids.
-        """
-        callback.on_stage_begin("init", None)
-        z = distributed.all_gather_rows(embed(encoder, x, rows=distributed.rows(x.shape[0]))).cpu().numpy()  # (n, embedding_dim)
-        init = scale = None
-        if distributed.is_main():
-            features = None if space is None else input_space(*space[:3], image_shape=space[3], seed=self.selected_seed_)
-            init, scale = initial_clustering(z, self.n_clusters, init=self.init, seed=self.selected_seed_,
-                                             n_init=self.n_init, space=features, k_range=(self.k_min, self.k_max),
-                                             callback=callback)
-        kept = init.input_map if init is not None else None  # rank 0's, for the trust score: not sent to every rank
-        init, scale = distributed.broadcast_object((None if init is None else dataclasses.replace(init, input_map=None), scale))
-        init = dataclasses.replace(init, input_map=kept)
-        scale_embedding(encoder, scale, decoder)
-        callback.on_stage_end("init")
-        return init, scale
+    def _set_fitted(self, X: Features, autoencoder: PretrainedAutoencoder, init, rounds, resolved: dict) -> None:
+        """The fitted attributes, from the autoencoder, the initial clustering and the rounds of training."""
+        self.network_ = DECNet(rounds.encoder.cpu(), rounds.centroids.detach().cpu(), torch.from_numpy(autoencoder.offset),
+                               torch.from_numpy(autoencoder.scale), self.alpha).eval()
+        self.cluster_centers_ = self.network_.centroids.detach().numpy().copy()
+        self.labels_, self.init_labels_, self.round_labels_ = rounds.result.labels, init.labels, rounds.round_labels
+        self.n_clusters_, self.k_scores_ = len(self.cluster_centers_), init.k_scores or {}
+        self.n_iter_, self.converged_, self.kl_loss_ = rounds.n_iter, rounds.result.converged, rounds.result.kl_loss
+        self.n_features_in_, self.pretrain_loss_, self.resolved_params_ = X.shape[1], autoencoder.loss, resolved
 
     def _trust_scores(self, X: Features, autoencoder: PretrainedAutoencoder, init, image_shape, callback: Callback) -> dict:
         """Stage 6: the label-free trust score and its two parts (:func:`dec_mlflow.trust.trust_scores`).
@@ -751,20 +296,6 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
                 scores = trust.trust_scores(labels, mapped.u, mapped.graph, self.n_clusters_, seed=self.selected_seed_)
                 callback.on_stage_end("trust")
         return distributed.broadcast_object(scores)
-
-    def _pretrain_and_select(self, X: Features, callback: Callback) -> PretrainedAutoencoder:
-        """Pretrain ``n_pretrain_init`` candidates; keep the best by ``pretrain_selection``, set selected_seed_."""
-        if self.n_pretrain_init == 1:
-            return self.pretrain(X, callback, seed=self.selected_seed_)
-        best = None
-        for seed in range(self.selected_seed_, self.selected_seed_ + self.n_pretrain_init):
-            ae = self.pretrain(X, callback, seed=seed)
-            criteria = selection_criteria(ae, X, self.n_clusters, n_init=self.n_init, seed=seed)
-            self.pretrain_candidates_.append({"seed": seed, **criteria})
-            if best is None or criteria[self.pretrain_selection] < best[0]:
-                best = (criteria[self.pretrain_selection], seed, ae)
-        _, self.selected_seed_, ae = best
-        return ae
 
     # ------------------------------------------------------------------ inference
     def _forward(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -797,35 +328,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         return float(kl_divergence(target_distribution(q), q))
 
 
-def selection_criteria(ae: PretrainedAutoencoder, X: Features, n_clusters: int, *, n_init: int, seed: int) -> dict:
-    """Label-free quality criteria of a pretrained autoencoder on raw ``X``; lower is better.
-
-    Returns
-    -------
-    dict with 'reconstruction' (mean squared error of the scaled input, per feature) and, unless
-    ``n_clusters`` is 'auto', 'inertia' (k-means inertia in the embedding / total sum of squares about
-    the mean, in [0, 1]).
-    """
-    x = scaled(_as_features(X), ae.offset, ae.scale, torch.device("cpu"))
-    criteria = {"reconstruction": reconstruction_error(ae.autoencoder, x)}
-    if n_clusters != "auto":  # k-means needs a k: with n_clusters='auto' only the reconstruction
-        criteria["inertia"] = embedding_kmeans(ae, X, n_clusters, n_init=n_init, seed=seed)[1]
-    return criteria
-
-
-def embedding_kmeans(ae: PretrainedAutoencoder, X: Features, n_clusters: int, *, n_init: int, seed: int):
-    """k-means in the pretrained embedding of raw ``X``: the AE+k-means baseline.
-
-    Returns
-    -------
-    labels : ndarray of shape (n_samples,), int64
-    inertia : float, k-means inertia / total sum of squares of the embedding about its mean
-    """
-    x = scaled(_as_features(X), ae.offset, ae.scale, torch.device("cpu"))
-    z = embed(ae.autoencoder.encoder, x).numpy()  # (n, d)
-    km = KMeans(n_clusters, n_init=n_init, random_state=seed).fit(z)
-    total = float(((z.astype(np.float64) - z.mean(0, dtype=np.float64)) ** 2).sum())
-    return km.labels_.astype(np.int64), float(km.inertia_) / total
+# help(DEC) lists the parameters from their table, before the fitted attributes
+DEC.__doc__ = DEC.__doc__.replace("    Attributes\n", params.numpydoc(indent="    ") + "\n\n    Attributes\n", 1)
 
 
 def map_k_scores(est: DEC, X: Features, k_min: int, k_max: int, *,
@@ -835,50 +339,12 @@ def map_k_scores(est: DEC, X: Features, k_min: int, k_max: int, *,
     The map is the one ``est.fit`` makes: of the scaled input (reduced to 50 principal components) when
     there is no trained ``autoencoder``, else of its embedding; then :func:`choose_k` over ``k_min..k_max``.
     """
-    seed = est._seed()
+    seed = settings.seed(est.random_state)
     if autoencoder is None or not autoencoder.trained:
         resolved = est.resolve(X)
         offset, scale = fit_scaling(X, resolved["scaling"])
         space = input_space(X, offset, scale, image_shape=resolved["image_shape"], seed=seed)
     else:
-        space = InputSpace(embed(autoencoder.autoencoder.encoder, scaled(_as_features(X), autoencoder.offset,
+        space = InputSpace(embed(autoencoder.autoencoder.encoder, scaled(as_features(X), autoencoder.offset,
                                                                          autoencoder.scale, torch.device("cpu"))).numpy())
     return choose_k(umap_map(space.points, MAX_MAP_DIM, seed=seed, shifted=space.shifted), k_min, k_max, seed=seed)
-
-
-def _as_features(X) -> Features:
-    """A memory map or sparse matrix as it is, anything else as an in-memory float32 array."""
-    return X if streamed(X) else np.asarray(X, np.float32)
-
-
-def _check_device(device) -> None:
-    """'auto', 'cpu', 'cuda' or 'cuda:N' (a torch.device too), and CUDA only where torch can use it."""
-    name = str(device) if isinstance(device, torch.device) else device
-    if name in ("auto", "cpu"):
-        return
-    match = re.fullmatch(r"cuda(?::(\d+))?", name) if isinstance(name, str) else None
-    if match is None:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available here (no GPU or driver, or a CPU-only torch); "
-                         "use device='auto' or 'cpu'")
-    n_gpus = torch.cuda.device_count()
-    if match.group(1) is not None and int(match.group(1)) >= n_gpus:
-        raise ValueError(f"device={device!r} but this machine has {n_gpus} CUDA device(s): cuda:0 to cuda:{n_gpus - 1}")
-
-
-def _check_int(name, value, *, low, auto=False):
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
-        alternative = " or 'auto'" if auto else ""
-        raise ValueError(f"{name} must be an integer >= {low}{alternative}; got {value!r}")
-
-
-def _check_real(name, value, *, low, high=None, low_open=False, high_open=False):
-    ok = isinstance(value, Real) and not isinstance(value, bool) and np.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low)
-    if high is not None:
-        ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        lo = f"> {low}" if low_open else f">= {low}"
-        hi = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
-        raise ValueError(f"{name} must be a number {lo}{hi}; got {value!r}")

@@ -16,8 +16,9 @@ from sklearn.cluster import KMeans
 
 from dec_mlflow import paper
 from dec_mlflow.callbacks import Callback
-from dec_mlflow.estimator import DEC, PretrainedAutoencoder, embedding_kmeans
+from dec_mlflow.estimator import DEC, PretrainedAutoencoder
 from dec_mlflow.metrics import clustering_scores
+from dec_mlflow.pretraining import embedding_kmeans
 from dec_mlflow.rows import dense
 
 # method id -> name in tables (the paper's names where the paper has the method)

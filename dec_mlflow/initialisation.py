@@ -3,6 +3,8 @@
 The manifold clustering is UMAP then a Gaussian mixture, on the pretrained embedding (N2D) or, with no
 pretraining, on the input itself reduced to at most 50 principal components. NumPy in, NumPy out
 (torch only for the matmuls of the exact nearest-neighbour search); no I/O, every result seeded.
+``fit``'s stage is :func:`initial_clusters`: the encoder's embedding (or the input) clustered, and the
+encoder rescaled to it.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_score
 from sklearn.mixture import GaussianMixture
 
+from dec_mlflow import distributed
 from dec_mlflow.callbacks import Callback
+from dec_mlflow.model import scale_embedding
 from dec_mlflow.rows import Features, chunks
+from dec_mlflow.training import embed
 
 INITS = ("manifold", "kmeans")
 # N2D (McConville et al. 2020): min_dist=0 packs each cluster tightly; 20 neighbours join a class's sub-styles.
@@ -199,6 +204,37 @@ def initial_clustering(z: np.ndarray, n_clusters: int | str, *, init: str, seed:
         centroids = prototypes(len(result.centroids), z.shape[1], seed=seed)
         return dataclasses.replace(result, centroids=centroids), 1.0
     return result, embedding_scale(z, result)
+
+
+def initial_clusters(encoder: torch.nn.Module, x: torch.Tensor, n_clusters: int | str, *, init: str, seed: int,
+                     n_init: int, k_range: tuple[int, int], callback: Callback, decoder: torch.nn.Module | None = None,
+                     space: tuple | None = None) -> tuple[Initialisation, float]:
+    """``fit``'s stage 2: the initial clustering (``init``) of the scaled data ``x`` (n_samples, n_features), and
+    the embedding's scale.
+
+    ``space`` (raw X, offset, scale, image shape), given when the encoder is untrained, makes the manifold
+    initialisation map the scaled input (reduced to 50 principal components) instead of the embedding;
+    the centroids are always in the embedding.
+
+    The encoder (and an IDEC ``decoder``) are rescaled in place so that points lie at the squared
+    distance the Student's t kernel expects from their initial centroids; returns the clustering (in the
+    unscaled embedding) and the factor its centroids must be multiplied by. Under torchrun the ranks
+    embed their blocks of rows, rank 0 clusters the gathered embedding of all the data and broadcasts
+    the clustering, so every rank starts from the same centroids.
+    """
+    callback.on_stage_begin("init", None)
+    z = distributed.all_gather_rows(embed(encoder, x, rows=distributed.rows(x.shape[0]))).cpu().numpy()  # (n, embedding_dim)
+    result = scale = None
+    if distributed.is_main():
+        features = None if space is None else input_space(*space[:3], image_shape=space[3], seed=seed)
+        result, scale = initial_clustering(z, n_clusters, init=init, seed=seed, n_init=n_init, space=features,
+                                           k_range=k_range, callback=callback)
+    kept = result.input_map if result is not None else None  # rank 0's, for the trust score: not sent to every rank
+    result, scale = distributed.broadcast_object((None if result is None else dataclasses.replace(result, input_map=None), scale))
+    result = dataclasses.replace(result, input_map=kept)
+    scale_embedding(encoder, scale, decoder)
+    callback.on_stage_end("init")
+    return result, scale
 
 
 def choose_k(u: np.ndarray, k_min: int, k_max: int, *, seed: int, callback=None) -> tuple[int, dict[int, float]]:

@@ -5,8 +5,8 @@ dict with the run id and what the run made (model URI, registered version, metri
 parses options and calls one stage; tests and notebooks call the stages directly. The paper's
 experiments (compare, k_sweep, imbalance) are stages of :mod:`dec_mlflow.lifecycle_experiments`.
 
-Estimator parameters are the keyword arguments of :class:`~dec_mlflow.estimator.DEC` (one source
-of hyperparameters), with ``scaling='auto'`` meaning the dataset's own default, an empty
+Estimator parameters are the keyword arguments of :class:`~dec_mlflow.estimator.DEC`, declared once in
+:data:`dec_mlflow.params.PARAMS` (whose rules the stages check too), with ``scaling='auto'`` meaning the dataset's own default, an empty
 ``image_shape`` the dataset's own, and ``augment``, ``init`` and ``pretrain_epochs`` left at 'auto'
 what the stage's ``preset`` chooses (:mod:`dec_mlflow.presets`). Parameters are checked before any
 data is loaded. Errors a user can cause raise ``ValueError`` naming the
@@ -24,7 +24,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from numbers import Integral
 from pathlib import Path
 
 import mlflow
@@ -37,14 +36,16 @@ from dec_mlflow import distributed, scoring, tracking
 from dec_mlflow.callbacks import Callback, CallbackList, ProgressBar
 from dec_mlflow.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from dec_mlflow.data import Dataset, load_dataset
-from dec_mlflow.estimator import AUGMENT_MODES, DEC, TRUST_SCORE, PretrainedAutoencoder, selection_criteria
+from dec_mlflow.estimator import DEC, TRUST_SCORE, PretrainedAutoencoder
 from dec_mlflow.metrics import clustering_scores
+from dec_mlflow.params import DEFAULTS as _DEC_DEFAULTS
+from dec_mlflow.params import Augment, Integer, validate
+from dec_mlflow.pretraining import selection_criteria
 from dec_mlflow.rows import Features, dense
 from dec_mlflow.presets import preset_params
 
 # Options whose 'auto' the preset decides (else the estimator's default).
 PRESET_CHOICES = ("augment", "init", "pretrain_epochs", "distill_epochs", "distill_rounds")
-_DEC_DEFAULTS = DEC().get_params()
 # The estimator's parameters and their defaults at the stages: 'auto' scaling is resolved per dataset,
 # an empty image_shape is the dataset's, and 'auto' preset choices are the preset's.
 ESTIMATOR_DEFAULTS = {**_DEC_DEFAULTS, "scaling": "auto", "image_shape": "", **{n: "auto" for n in PRESET_CHOICES}}
@@ -110,17 +111,12 @@ def build_estimator(params: dict, data: Dataset | None = None, *, preset: str = 
     for name in PRESET_CHOICES:
         if params.get(name, "auto") == "auto":
             params[name] = chosen.get(name, _DEC_DEFAULTS[name])
-    if isinstance(params["augment"], str):
-        value = params["augment"].lower()
-        if value not in ("auto", "true", "false", *AUGMENT_MODES):
-            raise ValueError(f"augment must be 'auto', 'true', 'false', 'finetune' or 'distill'; got {params['augment']!r}")
-        params["augment"] = value if value in ("auto", *AUGMENT_MODES) else value == "true"
+    params["augment"] = Augment.from_text(params["augment"])
     params["image_shape"] = image_shape
     if params.get("scaling") == "auto" and data is not None:
         params["scaling"] = data.default_scaling
     est = DEC().set_params(**params)
-    est.validate_params()
-    check_int("random_state", est.random_state, low=0)  # runs are named, tagged and reused by their seed
+    validate(est.get_params(), stage=True)  # the estimator's rules, and random_state an int: runs are named by it
     return est
 
 
@@ -172,8 +168,7 @@ def data_params(data: Dataset) -> dict:
 
 def check_int(name: str, value, *, low: int) -> None:
     """ValueError naming ``name`` unless ``value`` is an integer >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+    Integer(low).check(name, value)
 
 
 def fmt_scores(scores: dict) -> str:

@@ -21,7 +21,7 @@ import pandas as pd
 from dec_mlflow import experiments, tracking
 from dec_mlflow.callbacks import CallbackList
 from dec_mlflow.data import Dataset
-from dec_mlflow.estimator import DEC, map_k_scores, selection_criteria
+from dec_mlflow.estimator import DEC, map_k_scores
 from dec_mlflow.lifecycle import (
     ESTIMATOR_PARAMS,
     build_estimator,
@@ -35,6 +35,7 @@ from dec_mlflow.lifecycle import (
     resolve_autoencoder,
 )
 from dec_mlflow.metrics import clustering_scores
+from dec_mlflow.pretraining import selection_criteria
 
 # the estimator parameters every experiment shares with `cluster`, minus what the experiment varies
 # (n_clusters='auto', with its range k_min..k_max, is cluster's and the estimator's: an experiment compares at a given k)

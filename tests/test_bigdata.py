@@ -16,7 +16,7 @@ from scipy import sparse
 
 from dec_mlflow import DEC, rows, trust
 from dec_mlflow.data import load_dataset
-from dec_mlflow.estimator import selection_criteria
+from dec_mlflow.pretraining import selection_criteria
 from dec_mlflow.rows import MappedRows, ScaledRows, scaled
 from dec_mlflow.scaling import auto_scaling, fit_scaling
 from dec_mlflow.tracking import data_digest

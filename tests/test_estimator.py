@@ -1,5 +1,7 @@
 """The scikit-learn DEC estimator on small, well-separated data."""
 
+import copy
+import inspect
 import os
 
 import numpy as np
@@ -9,9 +11,13 @@ from sklearn.base import clone
 from sklearn.datasets import make_blobs
 from sklearn.exceptions import NotFittedError
 
-from dec_mlflow import DEC, PretrainedAutoencoder
+from dec_mlflow import DEC, PretrainedAutoencoder, params, settings
 from dec_mlflow.callbacks import Callback
+from dec_mlflow.initialisation import initial_clusters
 from dec_mlflow.metrics import cluster_accuracy
+from dec_mlflow.pretraining import fit_autoencoder, fresh_students
+from dec_mlflow.rows import scaled
+from dec_mlflow.training import distill_and_self_train
 
 from conftest import SMALL
 
@@ -39,6 +45,50 @@ def test_same_seed_same_labels_and_weights(blobs):
     np.testing.assert_array_equal(a.labels_, b.labels_)
     np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
     assert a.n_iter_ == b.n_iter_
+
+
+@pytest.mark.parametrize("recipe", [
+    {},  # the default recipe: no pretraining, the input's manifold clustering, distilled into fresh students
+    {"pretrain_epochs": 5, "init": "kmeans", "variant": "idec"},  # the paper's start, IDEC's decoder
+])
+def test_the_stages_called_one_after_another_give_the_labels_of_fit(recipe):
+    """Same seed, same labels: fit is its stages, and each can be called alone."""
+    x, _ = make_blobs(240, n_features=12, centers=3, cluster_std=1.5, random_state=4)
+    x = x.astype(np.float32)
+    est = DEC(n_clusters=3, hidden_dims=(16, 8, 3), batch_size=32, pretrain_batch_size=32, pretrain_lr=0.1,
+              update_interval=10, distill_epochs=1, distill_rounds=2 if not recipe else 1, max_iter=40, n_init=3,
+              precision="fp32", device="cpu", random_state=5, **recipe)
+    p, callback, cpu = est.get_params(), Callback(), torch.device("cpu")
+    resolved = settings.resolve(p, x)
+    ae, seed, _ = fit_autoencoder(p, x, resolved, callback, seed=5)
+    encoder = copy.deepcopy(ae.autoencoder.encoder)
+    decoder = copy.deepcopy(ae.autoencoder.decoder) if p["variant"] == "idec" else None
+    xs = scaled(x, ae.offset, ae.scale, cpu)
+    distill_options, self_train_options = settings.training_options(
+        p, resolved, n_samples=len(x), trained=ae.trained, transform=None, decoder=decoder, callback=callback)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        space = None if ae.trained else (x, ae.offset, ae.scale, resolved["image_shape"])  # the input, untrained
+        init, scale = initial_clusters(encoder, xs, 3, init=p["init"], seed=seed, n_init=3, k_range=(2, 20),
+                                       callback=callback, decoder=decoder, space=space)
+        centroids = torch.nn.Parameter(torch.from_numpy(init.centroids * scale))
+        teacher = None if init.posteriors is None else torch.from_numpy(init.posteriors)
+        students = None if ae.trained else fresh_students(12, (16, 8, 3), init.centroids, seed=seed, on=cpu)
+        rounds = distill_and_self_train(encoder, centroids, xs, teacher, rounds=p["distill_rounds"], fresh_student=students,
+                                        distill_options=distill_options, self_train_options=self_train_options)
+    fitted = est.fit(x)
+    assert len(fitted.round_labels_) == (2 if not recipe else 1)
+    np.testing.assert_array_equal(rounds.result.labels, fitted.labels_)
+    np.testing.assert_array_equal(init.labels, fitted.init_labels_)
+    np.testing.assert_array_equal(rounds.centroids.detach().numpy(), fitted.cluster_centers_)
+
+
+def test_the_keyword_arguments_are_the_rows_of_the_parameter_table():
+    """DEC's keyword arguments, their defaults and its docstring's Parameters are dec_mlflow.params.PARAMS."""
+    assert list(inspect.signature(DEC).parameters) == [p.name for p in params.PARAMS]
+    assert DEC().get_params() == params.DEFAULTS
+    for p in params.PARAMS:
+        assert f"\n    {p.name} : {p.rule}, default={p.default!r}\n" in DEC.__doc__, p.name
 
 
 def test_different_seed_changes_weights(blobs):

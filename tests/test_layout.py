@@ -1,5 +1,6 @@
-"""The architecture as the imports show it: entry points -> lifecycle -> tracking -> estimator -> checkpoint/export
--> training -> objectives/model, and only the MLflow-facing layers import mlflow."""
+"""The architecture as the imports show it: entry points -> lifecycle -> tracking -> estimator -> pretraining ->
+settings -> params -> checkpoint/export/initialisation -> training -> objectives/model, and only the MLflow-facing
+layers import mlflow."""
 
 from __future__ import annotations
 
@@ -9,20 +10,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # A module may import only modules of a lower layer. A new module gets a layer here.
 LAYERS = {
-    "dec_mlflow.cli": 8, "serving.server": 8,  # entry points: parse options, call one stage / serve
-    "dec_mlflow.lifecycle_experiments": 7,  # the paper's experiments as stages
-    "dec_mlflow.lifecycle": 6,  # the lifecycle's stages
-    "dec_mlflow.tracking": 5, "dec_mlflow.experiments": 5, "serving.model_io": 5,
-    "dec_mlflow.scoring": 5,  # batch scoring of a logged model (serving.loading, spark_udf)
-    "dec_mlflow.estimator": 4, "dec_mlflow.export": 3,
-    "dec_mlflow.trust": 3,  # label-free scores; the reruns are mixtures of the initialisation's map
+    "dec_mlflow.cli": 11, "serving.server": 11,  # entry points: parse options, call one stage / serve
+    "dec_mlflow.lifecycle_experiments": 10,  # the paper's experiments as stages
+    "dec_mlflow.lifecycle": 9,  # the lifecycle's stages
+    "dec_mlflow.tracking": 8, "dec_mlflow.experiments": 8, "serving.model_io": 8,
+    "dec_mlflow.scoring": 8,  # batch scoring of a logged model (serving.loading, spark_udf)
+    "dec_mlflow.estimator": 7,
+    "dec_mlflow.pretraining": 6,  # fit's autoencoder: pretrained, selected or untrained
+    "dec_mlflow.settings": 5,  # what the parameters resolve to on the data
+    "dec_mlflow.params": 4,  # the table of the estimator's parameters and their rules
+    "dec_mlflow.trust": 4,  # label-free scores; the reruns are mixtures of the initialisation's map
+    "dec_mlflow.export": 3, "dec_mlflow.initialisation": 3,
     "dec_mlflow.checkpoint": 3,  # checkpoint files, the pretrained autoencoder and an unfinished pretraining
     "dec_mlflow.training": 2,
     "serving.loading": 2,  # loads a logged model with the installed serving code
     "dec_mlflow.model": 1, "dec_mlflow.callbacks": 1, "dec_mlflow.data": 1, "dec_mlflow.plots": 1,
     "dec_mlflow.distributed": 1,  # collectives (no-ops in one process), torchrun
     "dec_mlflow.objectives": 0, "dec_mlflow.metrics": 0, "dec_mlflow.corpora": 0, "dec_mlflow.paper": 0,
-    "dec_mlflow.scaling": 1, "dec_mlflow.rows": 0, "dec_mlflow.initialisation": 2,
+    "dec_mlflow.scaling": 1, "dec_mlflow.rows": 0,
     "dec_mlflow.augment": 2,  # image transforms and image-shape inference (uses scaling.auto_scaling)
     "dec_mlflow.presets": 0, "dec_mlflow.environment": 0,
     "serving.onnx_pyfunc": 0,  # runs in the serving environment: imports nothing of ours
