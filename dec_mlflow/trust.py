@@ -90,13 +90,16 @@ def modularity(labels: np.ndarray, graph: sp.spmatrix) -> float:
     g = sp.coo_matrix(graph)
     if g.shape != (len(labels), len(labels)):
         raise ValueError(f"graph must be n x n for n = {len(labels)} labels; got shape {g.shape}")
-    total = g.data.sum()
+    weights = g.data.astype(np.float64)  # UMAP's graph is float32: its sum would round the chance term
+    total = weights.sum()
     if total <= 0:
         return 0.0
     _, ids = np.unique(labels, return_inverse=True)
     k = ids.max() + 1
+    if k == 1:
+        return 0.0  # every link inside, as chance would have it
     links = np.zeros((k, k))
-    np.add.at(links, (ids[g.row], ids[g.col]), g.data)
+    np.add.at(links, (ids[g.row], ids[g.col]), weights)
     links /= total
     ends = links.sum(1)
     return float(np.trace(links) - (ends ** 2).sum())
