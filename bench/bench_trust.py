@@ -79,20 +79,16 @@ def score(name: str) -> None:
                 continue
             run = np.load(path)
             k, seed = int(run["k"]), params["random_state"]
-            # as fit: a run that started from the input's map reuses it; the others map a sample of large data
+            # as fit: a run that started from the input's map reuses it (built once per seed and dimension, not
+            # counted as the score's cost); the others are mapped inside run_scores, on a sample of large data
             own_map = params.get("init", "manifold") == "manifold" and params.get("pretrain_epochs", 0) == 0
-            rows = np.arange(len(x))
-            if not own_map and len(rows) > trust.MAP_SAMPLE:
-                rows = np.sort(np.random.default_rng(seed).choice(len(rows), trust.MAP_SAMPLE, replace=False))
-            key = (seed, min(k, 10), len(rows))  # the map's dimension is min(k, 10)
+            key = (seed, min(k, 10))  # the map's dimension is min(k, 10)
+            if own_map and key not in maps:
+                maps[key] = input_map(x, offset, scale, k, seed=seed, image_shape=shape)
             start = time.perf_counter()
-            if key not in maps:
-                maps[key] = input_map(x[rows], offset, scale, k, seed=seed, image_shape=shape)
-            map_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-            scores = trust.trust_scores(run["labels"][rows], maps[key].u, maps[key].graph, k, seed=seed)
-            # what fit spends on it: the references, and the map where the run had none of its own
-            cost = time.perf_counter() - start + (0.0 if own_map else map_seconds)
+            scores = trust.run_scores(x, run["labels"], k, seed=seed, offset=offset, scale=scale, image_shape=shape,
+                                      mapped=maps[key] if own_map else None)
+            cost = time.perf_counter() - start  # what fit spends on it
             row = {"dataset": name, "tag": tag, "k": k, "true_k": len(np.unique(y)), "seed": seed,
                    "acc": float(run["acc"]), **scores, "size_entropy": trust.size_balance(run["labels"], k),
                    "score_seconds": cost, "run_minutes": float(run["minutes"]),

@@ -15,7 +15,7 @@ from dec_mlflow.augment import check_image_shape
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.checkpoint import PretrainCheckpoint, PretrainedAutoencoder
 from dec_mlflow.initialisation import (
-    K_RANGE, MAX_MAP_DIM, InputSpace, choose_k, initial_clusters, input_map, input_space, umap_map,
+    K_RANGE, MAX_MAP_DIM, InputSpace, choose_k, initial_clusters, input_space, umap_map,
 )
 from dec_mlflow.model import DECNet
 from dec_mlflow.objectives import kl_divergence, target_distribution
@@ -276,25 +276,16 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         """Stage 6: the label-free trust score and its two parts (:func:`dec_mlflow.trust.trust_scores`).
 
         They read the map of the input and its neighbour graph: the initial clustering's, when the run
-        started from the input (the default recipe), else computed here the same way (on a seeded sample of
-        :data:`dec_mlflow.trust.MAP_SAMPLE` rows of larger data), so that runs of every recipe on the same
-        data are scored alike. Rank 0 computes them under torchrun.
+        started from the input (the default recipe), else one :func:`dec_mlflow.trust.run_scores` makes.
+        Rank 0 computes them under torchrun.
         """
         scores = None
         if distributed.is_main():
-            if self.n_clusters_ < 2:  # one cluster: every rerun finds it, and it is no better than chance
-                scores = {"score": 0.0, "agreement": 1.0, "modularity": 0.0}
-            else:
-                callback.on_stage_begin("trust", None)
-                mapped, labels = init.input_map, self.labels_
-                if mapped is None:
-                    rows = np.arange(X.shape[0])
-                    if len(rows) > trust.MAP_SAMPLE:
-                        rows = np.sort(np.random.default_rng(self.selected_seed_).choice(len(rows), trust.MAP_SAMPLE, replace=False))
-                    mapped, labels = input_map(X[rows], autoencoder.offset, autoencoder.scale, self.n_clusters_,
-                                               seed=self.selected_seed_, image_shape=image_shape, callback=callback), labels[rows]
-                scores = trust.trust_scores(labels, mapped.u, mapped.graph, self.n_clusters_, seed=self.selected_seed_)
-                callback.on_stage_end("trust")
+            callback.on_stage_begin("trust", None)
+            scores = trust.run_scores(X, self.labels_, self.n_clusters_, seed=self.selected_seed_, offset=autoencoder.offset,
+                                      scale=autoencoder.scale, image_shape=image_shape, mapped=init.input_map,
+                                      callback=callback)
+            callback.on_stage_end("trust")
         return distributed.broadcast_object(scores)
 
     # ------------------------------------------------------------------ inference

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import silhouette_score
 
-from dec_mlflow.initialisation import map_gmm
+from dec_mlflow.initialisation import InputMap, input_map, map_gmm
+from dec_mlflow.metrics import cluster_accuracy
 
 SILHOUETTE_SAMPLE = 5000  # points the silhouette is computed on: O(m^2) distances, about a second
 
@@ -61,23 +61,6 @@ AGREEMENT_SAMPLE = 5_000
 MAP_SAMPLE = 10_000
 
 
-def matched_agreement(labels_a: np.ndarray, labels_b: np.ndarray) -> float:
-    """Share of points two labellings put in the same cluster once clusters are matched one to one.
-
-    The matching maximises that share (Hungarian algorithm on the contingency table), so cluster ids do
-    not matter; in [0, 1], 1 for the same partition.
-    """
-    a, b = np.asarray(labels_a), np.asarray(labels_b)
-    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"labellings must be two 1-d arrays of the same, non-zero length; got shapes {a.shape} and {b.shape}")
-    _, a = np.unique(a, return_inverse=True)
-    _, b = np.unique(b, return_inverse=True)
-    table = np.zeros((a.max() + 1, b.max() + 1))
-    np.add.at(table, (a, b), 1)
-    rows, cols = linear_sum_assignment(-table)
-    return float(table[rows, cols].sum() / len(a))
-
-
 def modularity(labels: np.ndarray, graph: sp.spmatrix) -> float:
     """Newman's modularity of ``labels`` on the weighted, symmetric neighbour ``graph`` (n x n, sparse).
 
@@ -108,7 +91,7 @@ def modularity(labels: np.ndarray, graph: sp.spmatrix) -> float:
 def rerun_agreement(labels: np.ndarray, u: np.ndarray, n_clusters: int, *, seed: int,
                     n_references: int = TRUST_REFERENCES, n_init: int = TRUST_STARTS,
                     sample_size: int = AGREEMENT_SAMPLE) -> float:
-    """Mean :func:`matched_agreement` of ``labels`` with ``n_references`` Gaussian mixtures of the map ``u``.
+    """Mean matched agreement (:func:`dec_mlflow.metrics.cluster_accuracy`) of ``labels`` with ``n_references`` Gaussian mixtures of the map ``u``.
 
     Each reference is :func:`dec_mlflow.initialisation.map_gmm` with ``n_clusters`` components and its
     own seed (``seed + 1``, ``seed + 2``, ...; a run's own mixture uses ``seed``): an independent rerun
@@ -121,7 +104,7 @@ def rerun_agreement(labels: np.ndarray, u: np.ndarray, n_clusters: int, *, seed:
     if len(labels) > sample_size:
         rows = np.sort(np.random.default_rng(seed).choice(len(labels), sample_size, replace=False))
         labels, u = labels[rows], u[rows]
-    return float(np.mean([matched_agreement(labels, map_gmm(u, n_clusters, seed=seed + r, n_init=n_init).predict(u))
+    return float(np.mean([cluster_accuracy(labels, map_gmm(u, n_clusters, seed=seed + r, n_init=n_init).predict(u))
                           for r in range(1, n_references + 1)]))
 
 
@@ -135,3 +118,22 @@ def trust_scores(labels: np.ndarray, u: np.ndarray, graph: sp.spmatrix, n_cluste
     agreement = rerun_agreement(labels, u, n_clusters, seed=seed)
     quality = modularity(labels, graph)
     return {"score": agreement * max(quality, 0.0), "agreement": agreement, "modularity": quality}
+
+
+def run_scores(X, labels: np.ndarray, n_clusters: int, *, seed: int, offset: np.ndarray, scale: np.ndarray,
+               image_shape: tuple[int, ...] | None = None, mapped: InputMap | None = None, callback=None) -> dict[str, float]:
+    """:func:`trust_scores` of a fitted run's ``labels`` of ``X`` (raw rows, scaled by ``offset`` and ``scale``).
+
+    ``mapped`` is the map of the input the run started from (the default recipe's); without it the input
+    is mapped here as :func:`dec_mlflow.initialisation.input_map` does for such a run, on a seeded sample of
+    :data:`MAP_SAMPLE` rows of larger data, so that runs of every recipe on the same data are scored alike.
+    """
+    if n_clusters < 2:  # one cluster: every rerun finds it, and it is no better than chance
+        return {"score": 0.0, "agreement": 1.0, "modularity": 0.0}
+    if mapped is None:
+        rows = np.arange(X.shape[0])
+        if len(rows) > MAP_SAMPLE:
+            rows = np.sort(np.random.default_rng(seed).choice(len(rows), MAP_SAMPLE, replace=False))
+        X, labels = X[rows], np.asarray(labels)[rows]
+        mapped = input_map(X, offset, scale, n_clusters, seed=seed, image_shape=image_shape, callback=callback)
+    return trust_scores(labels, mapped.u, mapped.graph, n_clusters, seed=seed)

@@ -7,6 +7,7 @@ from sklearn.datasets import make_blobs
 
 from dec_mlflow import trust
 from dec_mlflow.initialisation import input_map
+from dec_mlflow.metrics import cluster_accuracy
 from dec_mlflow.scaling import fit_scaling
 
 
@@ -35,13 +36,13 @@ def test_silhouette_of_a_wrong_split_is_low():
     assert abs(trust.silhouette(z, labels, seed=0)) < 0.05
 
 
-def test_matched_agreement_ignores_cluster_ids_and_counts_the_matched_share():
+def test_the_agreement_of_two_labellings_ignores_cluster_ids_and_counts_the_matched_share():
     a = np.array([0, 0, 1, 1, 2, 2])
-    assert trust.matched_agreement(a, (a + 1) % 3) == pytest.approx(1.0)
+    assert cluster_accuracy(a, (a + 1) % 3) == pytest.approx(1.0)
     # clusters {0,1},{2,3},{4,5} against {0,1,2},{3,4,5}: at best 2 + 2 of 6 points matched
-    assert trust.matched_agreement(a, np.array([0, 0, 0, 1, 1, 1])) == pytest.approx(4 / 6)
-    with pytest.raises(ValueError, match="same, non-zero length"):
-        trust.matched_agreement(a, a[:3])
+    assert cluster_accuracy(a, np.array([0, 0, 0, 1, 1, 1])) == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="equal length"):
+        cluster_accuracy(a, a[:3])
 
 
 def two_cliques(size: int = 5) -> sp.csr_matrix:
