@@ -30,7 +30,7 @@ SELECTIONS = ("reconstruction", "inertia")
 # augment besides True (every stage) and False: the stages after pretraining, or distillation alone
 AUGMENT_MODES = ("finetune", "distill")
 # Distillation of the manifold clustering into the encoder (docs/recipe.md): its epochs and rounds.
-DISTILL_EPOCHS = 15
+DISTILL_EPOCHS = 40
 DISTILL_ROUNDS = 1
 
 
@@ -248,7 +248,7 @@ PARAMS = (
           "'kmeans' in the pretrained embedding; at the entry points 'auto' = the preset's."),
     Param("distill_epochs", DISTILL_EPOCHS, Integer(1),
           "Epochs of distillation towards the manifold initialisation (at least 2,000 iterations); at the entry "
-          "points 'auto' = the preset's (15)."),
+          "points 'auto' = the preset's (40)."),
     Param("distill_lr", "auto", Number(0.0, low_open=True, auto=True),
           "Peak SGD rate of distillation (one cycle: 15 % warm-up, then cosine decay to 0); 'auto' = 0.1 from an "
           "untrained encoder (the default recipe), min(lr, 0.01) from a pretrained one, which distils at that "
