@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dec_mlflow.environment import raise_if_stopped
 from dec_mlflow.metrics import cluster_accuracy
 from dec_mlflow.objectives import (
     kl_gradient_wrt_z,
@@ -71,10 +72,12 @@ class CallbackList(Callback):
         return any(cb.shows_progress for cb in self.callbacks)
 
     def on_stage_begin(self, stage, total):
+        raise_if_stopped()  # a stop signal that a library swallowed is raised again here
         for cb in self.callbacks:
             cb.on_stage_begin(stage, total)
 
     def on_step(self, stage, step, metrics):
+        raise_if_stopped()
         for cb in self.callbacks:
             cb.on_step(stage, step, metrics)
 

@@ -36,19 +36,42 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+_requested: int | None = None  # the stop signal received inside :func:`sigterm_stops`, until the block ends
+
+
+def raise_if_stopped() -> None:
+    """Raise :class:`Stopped` if a stop signal arrived in this :func:`sigterm_stops` block.
+
+    A signal raises its exception wherever the main thread is; a library that catches every exception
+    there (a retry loop, a bare ``except``) can swallow it, and the job would run to its end. The
+    training loops' hooks call this at every step, so a swallowed stop is raised again at the next one.
+    """
+    if _requested is not None:
+        raise Stopped(_requested)
+
+
 @contextmanager
 def sigterm_stops() -> Iterator[None]:
-    """SIGTERM (what ``timeout``, batch schedulers and Kubernetes send) raises :class:`Stopped` for the block.
+    """SIGTERM (what ``timeout``, batch schedulers and Kubernetes send) and SIGINT (Ctrl-C) raise
+    :class:`Stopped` for the block, and :func:`raise_if_stopped` raises it again at the next training step.
 
     Python's default for SIGTERM is to die at once, leaving MLflow runs RUNNING. Once only: a second
-    SIGTERM while the first unwinds ends the process the default way. Main thread only (``signal``'s rule).
+    signal while the first unwinds ends the process the default way (SIGINT: a KeyboardInterrupt).
+    Main thread only (``signal``'s rule).
     """
+    global _requested
+
     def stop(signum, frame):
-        signal.signal(signal.SIGTERM, previous)
+        global _requested
+        _requested = signum
+        signal.signal(signal.SIGTERM, previous[signal.SIGTERM])
+        signal.signal(signal.SIGINT, previous[signal.SIGINT])
         raise Stopped(signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _requested = None
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

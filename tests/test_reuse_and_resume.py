@@ -422,3 +422,30 @@ def test_a_claim_whose_claimant_is_no_longer_running_does_not_count(takeover):
     client.set_terminated(a, "FAILED")  # a claimed, then failed before taking over
     assert tracking.take_over([client.get_run(stopped.info.run_id)], b) == [stopped.info.run_id]
     assert client.get_run(stopped.info.run_id).data.tags[tracking.RESUMED_BY_TAG] == b
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_that_a_library_swallows_is_raised_again_at_the_next_training_step(signum):
+    # a library with a bare `except` around the line the signal interrupts would let the job run to its end
+    from dec_mlflow.callbacks import Callback, CallbackList
+    from dec_mlflow.environment import Stopped, raise_if_stopped, sigterm_stops
+
+    steps = []
+
+    class Steps(Callback):
+        def on_step(self, stage, step, metrics):
+            steps.append(step)
+
+    hooks, before = CallbackList([Steps()]), {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(Stopped) as stopped:
+        with sigterm_stops():
+            hooks.on_step("distill", 1, {})
+            try:
+                os.kill(os.getpid(), signum)
+                time.sleep(5)  # the handler raises within this
+            except BaseException:
+                pass
+            hooks.on_step("distill", 2, {})
+    assert stopped.value.signum == signum and steps == [1]
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers are given back
+    raise_if_stopped()  # outside the block the stop is forgotten
