@@ -18,7 +18,7 @@ import signal
 import click
 
 from dec_mlflow import distributed, lifecycle, lifecycle_experiments, params
-from dec_mlflow.environment import Stopped, sigterm_stops
+from dec_mlflow.environment import Stopped, stop_signals
 from dec_mlflow.estimator import TRUST_SCORE
 from dec_mlflow.presets import DESCRIPTIONS, PRESETS
 
@@ -132,14 +132,14 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            with sigterm_stops():
+            with stop_signals():
                 return fn(*args, **kwargs)
         # ValueError: parameters and data (DataError), each naming what is wrong;
         # FloatingPointError: training diverged, the message names the learning rate to lower;
         # WorkerFailed: a torchrun rank failed, its own error is printed above
         except (ValueError, FloatingPointError, distributed.WorkerFailed) as e:
             raise click.ClickException(" ".join(line.strip() for line in str(e).splitlines() if line.strip())) from e
-        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Stopped)
+        except KeyboardInterrupt as e:  # Stopped (SIGTERM, SIGINT), or a KeyboardInterrupt raised outside stop_signals
             signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
             click.echo(f"\nError: stopped by {signal.Signals(signum).name}; the runs in progress were ended KILLED "
                        "(the same command started again resumes pretraining from its last checkpoint)", err=True)

@@ -36,11 +36,11 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-_requested: int | None = None  # the stop signal received inside :func:`sigterm_stops`, until the block ends
+_requested: int | None = None  # the stop signal received inside :func:`stop_signals`, until the block ends
 
 
 def raise_if_stopped() -> None:
-    """Raise :class:`Stopped` if a stop signal arrived in this :func:`sigterm_stops` block.
+    """Raise :class:`Stopped` if a stop signal arrived in this :func:`stop_signals` block.
 
     A signal raises its exception wherever the main thread is; a library that catches every exception
     there (a retry loop, a bare ``except``) can swallow it, and the job would run to its end. The
@@ -51,7 +51,7 @@ def raise_if_stopped() -> None:
 
 
 @contextmanager
-def sigterm_stops() -> Iterator[None]:
+def stop_signals() -> Iterator[None]:
     """SIGTERM (what ``timeout``, batch schedulers and Kubernetes send) and SIGINT (Ctrl-C) raise
     :class:`Stopped` for the block, and :func:`raise_if_stopped` raises it again at the next training step.
 

@@ -20,6 +20,7 @@ from sklearn.datasets import make_blobs
 from dec_mlflow import DEC, __version__, lifecycle, tracking
 from dec_mlflow.callbacks import Callback, CallbackList
 from dec_mlflow.checkpoint import PretrainCheckpoint
+from dec_mlflow.environment import Stopped, raise_if_stopped, stop_signals
 
 SMALL = {"n_clusters": 3, "hidden_dims": (16, 8, 3), "pretrain_epochs": 3, "pretrain_lr": 0.1, "pretrain_batch_size": 64,
          "batch_size": 64, "update_interval": 10, "n_init": 3, "precision": "fp32", "init": "kmeans"}
@@ -427,9 +428,6 @@ def test_a_claim_whose_claimant_is_no_longer_running_does_not_count(takeover):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_that_a_library_swallows_is_raised_again_at_the_next_training_step(signum):
     # a library with a bare `except` around the line the signal interrupts would let the job run to its end
-    from dec_mlflow.callbacks import Callback, CallbackList
-    from dec_mlflow.environment import Stopped, raise_if_stopped, sigterm_stops
-
     steps = []
 
     class Steps(Callback):
@@ -438,7 +436,7 @@ def test_a_stop_signal_that_a_library_swallows_is_raised_again_at_the_next_train
 
     hooks, before = CallbackList([Steps()]), {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     with pytest.raises(Stopped) as stopped:
-        with sigterm_stops():
+        with stop_signals():
             hooks.on_step("distill", 1, {})
             try:
                 os.kill(os.getpid(), signum)
