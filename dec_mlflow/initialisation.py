@@ -50,6 +50,7 @@ BLUR_MAX_ROWS = 30_000
 SHIFT_PIXELS = 1
 SHIFT_EXACT_MAX_ROWS = 30_000
 SHIFT_CANDIDATES = 100
+SHIFT_VIEW_ROWS = 4096  # rows whose shifted views are made at a time
 # Exact nearest neighbours (blocked matmuls on every core, deterministic) up to this many rows; beyond it
 # UMAP's own approximate search, single-threaded when seeded.
 EXACT_KNN_MAX_ROWS = 200_000
@@ -307,8 +308,10 @@ def input_space(X: Features, offset: np.ndarray, scale: np.ndarray, *, seed: int
     for block in chunks(X):
         block = prepared(block)
         points.append(reduced(block))
-        if shifts:
-            shifted.append(np.stack([reduced(view) for view in shifted_images(block, image_shape)]))
+        # the views a few thousand rows at a time: eight copies of all of MNIST cost more in page faults than in copying
+        for start in range(0, len(block) if shifts else 0, SHIFT_VIEW_ROWS):
+            shifted.append(np.stack([reduced(view) for view in shifted_images(block[start : start + SHIFT_VIEW_ROWS],
+                                                                              image_shape)]))
     return InputSpace(np.concatenate(points), np.concatenate(shifted, axis=1) if shifted else None)
 
 
@@ -412,17 +415,25 @@ def _all_pairs(x: torch.Tensor, k: int, views: torch.Tensor | None, block: int, 
 
 def _rerank(x: torch.Tensor, views: torch.Tensor, candidates: np.ndarray, k: int, block: int,
             report) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest of each row's ``candidates`` (n, c; itself first) by the shift-invariant distance."""
+    """The ``k`` nearest of each row's ``candidates`` (n, c; itself first) by the shift-invariant distance.
+
+    Squared distances as |a|^2 + |b|^2 - 2 a.b, the dot products batched matmuls, as :func:`_all_pairs`
+    does: a and each of its views against the candidates at once, then a against each view of them.
+    """
     n = x.shape[0]
     indices, distances = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+    squares = x.pow(2).sum(1)  # (n,)
+    view_squares = [v.pow(2).sum(1) for v in views]
     for start in range(0, n, block):
         rows = x[start : start + block]  # (b, m)
         near = torch.from_numpy(candidates[start : start + block])  # (b, c)
-        others = x[near]  # (b, c, m)
-        d2 = (others - rows[:, None]).pow(2).sum(-1)
-        for view in views:
-            d2 = torch.minimum(d2, (others - view[start : start + block, None]).pow(2).sum(-1))  # v(a) to b
-            d2 = torch.minimum(d2, (view[near] - rows[:, None]).pow(2).sum(-1))  # a to v(b)
+        own_sq = squares[start : start + block, None]  # (b, 1)
+        # a and its views v(a) (b, m, 1 + n_views) against every candidate b: the least of |v(a) - b|^2
+        moved = torch.stack([rows, *(view[start : start + block] for view in views)], 2)
+        moved_sq = torch.cat([own_sq, *(vs[start : start + block, None] for vs in view_squares)], 1)  # (b, 1 + n_views)
+        d2 = (squares[near][:, :, None] + moved_sq[:, None, :] - 2.0 * torch.bmm(x[near], moved)).amin(2)  # (b, c)
+        for view, view_sq in zip(views, view_squares):  # a to v(b)
+            d2 = torch.minimum(d2, view_sq[near] + own_sq - 2.0 * torch.bmm(view[near], rows[:, :, None])[..., 0])
         d2[:, 0] = -float("inf")  # itself first
         value, order = torch.topk(d2, k, largest=False, sorted=True)
         indices[start : start + block] = np.take_along_axis(candidates[start : start + block], order.numpy(), 1)

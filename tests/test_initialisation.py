@@ -152,6 +152,37 @@ def test_shift_invariant_neighbours_find_the_same_image_moved_a_pixel(search, mo
     np.testing.assert_array_equal(index, again)
 
 
+def test_reranked_neighbours_are_the_nearest_by_the_shift_invariant_distance_computed_directly(monkeypatch):
+    from dec_mlflow import initialisation
+    from dec_mlflow.initialisation import nearest_neighbours, shifted_images
+
+    monkeypatch.setattr(initialisation, "SHIFT_EXACT_MAX_ROWS", 10)  # rerank every row's candidates (here all rows)
+    x = np.random.default_rng(1).random((60, 36)).astype(np.float32)
+    views = np.stack(shifted_images(x, (6, 6)))  # (8, 60, 36)
+    pair = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))  # |a - b|
+    for view in views:  # |v(a) - b| and |a - v(b)|
+        pair = np.minimum(pair, np.sqrt(((view[:, None] - x[None]) ** 2).sum(-1)))
+        pair = np.minimum(pair, np.sqrt(((x[:, None] - view[None]) ** 2).sum(-1)))
+    np.fill_diagonal(pair, 0.0)
+    index, distance = nearest_neighbours(x, 5, shifted=views, block=16)
+    np.testing.assert_allclose(distance, np.sort(pair, 1)[:, :5], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(index[:, 0], np.arange(60))
+    np.testing.assert_allclose(np.take_along_axis(pair, index, 1), distance, rtol=1e-4, atol=1e-4)
+
+
+def test_input_space_makes_the_shifted_views_a_block_of_rows_at_a_time_with_the_same_result(monkeypatch):
+    from dec_mlflow import initialisation
+    from dec_mlflow.initialisation import input_space
+
+    x = np.random.default_rng(0).random((300, 64)).astype(np.float32)
+    offset, scale = np.zeros(64, np.float32), np.full(64, 0.5, np.float32)
+    whole = input_space(x, offset, scale, seed=0, image_shape=(8, 8), n_components=10)
+    monkeypatch.setattr(initialisation, "SHIFT_VIEW_ROWS", 7)
+    blocks = input_space(x, offset, scale, seed=0, image_shape=(8, 8), n_components=10)
+    np.testing.assert_array_equal(blocks.points, whole.points)
+    np.testing.assert_allclose(blocks.shifted, whole.shifted, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def unequal_blobs():
     # three groups of sizes 1:2:4 in 20 dimensions, as n_clusters='auto' meets them in the benchmark
