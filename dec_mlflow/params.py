@@ -30,7 +30,7 @@ SELECTIONS = ("reconstruction", "inertia")
 # augment besides True (every stage) and False: the stages after pretraining, or distillation alone
 AUGMENT_MODES = ("finetune", "distill")
 # Distillation of the manifold clustering into the encoder (docs/recipe.md): its epochs and rounds.
-DISTILL_EPOCHS = 40
+DISTILL_EPOCHS = 25
 DISTILL_ROUNDS = 1
 
 
@@ -248,10 +248,11 @@ PARAMS = (
           "'kmeans' in the pretrained embedding; at the entry points 'auto' = the preset's."),
     Param("distill_epochs", DISTILL_EPOCHS, Integer(1),
           "Epochs of distillation towards the manifold initialisation (at least 2,000 iterations); at the entry "
-          "points 'auto' = the preset's (40)."),
+          "points 'auto' = the preset's (25)."),
     Param("distill_lr", "auto", Number(0.0, low_open=True, auto=True),
           "Peak SGD rate of distillation (one cycle: 15 % warm-up, then cosine decay to 0); 'auto' = 0.1 from an "
-          "untrained encoder (the default recipe), min(lr, 0.01) from a pretrained one, which distils at that "
+          "untrained encoder (the default recipe) where distillation runs its 2,000-step minimum, 0.2 where "
+          "distill_epochs makes it longer (large data), min(lr, 0.01) from a pretrained one, which distils at that "
           "constant rate towards unsmoothed targets."),
     Param("distill_rounds", DISTILL_ROUNDS, Integer(1),
           "Rounds of distillation then self-training (init='manifold'); rounds after the first distil the previous "

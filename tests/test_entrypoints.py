@@ -78,7 +78,7 @@ def test_cluster_logs_params_metrics_artifacts_and_registers(store, first_cluste
     assert 0.0 <= m["trust_score"] <= 1.0 and m["trust_score"] == pytest.approx(m["trust_agreement"] * m["trust_modularity"])
     assert m["trust_agreement"] > 0.95 and m["trust_modularity"] > 0.5
     assert run.data.params["init_resolved"] == "manifold" and run.data.params["pretrain_lr_resolved"] == "0.1"
-    assert run.data.params["distill_epochs"] == "auto" and run.data.params["distill_epochs_resolved"] == "40"
+    assert run.data.params["distill_epochs"] == "auto" and run.data.params["distill_epochs_resolved"] == "25"
     assert run.data.params["distill_lr"] == "auto" and run.data.params["distill_lr_resolved"] == "0.01"  # pretrained
     assert run.data.params["distill_rounds"] == "auto" and run.data.params["distill_rounds_resolved"] == "1"
     assert run.data.params["scaling_resolved"] == "standard" and run.data.params["update_interval_resolved"] == "10"

@@ -83,6 +83,22 @@ def test_the_stages_called_one_after_another_give_the_labels_of_fit(recipe):
     np.testing.assert_array_equal(rounds.centroids.detach().numpy(), fitted.cluster_centers_)
 
 
+@pytest.mark.parametrize("n_samples, trained, distill_lr, expected", [
+    (70_000, False, "auto", (25 * 273, 0.2)),  # full MNIST: 25 epochs set the length, at the higher peak
+    (10_000, False, "auto", (2000, 0.1)),  # the 2,000-step minimum (51 epochs of 39 steps): the lower peak
+    (20_480, False, "auto", (2000, 0.1)),  # 25 epochs of 80 steps are exactly the minimum
+    (20_736, False, "auto", (25 * 81, 0.2)),  # one step an epoch more: epochs set it
+    (70_000, True, "auto", (25 * 273, 0.01)),  # a pretrained encoder: min(lr, 0.01) whatever the length
+    (70_000, False, 0.05, (25 * 273, 0.05)),  # a rate given is kept
+])
+def test_distillation_length_and_peak_rate_follow_the_data_size(n_samples, trained, distill_lr, expected):
+    p = {**params.DEFAULTS, "distill_lr": distill_lr}
+    resolved = {"update_interval": 140, "augment": False}
+    distill_options, _ = settings.training_options(p, resolved, n_samples=n_samples, trained=trained, transform=None,
+                                                   decoder=None, callback=Callback())
+    assert (distill_options["n_iter"], distill_options["lr"]) == expected
+
+
 def test_the_keyword_arguments_are_the_rows_of_the_parameter_table():
     """DEC's keyword arguments, their defaults and its docstring's Parameters are dec_mlflow.params.PARAMS."""
     assert list(inspect.signature(DEC).parameters) == [p.name for p in params.PARAMS]
