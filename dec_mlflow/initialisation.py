@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +51,6 @@ BLUR_MAX_ROWS = 30_000
 SHIFT_PIXELS = 1
 SHIFT_EXACT_MAX_ROWS = 30_000
 SHIFT_CANDIDATES = 100
-SHIFT_VIEW_ROWS = 4096  # rows whose shifted views are made at a time
 # Exact nearest neighbours (blocked matmuls on every core, deterministic) up to this many rows; beyond it
 # UMAP's own approximate search, single-threaded when seeded.
 EXACT_KNN_MAX_ROWS = 200_000
@@ -308,10 +308,8 @@ def input_space(X: Features, offset: np.ndarray, scale: np.ndarray, *, seed: int
     for block in chunks(X):
         block = prepared(block)
         points.append(reduced(block))
-        # the views a few thousand rows at a time: eight copies of all of MNIST cost more in page faults than in copying
-        for start in range(0, len(block) if shifts else 0, SHIFT_VIEW_ROWS):
-            shifted.append(np.stack([reduced(view) for view in shifted_images(block[start : start + SHIFT_VIEW_ROWS],
-                                                                              image_shape)]))
+        if shifts:
+            shifted.append(np.stack([reduced(view) for view in _shifted_views(block, image_shape)]))
     return InputSpace(np.concatenate(points), np.concatenate(shifted, axis=1) if shifted else None)
 
 
@@ -320,17 +318,22 @@ def shifted_images(block: np.ndarray, image_shape: tuple[int, ...], pixels: int 
 
     Each view moves every image by (dy, dx), zero filling what comes in; ``(2 * pixels + 1) ** 2 - 1`` views.
     """
+    return [view.copy() for view in _shifted_views(block, image_shape, pixels)]
+
+
+def _shifted_views(block: np.ndarray, image_shape: tuple[int, ...], pixels: int = SHIFT_PIXELS) -> Iterator[np.ndarray]:
+    """:func:`shifted_images` one at a time in one buffer, each overwritten by the next: eight fresh arrays the
+    size of full MNIST cost more in page faults than the copying (5 of 8 s of its input space at one thread)."""
     height, width, *channels = image_shape
     images = block.reshape(len(block), height, width, channels[0] if channels else 1)
-    views = []
+    view = np.empty_like(images)
     for dy in range(-pixels, pixels + 1):
         for dx in range(-pixels, pixels + 1):
             if dy or dx:
-                view = np.zeros_like(images)
+                view.fill(0)
                 view[:, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = \
                     images[:, max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)]
-                views.append(view.reshape(len(block), -1))
-    return views
+                yield view.reshape(len(block), -1)
 
 
 def blur_images(block: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
+from sklearn.decomposition import PCA
 
 from dec_mlflow.initialisation import (
     InputSpace, choose_k, cluster_map, initial_clustering, kmeans_init, manifold_init, prototypes,
@@ -170,17 +171,16 @@ def test_reranked_neighbours_are_the_nearest_by_the_shift_invariant_distance_com
     np.testing.assert_allclose(np.take_along_axis(pair, index, 1), distance, rtol=1e-4, atol=1e-4)
 
 
-def test_input_space_makes_the_shifted_views_a_block_of_rows_at_a_time_with_the_same_result(monkeypatch):
-    from dec_mlflow import initialisation
-    from dec_mlflow.initialisation import input_space
+def test_input_space_reduces_each_shifted_view_exactly_as_a_separate_copy_of_it():
+    from dec_mlflow.initialisation import blur_images, input_space, shifted_images
 
     x = np.random.default_rng(0).random((300, 64)).astype(np.float32)
     offset, scale = np.zeros(64, np.float32), np.full(64, 0.5, np.float32)
-    whole = input_space(x, offset, scale, seed=0, image_shape=(8, 8), n_components=10)
-    monkeypatch.setattr(initialisation, "SHIFT_VIEW_ROWS", 7)
-    blocks = input_space(x, offset, scale, seed=0, image_shape=(8, 8), n_components=10)
-    np.testing.assert_array_equal(blocks.points, whole.points)
-    np.testing.assert_allclose(blocks.shifted, whole.shifted, rtol=1e-5, atol=1e-6)
+    space = input_space(x, offset, scale, seed=0, image_shape=(8, 8), n_components=10)
+    pca = PCA(10, svd_solver="randomized", random_state=0).fit(blur_images(x * 0.5, (8, 8)))  # as input_space fits it
+    views = shifted_images(blur_images(x * 0.5, (8, 8)), (8, 8))  # eight separate arrays
+    assert len({id(v) for v in views}) == 8 and not np.array_equal(views[0], views[1])
+    np.testing.assert_array_equal(space.shifted, np.stack([pca.transform(v).astype(np.float32) for v in views]))
 
 
 @pytest.fixture(scope="module")
