@@ -7,8 +7,10 @@ mnist 0`: UMAP + GMM of the raw pixels) and the README's main job (`mlflow run .
 dataset=mnist --env-manager local`, with `-P precision=fp32` so that machines with and without bf16
 compare), each as a whole process timed from outside (data loading, MLflow, export and figures
 included). `--previous REF` adds one run of the main job of an earlier commit (a git worktree of
-REF) and `--best` one of `-P preset=best`; `--keep-previous` carries the previous default's row over
-from the last table instead (marked "recorded earlier"), where timing it again would take 24 minutes. Writes the table and a minutes-against-ACC figure
+REF) and `--best` one of `-P preset=best`; `--keep-previous` carries the other previous defaults' rows over
+from the last table (marked "recorded earlier"), where timing them again would take up to 24 minutes. Before the
+pairs, both jobs run once on small data, untimed (`--no-warmup` skips it): UMAP's numba code compiles on first
+use. Writes the table and a minutes-against-ACC figure
 (bench/figures/time_to_accuracy.png) to BENCHMARKS.md, section "Time to accuracy on MNIST".
 """
 
@@ -50,11 +52,11 @@ def baseline(seed: int) -> dict:
     return {"job": "baseline (UMAP + GMM of the pixels)", "seconds": seconds, "acc": acc, "nmi": nmi}
 
 
-def main_job(project: Path, label: str, extra: list[str]) -> dict:
+def main_job(project: Path, label: str, extra: list[str], dataset: str = "mnist") -> dict:
     """The main job of ``project`` in a fresh tracking store; its final ACC read back from the run."""
     with tempfile.TemporaryDirectory() as store:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "PYTHONPATH": str(project)}
-        cmd = ["mlflow", "run", str(project), "-e", "cluster", "-P", "dataset=mnist", "-P", "precision=fp32",
+        cmd = ["mlflow", "run", str(project), "-e", "cluster", "-P", f"dataset={dataset}", "-P", "precision=fp32",
                *extra, "--env-manager", "local"]
         seconds, out = timed(cmd, project, env)
         import mlflow
@@ -68,6 +70,20 @@ def main_job(project: Path, label: str, extra: list[str]) -> dict:
             "init_acc": m.get("init_acc"), "resolved": {k: v for k, v in p.items() if k.endswith("_resolved")}}
 
 
+def warm_up() -> None:
+    """Both jobs once on small data, untimed: UMAP's numba code compiles on first use and is cached on disk (48 s
+    of a first baseline run here), which would otherwise fall on whichever job runs first."""
+    from sklearn.datasets import load_digits
+
+    start = time.perf_counter()
+    timed([sys.executable, str(ROOT / "bench" / "baseline.py"), "mnist_test", "0"], ROOT / "bench", dict(os.environ))
+    with tempfile.TemporaryDirectory() as folder:
+        digits = load_digits()
+        np.savez(Path(folder) / "digits.npz", x=digits.data.astype(np.float32), y=digits.target)
+        main_job(ROOT, "warm-up", [], dataset=str(Path(folder) / "digits.npz"))
+    print(f"warm-up (baseline on mnist_test, main job on digits), untimed: {time.perf_counter() - start:.0f} s", flush=True)
+
+
 def worktree(ref: str) -> Path:
     path = ROOT / "bench" / "out" / f"worktree-{ref}"
     if not path.exists():
@@ -76,15 +92,13 @@ def worktree(ref: str) -> Path:
     return path
 
 
-def recorded_previous() -> dict | None:
-    """The previous default's row of the last table in BENCHMARKS.md, as a row of this run (one run, recorded earlier)."""
-    section = BENCHMARKS.read_text().split("Time to accuracy on MNIST", 1)[-1]
-    match = re.search(r"^\| (previous default \([^)]*\))(?: \(recorded earlier\))? \| 1 \| ([\d.]+) \([^)]*\) \| ([\d.]+) \| ([\d.]+) \|",
-                      section, re.M)
-    if match is None:
-        return None
-    return {"job": f"{match[1]} (recorded earlier)", "seconds": float(match[2]) * 60, "acc": float(match[3]),
-            "nmi": float(match[4])}
+def recorded_previous(skip: str = "") -> list[dict]:
+    """The previous defaults' rows of the last table in BENCHMARKS.md (one run each), as rows of this run marked
+    recorded earlier; not the one of commit ``skip``, timed again in this run."""
+    section = BENCHMARKS.read_text().split("## Time to accuracy on MNIST", 1)[-1].split("\n## ", 1)[0]
+    pattern = r"^\| (previous default \(([^)]*)\))(?: \(recorded earlier\))? \| 1 \| ([\d.]+) \([^)]*\) \| ([\d.]+) \| ([\d.]+) \|"
+    return [{"job": f"{m[1]} (recorded earlier)", "seconds": float(m[3]) * 60, "acc": float(m[4]), "nmi": float(m[5])}
+            for m in re.finditer(pattern, section, re.M) if m[2] != skip]
 
 
 def figure(rows: list[dict]) -> None:
@@ -113,7 +127,10 @@ def main() -> None:
     ap.add_argument("--previous", default="", help="git ref of an earlier main job to time once (e.g. fd8fef7)")
     ap.add_argument("--best", action="store_true", help="also time -P preset=best once")
     ap.add_argument("--keep-previous", action="store_true",
-                    help="instead of timing --previous again (24 min), carry its row over from BENCHMARKS.md, marked as recorded earlier")
+                    help="carry the previous defaults' rows of the last table over from BENCHMARKS.md, marked as recorded "
+                         "earlier (timing the 75-epoch one again takes 24 min), but for --previous, timed again")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="skip the untimed warm-up of both jobs on small data (numba compiles UMAP's code on first use)")
     args = ap.parse_args()
     rows = []
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +141,8 @@ def main() -> None:
             f.write(json.dumps({**row, "when": time.strftime("%Y-%m-%d %H:%M")}) + "\n")
         print(json.dumps(row), flush=True)
 
+    if args.warmup:
+        warm_up()
     for _ in range(args.pairs):
         keep(baseline(0))
         keep(main_job(ROOT, "default main job", []))
@@ -131,9 +150,8 @@ def main() -> None:
         keep(main_job(ROOT, "preset=best", ["-P", "preset=best"]))
     if args.previous:
         keep(main_job(worktree(args.previous), f"previous default ({args.previous})", []))
-    recorded = recorded_previous() if args.keep_previous else None
-    if recorded:
-        rows.append(recorded)
+    if args.keep_previous:
+        rows.extend(recorded_previous(skip=args.previous))
     figure(rows)
     base = [r["seconds"] for r in rows if r["job"].startswith("baseline")]
     ratios = [d["seconds"] / b["seconds"] for b, d in zip(rows[0: 2 * args.pairs: 2], rows[1: 2 * args.pairs: 2])]
@@ -148,9 +166,10 @@ def main() -> None:
     body = (
         f"Command: `DEC_DATA_DIR=../shared/data python bench/bench_main_job.py --pairs {args.pairs}"
         f"{' --previous ' + args.previous if args.previous else ''}{' --best' if args.best else ''}"
-        f"{' --keep-previous' if args.keep_previous else ''}`\n\n"
+        f"{' --keep-previous' if args.keep_previous else ''}{'' if args.warmup else ' --no-warmup'}`\n\n"
         f"Machine: {machine()}; one job at a time. Each job is a whole process (imports, data loading, MLflow, "
-        "export and figures included), seed 0, `precision=fp32` for every main job; the main job's settings resolved to "
+        "export and figures included), seed 0, `precision=fp32` for every main job, after an untimed warm-up of both on "
+        "small data (UMAP's numba code compiles on first use) unless `--no-warmup`; the main job's settings resolved to "
         f"{', '.join(f'{k}={v}' for k, v in sorted(resolved.items()) if k in ('augment_resolved', 'image_shape_resolved', 'pretrain_epochs_resolved', 'precision_resolved'))}.\n\n"
         + "\n".join(lines)
         + f"\n\nMain job / baseline, pair by pair: {', '.join(f'{r:.2f}' for r in ratios)} (median {np.median(ratios):.2f}).\n\n"
