@@ -184,7 +184,7 @@ def cmd_report(args) -> None:
             summary.append(
                 f"| {d} | {len(seeds)} | {np.mean([r['acc'] for r in b]):.4f} | {np.mean([r['acc'] for r in f]):.4f} | "
                 f"{np.mean([r['acc'] for r in f]) - np.mean([r['acc'] for r in b]):+.4f} | "
-                f"{min(r['acc'] - r['init_acc'] for r in f):+.4f} | {np.mean([r['acc'] - r['init_acc'] for r in f]):+.4f} | "
+                f"{min(r['acc'] - r['init_acc'] for r in f):+.4f} | {np.mean([r['acc'] - r['init_acc'] for r in f]):+.5f} | "
                 f"{best_cell} | "
                 f"{np.median([r['minutes'] for r in b]):.2f} | {np.median([r['minutes'] for r in f]):.2f} |")
     machines = sorted({r["machine"] for r in rows})
