@@ -238,18 +238,14 @@ def initial_clusters(encoder: torch.nn.Module, x: torch.Tensor, n_clusters: int 
     return result, scale
 
 
-def choose_k(u: np.ndarray, k_min: int, k_max: int, *, seed: int, callback=None) -> tuple[int, dict[int, float]]:
-    """The number of clusters in the map ``u`` (n_samples, m): the k in [k_min, k_max] of the best silhouette.
+def k_candidates(u: np.ndarray, k_min: int, k_max: int, *, seed: int):
+    """The candidates :func:`choose_k` scores, one k at a time: an iterator of ``(k, silhouette, mixture,
+    sample)`` for k in [k_min, min(k_max, n_samples - 1)], where ``mixture`` is the best-scoring of
+    :data:`K_STARTS` full-covariance GMMs (k-means starts) fitted to one seeded subsample ``sample`` of
+    :data:`K_SAMPLE` rows of the map ``u``, and ``silhouette`` its partition's mean silhouette in the map (on
+    :data:`K_SILHOUETTE_SAMPLE` of those rows; -1 when it puts them all in one cluster).
 
-    For each k, :data:`K_STARTS` full-covariance GMMs (k-means starts) are fitted to one seeded
-    subsample of :data:`K_SAMPLE` points; a k's score is the best mean silhouette in the map of their
-    partitions (on :data:`K_SILHOUETTE_SAMPLE` of those points). UMAP with ``min_dist=0`` packs a
-    group into a tight clump, so a k that merges two clumps or cuts one scores lower than the k that
-    follows the clumps; groups that touch in the map count as one (docs/recipe.md says where).
-
-    Returns
-    -------
-    (k, {k: score}) with every score in [-1, 1]; ties go to the smaller k.
+    Raises ValueError at once, before any fit, unless 2 <= k_min <= k_max <= n_samples - 1.
     """
     n = u.shape[0]
     k_max = min(k_max, n - 1)
@@ -259,18 +255,42 @@ def choose_k(u: np.ndarray, k_min: int, k_max: int, *, seed: int, callback=None)
     rng = np.random.default_rng(seed)
     sample = u if n <= K_SAMPLE else u[np.sort(rng.choice(n, K_SAMPLE, replace=False))]
     scored = sample[np.sort(rng.choice(len(sample), min(K_SILHOUETTE_SAMPLE, len(sample)), replace=False))]
+
+    def candidates():
+        for k in range(k_min, k_max + 1):
+            best, kept = -1.0, None
+            for start in range(K_STARTS):
+                gmm = GaussianMixture(k, covariance_type="full", reg_covar=1e-4,
+                                      random_state=(seed * 1009 + start) % 2**32).fit(sample)
+                labels = gmm.predict(scored)
+                score = float(silhouette_score(scored, labels)) if len(np.unique(labels)) > 1 else -1.0
+                if kept is None or score > best:
+                    best, kept = score, gmm
+            yield k, best, kept, sample
+    return candidates()
+
+
+def choose_k(u: np.ndarray, k_min: int, k_max: int, *, seed: int, callback=None) -> tuple[int, dict[int, float]]:
+    """The number of clusters in the map ``u`` (n_samples, m): the k in [k_min, k_max] of the best silhouette.
+
+    For each k, :data:`K_STARTS` full-covariance GMMs (k-means starts) are fitted to one seeded
+    subsample of :data:`K_SAMPLE` points; a k's score is the best mean silhouette in the map of their
+    partitions (on :data:`K_SILHOUETTE_SAMPLE` of those points; :func:`k_candidates`). UMAP with
+    ``min_dist=0`` packs a group into a tight clump, so a k that merges two clumps or cuts one scores
+    lower than the k that follows the clumps; groups that touch in the map count as one (docs/recipe.md
+    says where).
+
+    Returns
+    -------
+    (k, {k: score}) with every score in [-1, 1]; ties go to the smaller k.
+    """
+    candidates = k_candidates(u, k_min, k_max, seed=seed)
     callback = callback or Callback()
-    callback.on_stage_begin("init/k", k_max - k_min + 1)
+    callback.on_stage_begin("init/k", min(k_max, u.shape[0] - 1) - k_min + 1)
     scores: dict[int, float] = {}
-    for step, k in enumerate(range(k_min, k_max + 1), 1):
-        best = -1.0
-        for start in range(K_STARTS):
-            gmm = GaussianMixture(k, covariance_type="full", reg_covar=1e-4, random_state=(seed * 1009 + start) % 2**32).fit(sample)
-            labels = gmm.predict(scored)
-            if len(np.unique(labels)) > 1:
-                best = max(best, float(silhouette_score(scored, labels)))
-        scores[k] = best
-        callback.on_step("init/k", step, {"silhouette": best})
+    for step, (k, score, _, _) in enumerate(candidates, 1):
+        scores[k] = score
+        callback.on_step("init/k", step, {"silhouette": score})
     callback.on_stage_end("init/k")
     return max(scores, key=lambda k: (scores[k], -k)), scores
 

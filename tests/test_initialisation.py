@@ -6,7 +6,7 @@ from sklearn.datasets import make_blobs
 from sklearn.decomposition import PCA
 
 from dec_mlflow.initialisation import (
-    InputSpace, choose_k, cluster_map, initial_clustering, kmeans_init, manifold_init, prototypes,
+    InputSpace, choose_k, cluster_map, k_candidates, initial_clustering, kmeans_init, manifold_init, prototypes,
 )
 from dec_mlflow.metrics import cluster_accuracy
 
@@ -205,6 +205,18 @@ def test_auto_k_range_is_capped_at_the_samples_and_checked():
     assert sorted(scores) == [2, 3, 4, 5] and k in scores
     with pytest.raises(ValueError, match="n_clusters='auto' needs 2 <= k_min <= k_max <= n_samples - 1; got k_min=6"):
         choose_k(u, 6, 20, seed=0)
+
+
+def test_k_candidates_refuse_a_bad_range_before_fitting_and_are_what_choose_k_scores(unequal_blobs):
+    z, _ = unequal_blobs
+    with pytest.raises(ValueError, match="got k_min=5, k_max=4"):
+        k_candidates(z, 5, 4, seed=0)  # at the call, not at the first candidate
+    candidates = list(k_candidates(z, 2, 5, seed=0))
+    assert [c[0] for c in candidates] == [2, 3, 4, 5]
+    assert all(c[2].n_components == c[0] and len(c[3]) == len(z) for c in candidates)
+    _, scores = choose_k(z, 2, 5, seed=0)
+    assert scores == {k: silhouette for k, silhouette, _, _ in candidates}
+    assert max(scores, key=scores.get) == 3
 
 
 def test_initial_clustering_of_an_untrained_encoder_starts_at_prototypes_at_scale_one(unequal_blobs):
