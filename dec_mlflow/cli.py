@@ -301,14 +301,15 @@ def k_sweep(**options):
     """Choose k by n_clusters=auto's criterion, next to the paper's generalizability G = KL_train / KL_validation.
 
     Splits DATASET into training and validation parts, pretrains once on the training part, fits
-    DEC for every k (a child run each) and logs per k: KL on both parts, G, the silhouette in the
-    UMAP map (map_silhouette) and, with labels, NMI and ACC on the validation part; the parent logs
-    the curves (step = k), k_sweep.png, the table k_sweep.json/.csv, recommended_k (the best
-    silhouette) and recommended_k_generalizability (the k before G's largest drop).
+    DEC for every k (a child run each) and logs per k: KL on both parts, G, the valley depth of the
+    k-th cut of the UMAP map (map_valley_depth) and, with labels, NMI and ACC on the validation part;
+    the parent logs the curves (step = k), k_sweep.png, the table k_sweep.json/.csv, recommended_k
+    (n_clusters=auto's choice in min(KS)..max(KS)) and recommended_k_generalizability (the k before
+    G's largest drop).
     """
     result = lifecycle_experiments.k_sweep(**options)
     by_g = lifecycle_experiments.recommended_by_generalizability(result["table"])
-    click.echo(f"Recommended k = {result['recommended_k']} (the best silhouette in the map; "
+    click.echo(f"Recommended k = {result['recommended_k']} (n_clusters=auto's cuts of the map; "
                f"the paper's G, the k before its largest drop, says {by_g})")
 
 

@@ -49,7 +49,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     n_clusters_ : int
         The number of clusters of the fit: ``n_clusters``, or the one 'auto' chose.
     k_scores_ : dict of int to float
-        With ``n_clusters='auto'``, each candidate k's silhouette in the map; empty otherwise.
+        With ``n_clusters='auto'``, {k: valley depth of the cut that made the k-th cluster in the map}
+        (:func:`dec_mlflow.initialisation.choose_k`); empty otherwise.
     labels_ : ndarray of shape (n_samples,)
     init_labels_ : ndarray of shape (n_samples,)
         The initial clustering (k-means: the AE+k-means baseline; manifold: UMAP + GMM).
@@ -325,7 +326,7 @@ DEC.__doc__ = DEC.__doc__.replace("    Attributes\n", params.numpydoc(indent="  
 
 def map_k_scores(est: DEC, X: Features, k_min: int, k_max: int, *,
                  autoencoder: PretrainedAutoencoder | None = None) -> tuple[int, dict[int, float]]:
-    """What ``n_clusters='auto'`` would choose on ``X``, without fitting: (k, {k: silhouette in the map}).
+    """What ``n_clusters='auto'`` would choose on ``X``, without fitting: (k, {k: valley depth of the k-th cut}).
 
     The map is the one ``est.fit`` makes: of the scaled input (reduced to 50 principal components) when
     there is no trained ``autoencoder``, else of its embedding; then :func:`choose_k` over ``k_min..k_max``.

@@ -56,11 +56,15 @@ SHIFT_CANDIDATES = 100
 EXACT_KNN_MAX_ROWS = 200_000
 # UMAP's optimisation epochs above 10,000 points (umap-learn's: 200): the same clustering in a quarter of the time.
 LARGE_MAP_EPOCHS = 50
-# n_clusters='auto' (:func:`choose_k`): every candidate k is a GMM on one map of MAX_MAP_DIM components, fitted
-# K_STARTS times to a seeded subsample of K_SAMPLE points and scored by its silhouette in the map (docs/recipe.md).
+# n_clusters='auto' (:func:`choose_k`): one map of MAX_MAP_DIM components, of which a seeded subsample of K_SAMPLE
+# points is split top-down: a cluster is cut in two while the halves of its two-component GMM are separated by a
+# density valley below VALLEY_DEPTH of the lower peak along their Fisher axis (docs/recipe.md). Each half keeps at
+# least K_MIN_SPLIT points. K_STARTS and K_SILHOUETTE_SAMPLE are :func:`k_candidates`' (the criteria benchmark's).
 K_RANGE = (2, 20)
-K_STARTS = 5
 K_SAMPLE = 4000
+VALLEY_DEPTH = 0.2
+K_MIN_SPLIT = 20
+K_STARTS = 5
 K_SILHOUETTE_SAMPLE = 3000
 # Mean squared distance of a point to its initial centroid in a rescaled pretrained embedding, where MNIST
 # autoencoders land by themselves: the Student's t kernel is not scale-free (docs/recipe.md).
@@ -270,29 +274,104 @@ def k_candidates(u: np.ndarray, k_min: int, k_max: int, *, seed: int):
     return candidates()
 
 
-def choose_k(u: np.ndarray, k_min: int, k_max: int, *, seed: int, callback=None) -> tuple[int, dict[int, float]]:
-    """The number of clusters in the map ``u`` (n_samples, m): the k in [k_min, k_max] of the best silhouette.
+def valley_depth(projection: np.ndarray, grid: int = 101) -> float:
+    """The deepest density valley of the 1-d sample ``projection``, relative to the lower of the peaks around it.
 
-    For each k, :data:`K_STARTS` full-covariance GMMs (k-means starts) are fitted to one seeded
-    subsample of :data:`K_SAMPLE` points; a k's score is the best mean silhouette in the map of their
-    partitions (on :data:`K_SILHOUETTE_SAMPLE` of those points; :func:`k_candidates`). UMAP with
-    ``min_dist=0`` packs a group into a tight clump, so a k that merges two clumps or cuts one scores
-    lower than the k that follows the clumps; groups that touch in the map count as one (docs/recipe.md
-    says where).
+    The density is a Gaussian kernel estimate (Silverman's bandwidth, which smooths more than it splits); the
+    depth is the least, over ``grid`` points spanning the sample, of the density there over the smaller of the
+    highest densities to its left and to its right. 1 means no valley (one mode), 0 an empty gap.
+    """
+    spread = float(projection.std())
+    if not np.isfinite(spread) or spread <= 0:
+        return 1.0
+    bandwidth = 1.06 * spread * projection.shape[0] ** -0.2
+    points = np.linspace(projection.min(), projection.max(), grid)
+    density = np.exp(-0.5 * ((points[:, None] - projection[None, :]) / bandwidth) ** 2).sum(1)
+    left, right = np.maximum.accumulate(density), np.maximum.accumulate(density[::-1])[::-1]
+    return float((density / np.maximum(np.minimum(left, right), np.finfo(float).tiny)).min())
+
+
+def split_in_two(points: np.ndarray, *, seed: int) -> tuple[float, np.ndarray]:
+    """A two-component full-covariance GMM's split of ``points`` (n, m) and the :func:`valley_depth` between its halves.
+
+    The depth is measured along the halves' Fisher axis (their mean difference whitened by the pooled
+    within-half covariance), where two groups are the furthest apart. Returns (depth, labels in {0, 1}).
+    """
+    labels = GaussianMixture(2, covariance_type="full", reg_covar=1e-4, n_init=2, random_state=seed).fit_predict(points)
+    if np.bincount(labels, minlength=2).min() < 2:
+        return 1.0, labels
+    halves = [points[labels == h] for h in (0, 1)]
+    means = [half.mean(0) for half in halves]
+    within = np.cov(np.vstack([half - mean for half, mean in zip(halves, means)]).T).reshape(points.shape[1], -1)
+    axis = np.linalg.solve(within + 1e-6 * np.eye(points.shape[1]), means[1] - means[0])
+    norm = float(np.linalg.norm(axis))
+    if not np.isfinite(norm) or norm == 0:
+        return 1.0, labels
+    return valley_depth(points @ (axis / norm)), labels
+
+
+def valley_splits(u: np.ndarray, k_max: int, *, seed: int, callback=None) -> dict[int, float]:
+    """Split a seeded subsample of the map ``u`` (n_samples, m) top-down, the clearest split first, up to ``k_max`` clusters.
+
+    Every cluster's best cut is :func:`split_in_two`'s; at each step the cluster whose cut has the
+    shallowest valley is cut, unless a half would keep fewer than :data:`K_MIN_SPLIT` points (such a
+    cluster stays whole). Returns {k: valley depth of the cut that made the k-th cluster} for k = 2, 3, ...
+    up to ``k_max`` or until no cluster can be cut; depths lie in [0, 1].
+    """
+    rng = np.random.default_rng(seed)
+    sample = u if u.shape[0] <= K_SAMPLE else u[np.sort(rng.choice(u.shape[0], K_SAMPLE, replace=False))]
+    callback = callback or Callback()
+    callback.on_stage_begin("init/k", k_max - 1)
+
+    def cut(members: np.ndarray):
+        if members.shape[0] < 2 * K_MIN_SPLIT:
+            return None
+        depth, labels = split_in_two(sample[members], seed=seed)
+        if np.bincount(labels, minlength=2).min() < K_MIN_SPLIT:
+            return None
+        return depth, members[labels == 0], members[labels == 1]
+
+    cuts = [cut(np.arange(sample.shape[0]))]
+    depths: dict[int, float] = {}
+    for k in range(2, k_max + 1):
+        open_ = [i for i, c in enumerate(cuts) if c is not None]
+        if not open_:
+            break
+        i = min(open_, key=lambda j: cuts[j][0])  # ties: the earlier cluster
+        depth, first, second = cuts.pop(i)
+        depths[k] = depth
+        cuts += [cut(first), cut(second)]
+        callback.on_step("init/k", k - 1, {"valley_depth": depth})
+    callback.on_stage_end("init/k")
+    return depths
+
+
+def choose_k(u: np.ndarray, k_min: int, k_max: int, *, seed: int, callback=None) -> tuple[int, dict[int, float]]:
+    """The number of clusters in the map ``u`` (n_samples, m): as many as top-down cuts along density valleys make.
+
+    :func:`valley_splits` cuts the map's clusters in two, the clearest cut first; k is the number of clusters
+    before the first cut whose valley is no deeper than :data:`VALLEY_DEPTH` (the density there is at least that
+    share of the lower peak's), held within [k_min, k_max]. UMAP with ``min_dist=0`` packs a group into a
+    clump; two groups that touch in the map are cut where their contact thins out. The cut tree is one seeded
+    subsample's; it picks k only, the chosen k's GMM then clusters the whole map.
 
     Returns
     -------
-    (k, {k: score}) with every score in [-1, 1]; ties go to the smaller k.
+    (k, {k: valley depth of the cut that made the k-th cluster}) for k = 2..k_max while a cut was possible; a
+    depth below :data:`VALLEY_DEPTH` is a cut the data supports.
+
+    ``k_max`` is capped at n_samples - 1. Raises ValueError at once, before any work, unless 2 <= k_min <= k_max.
     """
-    candidates = k_candidates(u, k_min, k_max, seed=seed)
-    callback = callback or Callback()
-    callback.on_stage_begin("init/k", min(k_max, u.shape[0] - 1) - k_min + 1)
-    scores: dict[int, float] = {}
-    for step, (k, score, _, _) in enumerate(candidates, 1):
-        scores[k] = score
-        callback.on_step("init/k", step, {"silhouette": score})
-    callback.on_stage_end("init/k")
-    return max(scores, key=lambda k: (scores[k], -k)), scores
+    n = u.shape[0]
+    k_max = min(k_max, n - 1)
+    if not 2 <= k_min <= k_max:
+        raise ValueError(f"n_clusters='auto' needs 2 <= k_min <= k_max <= n_samples - 1; got k_min={k_min}, "
+                         f"k_max={k_max}, n_samples={n}")
+    depths = valley_splits(u, k_max, seed=seed, callback=callback)
+    supported = 1
+    while supported + 1 in depths and depths[supported + 1] < VALLEY_DEPTH:
+        supported += 1
+    return min(max(supported, k_min), k_max), depths
 
 
 def input_space(X: Features, offset: np.ndarray, scale: np.ndarray, *, seed: int,

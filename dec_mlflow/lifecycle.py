@@ -508,7 +508,7 @@ def _log_cluster_results(est: DEC, data: Dataset) -> dict:
     tracking.log_params_once({"n_clusters_resolved": est.n_clusters_})
     if est.k_scores_:  # n_clusters='auto': every candidate's score, step = k, and the figure
         for k, score in est.k_scores_.items():
-            mlflow.log_metric("k_silhouette", score, step=k)
+            mlflow.log_metric("k_valley_depth", score, step=k)
         tracking.log_figure("k_selection.png", lambda: plots.k_selection_figure(est.k_scores_, est.n_clusters_))
     mlflow.log_dict({"cluster_sizes": sizes.tolist()}, "cluster_sizes.json")
     tracking.log_params_once({"pretrain_lr_resolved": est.resolved_params_["pretrain_lr"],

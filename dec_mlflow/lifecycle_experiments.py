@@ -185,8 +185,8 @@ def k_sweep(dataset: str, *, label_column: str = "", ks: Sequence[int] = (6, 7, 
     once on the training part (or uses ``autoencoder``), fits DEC for every k (a child run each)
     and logs per k: KL on both parts, G and, with labels, NMI and ACC on the validation part; the
     parent logs the curves (step = k), k_sweep.png, the table k_sweep.json/.csv and the metric
-    recommended_k: the k of the best silhouette in the UMAP map, ``n_clusters='auto'``'s criterion
-    (``map_silhouette`` per k), with the paper's (the k before G's largest drop) as
+    recommended_k: what ``n_clusters='auto'`` chooses in min(ks)..max(ks), by top-down cuts of the UMAP map
+    along density valleys (``map_valley_depth``: the depth of the k-th cut), with the paper's (the k before G's largest drop) as
     recommended_k_generalizability. ``**params``: ``K_SWEEP_PARAMS``.
 
     Returns
@@ -210,8 +210,8 @@ def k_sweep(dataset: str, *, label_column: str = "", ks: Sequence[int] = (6, 7, 
         est = build_estimator({**params, "n_clusters": ks[0]}, data, preset=preset)
         ae, source = resolve_autoencoder(autoencoder, est, train_data, stage_params, data_params(train_data))
         mlflow.set_tag("dec.autoencoder_source", source)
-        # n_clusters='auto''s criterion on the same training part and autoencoder: the silhouette in the map
-        _, silhouettes = map_k_scores(est, train_data.x, min(ks), max(ks), autoencoder=ae)
+        # n_clusters='auto''s choice on the same training part and autoencoder, and the depth of each cut
+        best, depths = map_k_scores(est, train_data.x, min(ks), max(ks), autoencoder=ae)
         rows = []
         for k in sorted(ks):
             est = build_estimator({**params, "n_clusters": k}, data, preset=preset)
@@ -219,7 +219,7 @@ def k_sweep(dataset: str, *, label_column: str = "", ks: Sequence[int] = (6, 7, 
                 with progress_bar() as bar:
                     est.fit(train_data.x, autoencoder=ae, callback=CallbackList([bar, tracking.MlflowCallback(k, train_data.y)]))
                 row = {"k": k, **experiments.generalizability(est, train_data.x, data.x[val]), "n_iter": est.n_iter_,
-                       "map_silhouette": silhouettes[k]}
+                       "map_valley_depth": depths.get(k, float("nan"))}
                 if data.y is not None:
                     row.update({f"val_{n}": v for n, v in clustering_scores(data.y[val], est.predict(data.x[val])).items()})
                 mlflow.log_metrics({n: float(v) for n, v in row.items() if n != "k"})
@@ -228,7 +228,6 @@ def k_sweep(dataset: str, *, label_column: str = "", ks: Sequence[int] = (6, 7, 
             report("  ".join(f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}" for n, v in row.items()))
         table = pd.DataFrame(rows)
         by_g = recommended_by_generalizability(table)
-        best = int(table["k"][table["map_silhouette"].idxmax()])  # ties: the smaller k (the table is sorted by k)
         mlflow.log_metrics({"recommended_k": best, "recommended_k_generalizability": by_g})
         _log_frame(table, "k_sweep")
         tracking.log_figure("k_sweep.png", lambda: plots.k_sweep_figure(table, best))

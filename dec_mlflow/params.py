@@ -195,8 +195,9 @@ _FRACTION = Number(0.0, 1.0, high_open=True)
 
 PARAMS = (
     Param("n_clusters", 10, Integer(1, auto=True),
-          "Number of clusters k; 'auto' (needs init='manifold') = the k in k_min..k_max of the best silhouette in the "
-          "UMAP map of the initial clustering (the fit's k is n_clusters_, logged as n_clusters_resolved)."),
+          "Number of clusters k; 'auto' (needs init='manifold') = as many as top-down cuts of the initial clustering's UMAP "
+          "map along density valleys make, held within k_min..k_max (the fit's k is n_clusters_, logged as "
+          "n_clusters_resolved)."),
     Param("k_min", K_RANGE[0], Integer(2), "n_clusters=auto: the smallest k considered."),
     Param("k_max", K_RANGE[1], Integer(2), "n_clusters=auto: the largest k considered (at most n_samples - 1)."),
     Param("hidden_dims", (500, 500, 2000, 10), Widths(),

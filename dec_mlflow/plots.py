@@ -285,22 +285,22 @@ def gradient_vs_q_figure(q: np.ndarray, grad_norm: np.ndarray, cluster: int | No
 
 
 def k_sweep_figure(table, recommended: int):
-    """Generalizability G and (if present) the silhouette in the map and validation NMI against k (the paper's Figure 6).
+    """Generalizability G and (if present) the valley depth in the map and validation NMI against k (the paper's Figure 6).
 
-    ``table`` has columns 'k', 'generalizability' and optionally 'map_silhouette' and 'val_nmi'.
+    ``table`` has columns 'k', 'generalizability' and optionally 'map_valley_depth' and 'val_nmi'.
     """
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.plot(table["k"], table["generalizability"], "o-", color="tab:blue", label="G = KL_train / KL_validation")
     ax.set_xlabel("number of clusters k")
     ax.set_ylabel("generalizability G", color="tab:blue")
     ax.axvline(recommended, color="gray", linestyle="--", label=f"recommended k = {recommended}")
-    if "val_nmi" in table or "map_silhouette" in table:
+    if "val_nmi" in table or "map_valley_depth" in table:
         twin = ax.twinx()
-        if "map_silhouette" in table:
-            twin.plot(table["k"], table["map_silhouette"], "^-", color="tab:green", label="silhouette in the map")
+        if "map_valley_depth" in table:
+            twin.plot(table["k"], table["map_valley_depth"], "^-", color="tab:green", label="valley depth of the k-th cut (map)")
         if "val_nmi" in table:
             twin.plot(table["k"], table["val_nmi"], "s-", color="tab:orange", label="NMI (validation)")
-        twin.set_ylabel("silhouette (map) / NMI (validation)")
+        twin.set_ylabel("valley depth (map) / NMI (validation)")
         twin.legend(loc="lower right", fontsize=8)
     ax.set_xticks(list(table["k"]))
     ax.legend(loc="lower left", fontsize=8)
@@ -310,13 +310,16 @@ def k_sweep_figure(table, recommended: int):
 
 
 def k_selection_figure(scores: dict[int, float], chosen: int):
-    """n_clusters='auto': each candidate k's silhouette in the map (``scores``), the ``chosen`` k marked."""
+    """n_clusters='auto': the valley depth of the cut that made the k-th cluster (``scores``), the threshold and the ``chosen`` k marked."""
+    from dec_mlflow.initialisation import VALLEY_DEPTH
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ks = sorted(scores)
     ax.plot(ks, [scores[k] for k in ks], "o-", color="tab:blue")
     ax.axvline(chosen, color="gray", linestyle="--", label=f"chosen k = {chosen}")
     ax.set_xlabel("number of clusters k")
-    ax.set_ylabel("silhouette in the map (best of the GMM starts)")
+    ax.axhline(VALLEY_DEPTH, color="tab:red", linestyle=":", label=f"a cut counts below {VALLEY_DEPTH}")
+    ax.set_ylabel("valley depth of the k-th cut")
+    ax.set_ylim(-0.02, 1.02)
     ax.set_xticks(ks)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("n_clusters = auto")

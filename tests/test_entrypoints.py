@@ -19,6 +19,7 @@ from sklearn.datasets import make_blobs
 
 from dec_mlflow import DEC
 from dec_mlflow.cli import FLOAT_OR_AUTO, INT_OR_AUTO, main
+from dec_mlflow.initialisation import VALLEY_DEPTH
 
 REPO = Path(__file__).resolve().parents[1]
 # Small network and short schedules so each run takes seconds; the same values are given to every
@@ -148,9 +149,9 @@ def test_cluster_with_auto_n_clusters_logs_the_choice_and_each_candidates_score(
     assert run.data.params["n_clusters"] == "auto" and run.data.params["n_clusters_resolved"] == "3"
     # the logged model's config reaches the run's params as with a given k (MLflow's own batch would clash on n_clusters)
     assert run.data.params["max_batch_rows"] == "100000" and run.data.params["device"] == "auto"
-    history = MlflowClient().get_metric_history(run.info.run_id, "k_silhouette")
-    assert sorted(m.step for m in history) == [2, 3, 4, 5, 6]
-    assert max(history, key=lambda m: m.value).step == 3
+    depths = {m.step: m.value for m in MlflowClient().get_metric_history(run.info.run_id, "k_valley_depth")}
+    assert sorted(depths) == [2, 3, 4, 5, 6]
+    assert depths[2] < VALLEY_DEPTH and depths[3] < VALLEY_DEPTH <= depths[4]  # two cuts across gaps, then none
     assert "k_selection.png" in {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     assert run.data.metrics["final_acc"] > 0.95
 

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.datasets import make_blobs
 
 from dec_mlflow.cli import main
+from dec_mlflow.initialisation import VALLEY_DEPTH
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--hidden_dims", "16,8,3", "--pretrain_epochs", "10", "--pretrain_lr", "0.1", "--pretrain_batch_size", "64",
@@ -120,10 +121,11 @@ def test_k_sweep_logs_g_and_nmi_per_k_and_recommends_one(store):
     history = MlflowClient().get_metric_history(parent.info.run_id, "generalizability")
     assert sorted(m.step for m in history) == [3, 4, 5] and all(m.value > 0 for m in history)
     assert [m.step for m in MlflowClient().get_metric_history(parent.info.run_id, "val_nmi")] == [3, 4, 5]
-    silhouettes = {m.step: m.value for m in MlflowClient().get_metric_history(parent.info.run_id, "map_silhouette")}
-    assert sorted(silhouettes) == [3, 4, 5]
-    # recommended by n_clusters=auto's criterion in the map of this (10-epoch, 3-d) embedding; G's choice beside it
-    best = max(silhouettes, key=silhouettes.get)
+    depths = {m.step: m.value for m in MlflowClient().get_metric_history(parent.info.run_id, "map_valley_depth")}
+    assert sorted(depths) == [3, 4, 5]
+    # recommended by n_clusters=auto's cuts of the map of this (10-epoch, 3-d) embedding of three blobs; G's beside it
+    assert depths[3] < VALLEY_DEPTH <= depths[4]
+    best = 3
     assert parent.data.metrics["recommended_k"] == best
     assert parent.data.metrics["recommended_k_generalizability"] in (3, 4, 5)
     assert "k_sweep.png" in {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
@@ -132,7 +134,7 @@ def test_k_sweep_logs_g_and_nmi_per_k_and_recommends_one(store):
     # the autoencoder was pretrained once, on the training split only
     pretrain = [r for r in runs("pretrain") if r.data.params.get("dataset_name") == "blobs-train"]
     assert len(pretrain) == 1 and pretrain[0].data.params["n_samples"] == "300"
-    assert f"Recommended k = {best} (the best silhouette in the map; the paper's G" in result.output
+    assert f"Recommended k = {best} (n_clusters=auto's cuts of the map; the paper's G" in result.output
 
 
 def test_imbalance_subsamples_per_r_min_and_logs_curves(store):

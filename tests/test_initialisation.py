@@ -6,7 +6,7 @@ from sklearn.datasets import make_blobs
 from sklearn.decomposition import PCA
 
 from dec_mlflow.initialisation import (
-    InputSpace, choose_k, cluster_map, k_candidates, initial_clustering, kmeans_init, manifold_init, prototypes,
+    VALLEY_DEPTH, InputSpace, choose_k, cluster_map, k_candidates, valley_depth, initial_clustering, kmeans_init, manifold_init, prototypes,
 )
 from dec_mlflow.metrics import cluster_accuracy
 
@@ -194,29 +194,50 @@ def test_auto_k_finds_unequal_groups_and_scores_every_candidate(unequal_blobs):
     z, y = unequal_blobs
     init = manifold_init(z, "auto", seed=0, k_range=(2, 8))
     assert len(init.centroids) == 3 and sorted(init.k_scores) == list(range(2, 9))
-    assert max(init.k_scores, key=init.k_scores.get) == 3
+    # the two cuts between the groups cross empty gaps; the next one cuts a group where it is dense
+    assert init.k_scores[2] < 0.05 and init.k_scores[3] < 0.05 and init.k_scores[4] > VALLEY_DEPTH
     assert cluster_accuracy(y, init.labels) > 0.99
     assert init.posteriors.shape == (700, 3)
 
 
 def test_auto_k_range_is_capped_at_the_samples_and_checked():
     u = np.random.default_rng(0).normal(size=(6, 2))
-    k, scores = choose_k(u, 2, 20, seed=0)
-    assert sorted(scores) == [2, 3, 4, 5] and k in scores
+    assert choose_k(u, 2, 20, seed=0) == (2, {})  # too few points to cut: the smallest k considered
+    assert choose_k(u, 4, 20, seed=0) == (4, {})
     with pytest.raises(ValueError, match="n_clusters='auto' needs 2 <= k_min <= k_max <= n_samples - 1; got k_min=6"):
         choose_k(u, 6, 20, seed=0)
 
 
-def test_k_candidates_refuse_a_bad_range_before_fitting_and_are_what_choose_k_scores(unequal_blobs):
+def test_valley_depth_is_zero_across_a_gap_and_one_without_a_valley():
+    rng = np.random.default_rng(0)
+    assert valley_depth(np.concatenate([rng.normal(-5, 1, 500), rng.normal(5, 1, 500)])) < 0.05
+    assert valley_depth(rng.normal(0, 1, 1000)) > 0.9
+    assert valley_depth(rng.uniform(0, 1, 2000)) > 0.6  # flat: no valley to speak of, however noisy
+    touching = valley_depth(np.concatenate([rng.normal(-1.5, 1, 500), rng.normal(1.5, 1, 500)]))
+    assert 0.3 < touching < 0.9  # two modes that touch: a shallow valley
+    assert valley_depth(np.ones(10)) == 1.0
+
+
+def test_choose_k_cuts_touching_groups_only_where_the_valley_is_deep():
+    rng = np.random.default_rng(0)
+    pair = lambda gap: np.vstack([rng.normal(0, 1, (600, 2)), rng.normal(0, 1, (600, 2)) + [gap, 0]])
+    far, near = choose_k(pair(6.0), 2, 6, seed=0), choose_k(pair(1.5), 2, 6, seed=0)
+    assert far[0] == 2 and far[1][2] < VALLEY_DEPTH and far[1][3] >= VALLEY_DEPTH
+    assert near[1][2] >= VALLEY_DEPTH  # one bump: its best cut crosses no valley, so the range's smallest k
+    assert choose_k(pair(6.0), 3, 6, seed=0)[0] == 3  # held within [k_min, k_max]
+    one = rng.normal(0, 1, (1200, 2))
+    assert choose_k(one, 2, 6, seed=0)[1] == choose_k(one, 2, 6, seed=0)[1]  # seeded
+
+
+def test_k_candidates_refuse_a_bad_range_before_fitting_and_score_each_k_by_its_silhouette(unequal_blobs):
     z, _ = unequal_blobs
     with pytest.raises(ValueError, match="got k_min=5, k_max=4"):
         k_candidates(z, 5, 4, seed=0)  # at the call, not at the first candidate
     candidates = list(k_candidates(z, 2, 5, seed=0))
     assert [c[0] for c in candidates] == [2, 3, 4, 5]
     assert all(c[2].n_components == c[0] and len(c[3]) == len(z) for c in candidates)
-    _, scores = choose_k(z, 2, 5, seed=0)
-    assert scores == {k: silhouette for k, silhouette, _, _ in candidates}
-    assert max(scores, key=scores.get) == 3
+    scores = {k: silhouette for k, silhouette, _, _ in candidates}
+    assert max(scores, key=scores.get) == 3 and all(-1 <= v <= 1 for v in scores.values())
 
 
 def test_initial_clustering_of_an_untrained_encoder_starts_at_prototypes_at_scale_one(unequal_blobs):
