@@ -1,11 +1,12 @@
 """Which label-free criterion finds the number of clusters: the evidence behind n_clusters='auto'.
 
 For each dataset and seed of ``bench_auto_k`` (the same map: the default recipe's input space, one UMAP of
-10 components, and UMAP's neighbour graph), the candidates ``choose_k`` fits (one GMM per k = 2..15, the
-best of five starts on a 4,000-point subsample, ``dec_mlflow.initialisation.k_candidates``) are scored by
-every criterion below, and each criterion's pick is compared with the true k:
+10 components, and UMAP's neighbour graph), the candidates ``choose_k`` fitted until it cut the map along
+density valleys instead (one GMM per k = 2..15, the best of five starts on a 4,000-point subsample,
+``dec_mlflow.initialisation.k_candidates``) are scored by every criterion below, and each criterion's pick is
+compared with the true k. ``bench_auto_k`` runs today's ``choose_k`` on the same maps.
 
-- silhouette in the map (what ``choose_k`` uses; highest wins);
+- silhouette in the map (what ``choose_k`` used; highest wins);
 - modularity of the partition on UMAP's graph (``dec_mlflow.trust.modularity``; highest wins);
 - BIC and ICL of the mixture on its subsample (lowest wins; ICL = BIC + twice the posterior entropy);
 - eigengap of the graph's normalised adjacency (the k after which its k-th and (k+1)-th largest
@@ -102,15 +103,16 @@ def report(note: str = "") -> None:
         lines.append(f"| {r['dataset']} | {k} | {r['seed']} | {picks} | {cuts} |")
     hits = ", ".join(f"{c} {sum(r['picks'][c] == r['true_k'] for r in rows)}" for c in PICKS)
     body = (
-        "Which label-free criterion finds k on the candidates `n_clusters=auto` fits (one map per dataset and "
-        "seed, one GMM per k = 2..15, as `choose_k`): the k each criterion picks, and the largest pairwise cut "
+        "Which label-free criterion finds k on the candidates `n_clusters=auto` fitted until it cut the map along "
+        "density valleys instead (one map per dataset and seed, one GMM per k = 2..15): the k each criterion picks, and the largest pairwise cut "
         "of the partition on UMAP's graph (links between two clusters over the smaller one's link volume) at "
         "the true k and its neighbours. `bench/bench_k_criteria.py` says how each is computed.\n\n"
         f"Machine: {'; '.join(sorted({r['machine'] for r in rows}))}. True k found, of {len(rows)}: {hits}.\n\n"
         + (note + "\n\n" if note else "")
         + "\n".join(lines) + "\n\n"
         "Command: `DEC_DATA_DIR=../shared/data python bench/bench_k_criteria.py run --datasets ... --seeds ...`, "
-        "then `python bench/bench_k_criteria.py report`.\n"
+        "then `python bench/bench_k_criteria.py report`. Today's choice, on the same maps: section \"Choosing the "
+        "number of clusters\".\n"
     )
     print(body)
     write_section("Criteria for the number of clusters", body)

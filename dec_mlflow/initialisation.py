@@ -243,7 +243,8 @@ def initial_clusters(encoder: torch.nn.Module, x: torch.Tensor, n_clusters: int 
 
 
 def k_candidates(u: np.ndarray, k_min: int, k_max: int, *, seed: int):
-    """The candidates :func:`choose_k` scores, one k at a time: an iterator of ``(k, silhouette, mixture,
+    """One GMM per k, scored by its silhouette: what :func:`choose_k` chose from until it cut the map along
+    density valleys, kept for the criteria benchmark (bench/bench_k_criteria.py). An iterator of ``(k, silhouette, mixture,
     sample)`` for k in [k_min, min(k_max, n_samples - 1)], where ``mixture`` is the best-scoring of
     :data:`K_STARTS` full-covariance GMMs (k-means starts) fitted to one seeded subsample ``sample`` of
     :data:`K_SAMPLE` rows of the map ``u``, and ``silhouette`` its partition's mean silhouette in the map (on
