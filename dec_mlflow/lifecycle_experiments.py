@@ -38,9 +38,10 @@ from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.pretraining import selection_criteria
 
 # the estimator parameters every experiment shares with `cluster`, minus what the experiment varies
-# (n_clusters='auto', with its range k_min..k_max, is cluster's and the estimator's: an experiment compares at a given k)
+# (n_clusters='auto', with its range k_min..k_max, is cluster's, compare's (one k for every method and seed) and the
+# estimator's: k_sweep and imbalance vary or fix k themselves)
 _SHARED = tuple(n for n in ESTIMATOR_PARAMS if n not in ("variant", "n_pretrain_init", "pretrain_selection", "k_min", "k_max"))
-COMPARE_PARAMS = tuple(n for n in _SHARED if n != "random_state")  # seeds instead
+COMPARE_PARAMS = tuple(n for n in ESTIMATOR_PARAMS if n in _SHARED + ("k_min", "k_max") and n != "random_state")  # seeds instead
 K_SWEEP_PARAMS = tuple(n for n in _SHARED if n != "n_clusters")  # ks instead
 IMBALANCE_PARAMS = _SHARED
 
@@ -59,7 +60,7 @@ def _is_int(value) -> bool:
 def _fixed_k(params: dict, stage: str) -> None:
     """Refuse n_clusters='auto' where every method is compared at one given k."""
     if params["n_clusters"] == "auto":
-        raise ValueError(f"n_clusters='auto' is for cluster and the estimator; {stage} compares its methods at a "
+        raise ValueError(f"n_clusters='auto' is for cluster, compare and the estimator; {stage} compares its methods at a "
                          "given number of clusters (run cluster with n_clusters=auto first, then pass the k it logs "
                          "as n_clusters_resolved)")
 
@@ -102,7 +103,7 @@ def compare(dataset: str, *, label_column: str = "", seeds: Sequence[int] = (0, 
     std per method, None without labels), ``stability`` and ``markdown`` ('' without labels).
     """
     params = estimator_params(params, COMPARE_PARAMS)
-    _fixed_k(params, "compare")
+    auto_k = params["n_clusters"] == "auto"
     seeds = _check_distinct("seeds", seeds, "distinct integers >= 0", lambda s: _is_int(s) and s >= 0)
     methods = list(methods)
     if not methods or any(m not in experiments.METHODS for m in methods):
@@ -111,13 +112,15 @@ def compare(dataset: str, *, label_column: str = "", seeds: Sequence[int] = (0, 
         raise ValueError(f"select_from must be >= 1 and <= the number of seeds ({len(seeds)}); got {select_from}")
     build_estimator({**params, "random_state": seeds[0], "lr": idec_lr, "momentum": idec_momentum}, preset=preset)  # IDEC's too
     build_estimator({**params, "random_state": seeds[0]}, preset=preset)
-    data = load_data(dataset, label_column, params["n_clusters"])
+    data = load_data(dataset, label_column, None if auto_k else params["n_clusters"])
     check_fit_data(build_estimator({**params, "random_state": seeds[0]}, data, preset=preset), data, dataset)
     stage_params = {"dataset": dataset, "label_column": label_column, "preset": preset, **params}
     idec_optimizer = {"lr": idec_lr, "momentum": idec_momentum}
     with tracking.stage_run(f"compare-{data.name}", experiment) as run:
         _start_parent("compare", data, {**stage_params, "seeds": seeds, "methods": methods, "select_from": select_from,
                                         "idec_lr": idec_lr, "idec_momentum": idec_momentum})
+        if auto_k:  # one k for every method and seed: what cluster with n_clusters=auto and the first seed chooses
+            params = {**params, "n_clusters": _resolve_k(build_estimator({**params, "random_state": seeds[0]}, data, preset=preset), data)}
         rows, criteria = [], []
         data_params_ = data_params(data)
         for seed in seeds:
@@ -130,6 +133,20 @@ def compare(dataset: str, *, label_column: str = "", seeds: Sequence[int] = (0, 
                 rows.append(_compare_one(method, seed, data, ae, est, source, idec_optimizer))
         result = _log_comparison(data, rows, criteria, select_from)
     return {"run_id": run.info.run_id, "rows": rows, **result}
+
+
+def _resolve_k(est: DEC, data: Dataset) -> int:
+    """n_clusters='auto' on ``data`` as ``cluster`` resolves it (the map of the default recipe's input), logged on the
+    active run as ``cluster`` logs it: n_clusters_resolved, k_valley_depth (step = k) and k_selection.png."""
+    from dec_mlflow import plots  # matplotlib: import on use
+
+    k, depths = map_k_scores(est, data.x, est.k_min, est.k_max)
+    tracking.log_params_once({"n_clusters_resolved": k})
+    for j, depth in depths.items():
+        mlflow.log_metric("k_valley_depth", depth, step=j)
+    tracking.log_figure("k_selection.png", lambda: plots.k_selection_figure(depths, k))
+    report(f"n_clusters=auto: k = {k} (k_selection.png)")
+    return k
 
 
 def _compare_one(method: str, seed: int, data: Dataset, ae, est: DEC, source: str, idec_optimizer: dict) -> dict:

@@ -156,10 +156,10 @@ def test_cluster_with_auto_n_clusters_logs_the_choice_and_each_candidates_score(
     assert run.data.metrics["final_acc"] > 0.95
 
 
-def test_compare_refuses_auto_n_clusters_with_the_way_to_get_a_k(store):
-    result = CliRunner().invoke(main, ["compare", "--dataset", store["data"], "--n_clusters", "auto"])
+def test_imbalance_refuses_auto_n_clusters_with_the_way_to_get_a_k(store):
+    result = CliRunner().invoke(main, ["imbalance", "--dataset", store["data"], "--n_clusters", "auto"])
     assert result.exit_code == 1
-    assert "n_clusters='auto' is for cluster and the estimator; compare compares its methods at a given" in result.output
+    assert "n_clusters='auto' is for cluster, compare and the estimator; imbalance compares its methods at a" in result.output
 
 
 def test_cluster_from_given_autoencoder_run_id(store, first_cluster):

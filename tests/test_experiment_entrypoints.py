@@ -102,6 +102,24 @@ def test_compare_names_the_run_it_would_keep_without_labels(compared):
     assert f"Without labels, keep seed {by_trust} of DEC" in md and f"labels would pick seed {by_acc}" in md
 
 
+def test_compare_with_auto_n_clusters_resolves_one_k_for_every_method_and_seed(store):
+    small = [a for a in SMALL[:-2]]  # the default init: n_clusters=auto chooses k in the input's map
+    result = invoke("compare", "--dataset", store["data"], "--seeds", "0", "--select_from", "1", "--methods", "kmeans,dec", "--n_clusters", "auto",
+                    "--k_max", "6", *small)
+    assert result.exit_code == 0, result.output
+    parent = runs("compare")[-1]
+    k = int(parent.data.params["n_clusters_resolved"])
+    assert parent.data.params["n_clusters"] == "auto" and f"n_clusters=auto: k = {k}" in result.output
+    depths = {m.step: m.value for m in MlflowClient().get_metric_history(parent.info.run_id, "k_valley_depth")}
+    assert sorted(depths) == [2, 3, 4, 5, 6] and all(depths[j] < VALLEY_DEPTH for j in range(2, k + 1))
+    assert k == 6 or depths[k + 1] >= VALLEY_DEPTH  # the first cut the map does not support ends the count
+    children = [c for c in runs("compare/method") if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+    assert sorted(c.data.tags["method"] for c in children) == ["dec", "kmeans"]
+    for c in children:
+        assert c.data.params["n_clusters"] == str(k)
+        assert len(json.loads(artifact_text(c.info.run_id, "cluster_sizes.json"))["cluster_sizes"]) == k
+
+
 def test_compare_rejects_unknown_methods_before_work(store):
     before = len(runs("compare"))
     result = invoke("compare", "--dataset", store["data"], "--methods", "dec,gmm")
