@@ -309,15 +309,15 @@ def k_sweep_figure(table, recommended: int):
     return fig
 
 
-def k_selection_figure(scores: dict[int, float], chosen: int):
-    """n_clusters='auto': the valley depth of the cut that made the k-th cluster (``scores``), the threshold and the ``chosen`` k marked."""
-    from dec_mlflow.initialisation import VALLEY_DEPTH
+def k_selection_figure(scores: dict[int, float], chosen: int, threshold: float):
+    """n_clusters='auto': the valley depth of the cut that made the k-th cluster (``scores``), the ``threshold`` a
+    cut must stay below (``dec_mlflow.initialisation.VALLEY_DEPTH``) and the ``chosen`` k marked."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ks = sorted(scores)
     ax.plot(ks, [scores[k] for k in ks], "o-", color="tab:blue")
     ax.axvline(chosen, color="gray", linestyle="--", label=f"chosen k = {chosen}")
     ax.set_xlabel("number of clusters k")
-    ax.axhline(VALLEY_DEPTH, color="tab:red", linestyle=":", label=f"a cut counts below {VALLEY_DEPTH}")
+    ax.axhline(threshold, color="tab:red", linestyle=":", label=f"a cut counts below {threshold}")
     ax.set_ylabel("valley depth of the k-th cut")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xticks(ks)
