@@ -95,7 +95,7 @@ def score(name: str) -> None:
                    "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M")}
             out.write(json.dumps(row) + "\n")
             print(f"{name} {tag}: ACC {row['acc']:.4f} score {row['score']:.4f} (agreement {row['agreement']:.3f}, "
-                  f"modularity {row['modularity']:.3f}), {row['score_seconds']:.1f} s in fit", flush=True)
+                  f"modularity {row['modularity']:.3f}, valleys {row['valleys']:.3f}), {row['score_seconds']:.1f} s in fit", flush=True)
 
 
 def summary(rows: list[dict], key: str = "score") -> dict:
@@ -137,18 +137,18 @@ def report() -> None:
                             f"{min(r['size_entropy'] for r in good):.3f}-{max(r['size_entropy'] for r in good):.3f}, ACC "
                             f"{w['acc']:.3f}) scores {w['score']:.3f}; the true k's runs {min(r['score'] for r in good):.3f}-"
                             f"{max(r['score'] for r in good):.3f}.")
-    runs = ["| data | run | k | seed | ACC | trust_score | agreement | modularity | score s | run min |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    runs = ["| data | run | k | seed | ACC | trust_score | agreement | modularity | valleys | score s | run min |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in names:
         for r in sorted((r for r in rows if r["dataset"] == d), key=lambda r: -r["acc"]):
             runs.append(f"| {d} | {r['tag']} | {r['k']} | {r['seed']} | {r['acc']:.4f} | {r['score']:.4f} | "
-                        f"{r['agreement']:.3f} | {r['modularity']:.3f} | {r['score_seconds']:.0f} | {r['run_minutes']:.1f} |")
+                        f"{r['agreement']:.3f} | {r['modularity']:.3f} | {r['valleys']:.3f} | {r['score_seconds']:.0f} | {r['run_minutes']:.1f} |")
     figure(rows, names)
     machines = sorted({r["machine"] for r in rows})
     body = (
         "`python bench/bench_trust.py build|score|report`. Per dataset a pool of runs of the estimator: the true k on "
         "seeds 0-2 (the good runs); k - 2, k - 1, k + 1, k + 2 and k - 1 on seed 1; the k-means start after 10 or 5 "
-        "pretraining epochs; the default start after 5 pretraining epochs. `trust_score` = agreement x modularity, "
+        "pretraining epochs; the default start after 5 pretraining epochs. `trust_score` = agreement x modularity x valleys, "
         "computed as `fit` computes it (docs/trust.md). *Bad* runs are the others at least 0.02 of ACC below the best "
         "good run; the merge column is the lowest (and highest) good run's score minus the highest score of a run "
         "with fewer clusters than groups: positive when every merged run ranks below.\n\n"

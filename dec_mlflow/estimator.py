@@ -26,7 +26,7 @@ from dec_mlflow.scaling import auto_scaling, fit_scaling
 from dec_mlflow.training import distill_and_self_train, embed
 
 # what trust_score is, in the words the CLI and the run's tag use (docs/trust.md)
-TRUST_SCORE = "agreement of mixture reruns x modularity on the neighbour graph"
+TRUST_SCORE = "agreement of mixture reruns x modularity on the neighbour graph x share of clusters parted by density valleys"
 
 
 class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
@@ -65,11 +65,12 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     kl_loss_ : float
         KL(P || Q) over the training data at the last target update.
     trust_score_ : float
-        Label-free, in [0, 1], higher is better: ``agreement`` x ``modularity`` (:func:`dec_mlflow.trust.trust_scores`).
-        Compare it between runs on the same data.
+        Label-free, in [0, 1], higher is better: ``agreement`` x ``modularity`` x ``valleys``
+        (:func:`dec_mlflow.trust.trust_scores`). Compare it between runs on the same data.
     trust_scores_ : dict of str to float
-        Its two parts: 'agreement', the share of points on which independent Gaussian mixtures of the input's
-        map agree with the labels, and 'modularity', of the labels on the input's neighbour graph.
+        Its three parts: 'agreement', the share of points on which independent Gaussian mixtures of the input's
+        map agree with the labels; 'modularity', of the labels on the input's neighbour graph; 'valleys', the
+        share of points in clusters the map shows as one clump parted from its nearest neighbour by a valley.
     resolved_params_ : dict
         What the 'auto' settings resolved to (:func:`dec_mlflow.settings.resolve`), with pretrain_lr
         (after any restart) and distill_lr.
@@ -274,7 +275,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.n_features_in_, self.pretrain_loss_, self.resolved_params_ = X.shape[1], autoencoder.loss, resolved
 
     def _trust_scores(self, X: Features, autoencoder: PretrainedAutoencoder, init, image_shape, callback: Callback) -> dict:
-        """Stage 6: the label-free trust score and its two parts (:func:`dec_mlflow.trust.trust_scores`).
+        """Stage 6: the label-free trust score and its three parts (:func:`dec_mlflow.trust.trust_scores`).
 
         They read the map of the input and its neighbour graph: the initial clustering's, when the run
         started from the input (the default recipe), else one :func:`dec_mlflow.trust.run_scores` makes.

@@ -292,23 +292,30 @@ def valley_depth(projection: np.ndarray, grid: int = 101) -> float:
     return float((density / np.maximum(np.minimum(left, right), np.finfo(float).tiny)).min())
 
 
-def split_in_two(points: np.ndarray, *, seed: int) -> tuple[float, np.ndarray]:
-    """A two-component full-covariance GMM's split of ``points`` (n, m) and the :func:`valley_depth` between its halves.
+def fisher_valley(first: np.ndarray, second: np.ndarray) -> float:
+    """The :func:`valley_depth` between two groups of points (n1, m) and (n2, m), along their Fisher axis.
 
-    The depth is measured along the halves' Fisher axis (their mean difference whitened by the pooled
-    within-half covariance), where two groups are the furthest apart. Returns (depth, labels in {0, 1}).
+    The axis is the groups' mean difference whitened by their pooled within-group covariance, along which
+    two groups are the furthest apart. 1 (no valley) when the axis is undefined.
+    """
+    means = [first.mean(0), second.mean(0)]
+    within = np.cov(np.vstack([first - means[0], second - means[1]]).T).reshape(first.shape[1], -1)
+    axis = np.linalg.solve(within + 1e-6 * np.eye(first.shape[1]), means[1] - means[0])
+    norm = float(np.linalg.norm(axis))
+    if not np.isfinite(norm) or norm == 0:
+        return 1.0
+    return valley_depth(np.vstack([first, second]) @ (axis / norm))
+
+
+def split_in_two(points: np.ndarray, *, seed: int) -> tuple[float, np.ndarray]:
+    """A two-component full-covariance GMM's split of ``points`` (n, m) and the :func:`fisher_valley` between its halves.
+
+    Returns (depth, labels in {0, 1}); the depth is 1 when a half holds fewer than two points.
     """
     labels = GaussianMixture(2, covariance_type="full", reg_covar=1e-4, n_init=2, random_state=seed).fit_predict(points)
     if np.bincount(labels, minlength=2).min() < 2:
         return 1.0, labels
-    halves = [points[labels == h] for h in (0, 1)]
-    means = [half.mean(0) for half in halves]
-    within = np.cov(np.vstack([half - mean for half, mean in zip(halves, means)]).T).reshape(points.shape[1], -1)
-    axis = np.linalg.solve(within + 1e-6 * np.eye(points.shape[1]), means[1] - means[0])
-    norm = float(np.linalg.norm(axis))
-    if not np.isfinite(norm) or norm == 0:
-        return 1.0, labels
-    return valley_depth(points @ (axis / norm)), labels
+    return fisher_valley(points[labels == 0], points[labels == 1]), labels
 
 
 def valley_splits(u: np.ndarray, k_max: int, *, seed: int, callback=None) -> dict[int, float]:

@@ -9,6 +9,10 @@ of the data's map put the run's clusters back together: low for a run that train
 for one that cuts a group in two, since every rerun cuts it elsewhere; but a run that merges two
 groups agrees well, its merged group is easy to find again. ``modularity`` (:func:`modularity`) of the
 clusters on the data's neighbour graph drops when two groups that share few neighbours are merged.
+``valleys`` (:func:`valley_share`) reads the density of the map around each cluster: the share of points
+in clusters that are one clump, parted from their nearest neighbouring cluster by a density valley. It
+catches what the other two miss: a merged pair of groups that touch (a valley inside the cluster), and a
+group cut where the reruns cut it too (no valley between the halves).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.metrics import silhouette_score
 
-from dec_mlflow.initialisation import InputMap, input_map, map_gmm
+from dec_mlflow.initialisation import K_SAMPLE, VALLEY_DEPTH, InputMap, fisher_valley, input_map, map_gmm, split_in_two
 from dec_mlflow.metrics import cluster_accuracy
 
 SILHOUETTE_SAMPLE = 5000  # points the silhouette is computed on: O(m^2) distances, about a second
@@ -88,6 +92,54 @@ def modularity(labels: np.ndarray, graph: sp.spmatrix) -> float:
     return float(np.trace(links) - (ends ** 2).sum())
 
 
+# valley_share: a cluster is two clumps when a two-component split of it leaves at least SPLIT_SHARE of its
+# points on each side with a valley deeper than choose_k's cut (the density there below VALLEY_DEPTH of
+# the lower peak's); it is parted from its neighbour unless the density between them stays above APART_DEPTH
+# of the lower peak. Both set on the pools of wine, breast cancer, digits and imbalanced MNIST
+# (BENCHMARKS "Label-free trust score against ACC"); the halves of a cut group read 0.6 to 1 there, the
+# true clusters of those pools and of the MNIST and blob pools 0.5 or less.
+SPLIT_SHARE = 0.15
+APART_DEPTH = 0.6
+VALLEY_MIN_POINTS = 40  # a cluster with fewer sampled points is not split: its density estimate is noise
+
+
+def valley_share(labels: np.ndarray, u: np.ndarray, graph: sp.spmatrix, *, seed: int,
+                 sample_size: int = K_SAMPLE) -> float:
+    """The share of points in clusters that the map ``u`` (n, m) shows as one clump apart from its neighbours.
+
+    For each cluster of ``labels`` (n,), on one seeded sample of at most ``sample_size`` rows of ``u``:
+    it is *one clump* unless :func:`dec_mlflow.initialisation.split_in_two` cuts it, at least
+    :data:`SPLIT_SHARE` of it on each side, along a valley deeper than :data:`VALLEY_DEPTH`; it is *apart*
+    when :func:`dec_mlflow.initialisation.fisher_valley` between it and the cluster it shares the most
+    links of ``graph`` with is below :data:`APART_DEPTH`. In [0, 1]: 1 when every cluster is both.
+    """
+    labels = np.asarray(labels)
+    ids = np.unique(labels, return_inverse=True)[1]
+    k = int(ids.max()) + 1
+    if k < 2:
+        return 0.0  # one cluster: nothing parted from anything
+    g = sp.coo_matrix(graph)
+    links = np.zeros((k, k))
+    np.add.at(links, (ids[g.row], ids[g.col]), g.data.astype(np.float64))
+    np.fill_diagonal(links, -1.0)
+    rows = np.arange(len(ids))
+    if len(rows) > sample_size:
+        rows = np.sort(np.random.default_rng(seed).choice(len(rows), sample_size, replace=False))
+    points, sampled = u[rows], ids[rows]
+    share = np.bincount(ids, minlength=k) / len(ids)
+    trusted = 0.0
+    for c in range(k):
+        own, nearest = points[sampled == c], points[sampled == int(links[c].argmax())]
+        if len(own) >= VALLEY_MIN_POINTS:
+            depth, halves = split_in_two(own, seed=seed)
+            if depth < VALLEY_DEPTH and np.bincount(halves, minlength=2).min() >= SPLIT_SHARE * len(own):
+                continue  # two clumps
+        if len(own) < 2 or len(nearest) < 2 or fisher_valley(own, nearest) >= APART_DEPTH:
+            continue  # not parted from its neighbour
+        trusted += share[c]
+    return float(trusted)
+
+
 def rerun_agreement(labels: np.ndarray, u: np.ndarray, n_clusters: int, *, seed: int,
                     n_references: int = TRUST_REFERENCES, n_init: int = TRUST_STARTS,
                     sample_size: int = AGREEMENT_SAMPLE) -> float:
@@ -111,13 +163,15 @@ def rerun_agreement(labels: np.ndarray, u: np.ndarray, n_clusters: int, *, seed:
 def trust_scores(labels: np.ndarray, u: np.ndarray, graph: sp.spmatrix, n_clusters: int, *, seed: int) -> dict[str, float]:
     """A run's label-free scores on the map ``u`` of its data and the map's neighbour ``graph``.
 
-    ``score`` = ``agreement`` x max(``modularity``, 0), in [0, 1): see the module's docstring. Compare
-    it between runs on the same data: its ceiling grows with k (modularity is at most 1 - 1/k for k
-    equal clusters), which is how merged groups show.
+    ``score`` = ``agreement`` x max(``modularity``, 0) x ``valleys``, in [0, 1): see the module's
+    docstring. Compare it between runs on the same data: its ceiling grows with k (modularity is at
+    most 1 - 1/k for k equal clusters), which is how merged groups show.
     """
     agreement = rerun_agreement(labels, u, n_clusters, seed=seed)
     quality = modularity(labels, graph)
-    return {"score": agreement * max(quality, 0.0), "agreement": agreement, "modularity": quality}
+    valleys = valley_share(labels, u, graph, seed=seed)
+    return {"score": agreement * max(quality, 0.0) * valleys, "agreement": agreement, "modularity": quality,
+            "valleys": valleys}
 
 
 def run_scores(X, labels: np.ndarray, n_clusters: int, *, seed: int, offset: np.ndarray, scale: np.ndarray,
@@ -129,7 +183,7 @@ def run_scores(X, labels: np.ndarray, n_clusters: int, *, seed: int, offset: np.
     :data:`MAP_SAMPLE` rows of larger data, so that runs of every recipe on the same data are scored alike.
     """
     if n_clusters < 2:  # one cluster: every rerun finds it, and it is no better than chance
-        return {"score": 0.0, "agreement": 1.0, "modularity": 0.0}
+        return {"score": 0.0, "agreement": 1.0, "modularity": 0.0, "valleys": 0.0}
     if mapped is None:
         rows = np.arange(X.shape[0])
         if len(rows) > MAP_SAMPLE:

@@ -75,9 +75,10 @@ def test_cluster_logs_params_metrics_artifacts_and_registers(store, first_cluste
     assert run.data.tags["mlflow.runName"] == "cluster-blobs-k3-s0"
     m = run.data.metrics
     assert m["final_acc"] > 0.95 and m["init_acc"] > 0.9 and m["converged"] == 1.0
-    # the label-free trust score and its two parts: the true partition of separated blobs
-    assert 0.0 <= m["trust_score"] <= 1.0 and m["trust_score"] == pytest.approx(m["trust_agreement"] * m["trust_modularity"])
-    assert m["trust_agreement"] > 0.95 and m["trust_modularity"] > 0.5
+    # the label-free trust score and its three parts: the true partition of separated blobs
+    assert 0.0 <= m["trust_score"] <= 1.0
+    assert m["trust_score"] == pytest.approx(m["trust_agreement"] * m["trust_modularity"] * m["trust_valleys"])
+    assert m["trust_agreement"] > 0.95 and m["trust_modularity"] > 0.5 and m["trust_valleys"] == 1.0
     assert run.data.params["init_resolved"] == "manifold" and run.data.params["pretrain_lr_resolved"] == "0.1"
     assert run.data.params["distill_epochs"] == "auto" and run.data.params["distill_epochs_resolved"] == "25"
     assert run.data.params["distill_lr"] == "auto" and run.data.params["distill_lr_resolved"] == "0.01"  # pretrained

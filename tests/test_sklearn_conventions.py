@@ -43,7 +43,7 @@ def test_one_cluster_puts_every_sample_in_it(blobs):
     est = DEC(**{**SMALL, "n_clusters": 1, "init": "manifold"}).fit(blobs[0][:100])
     assert set(est.labels_) == {0}
     np.testing.assert_allclose(est.predict_proba(blobs[0][:5]), 1.0)
-    assert est.trust_score_ == 0.0 and est.trust_scores_ == {"agreement": 1.0, "modularity": 0.0}
+    assert est.trust_score_ == 0.0 and est.trust_scores_ == {"agreement": 1.0, "modularity": 0.0, "valleys": 0.0}
 
 
 @pytest.mark.parametrize("make, error, message", [

@@ -104,3 +104,43 @@ def test_trust_score_lies_in_zero_one_and_repeats_with_the_seed(blobs):
         assert 0.0 <= first["score"] <= 1.0
         assert first == trust.trust_scores(labels, m.u, m.graph, k, seed=4)
     assert trust.trust_scores(np.zeros_like(y), m.u, m.graph, 1, seed=0)["score"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def clumps():
+    """Three round clumps of 150, 300 and 450 points in 2-d, far apart, and their 10-nearest-neighbour graph."""
+    from sklearn.neighbors import kneighbors_graph
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [12.0, 0.0], [0.0, 12.0]])
+    y = np.repeat([0, 1, 2], [150, 300, 450])
+    u = centres[y] + rng.normal(size=(len(y), 2))
+    graph = kneighbors_graph(u, 10, mode="connectivity")
+    return y, u, (graph + graph.T).tocsr()
+
+
+def test_valley_share_is_one_for_separate_clumps_and_drops_by_the_share_merged_or_cut(clumps):
+    y, u, g = clumps
+    assert trust.valley_share(y, u, g, seed=0) == pytest.approx(1.0)
+    merged = np.where(y == 2, 1, y)  # two clumps, 750 of 900 points, as one cluster: a valley inside it
+    assert trust.valley_share(merged, u, g, seed=0) == pytest.approx(150 / 900)
+    cut = y.copy()
+    cut[(y == 2) & (u[:, 0] > 0)] = 3  # the largest clump cut through its middle: no valley between the halves
+    assert trust.valley_share(cut, u, g, seed=0) == pytest.approx(450 / 900)
+    assert trust.valley_share(np.zeros_like(y), u, g, seed=0) == 0.0  # one cluster is apart from nothing
+
+
+def test_valley_share_ignores_a_few_stray_points_in_a_cluster(clumps):
+    y, u, g = clumps
+    strays = y.copy()
+    strays[np.flatnonzero(y == 2)[:20]] = 0  # 20 points of the far clump labelled as the first: 10% of that cluster
+    assert trust.valley_share(strays, u, g, seed=0) == pytest.approx(1.0)
+
+
+def test_valley_share_samples_large_data_with_the_seed(clumps):
+    y, u, g = clumps
+    cut = y.copy()
+    cut[(y == 2) & (u[:, 0] > 0)] = 3
+    small = trust.valley_share(cut, u, g, seed=1, sample_size=300)
+    assert small == trust.valley_share(cut, u, g, seed=1, sample_size=300)
+    assert small == pytest.approx(450 / 900)
