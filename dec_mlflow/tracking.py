@@ -6,6 +6,7 @@ The estimator and training loops never import mlflow; the lifecycle stages wire 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -144,8 +146,18 @@ def _killed_on_interrupt() -> Iterator[None]:
     """
     try:
         yield
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+    except KeyboardInterrupt as stop:
+        run_id = mlflow.active_run().info.run_id
+        try:
+            mlflow.end_run("KILLED")
+        except MlflowException:
+            # The stop may have struck inside one of MLflow's own writes: the frames of its traceback still
+            # hold that write's SQLite connection, and with it the database's write lock (CI saw end_run wait
+            # out SQLite's 20 s busy timeout). Clearing their locals lets the collector close the connection;
+            # end_run has already taken the run off MLflow's stack, so the client ends it.
+            traceback.clear_frames(stop.__traceback__)
+            gc.collect()
+            MlflowClient().set_terminated(run_id, "KILLED")
         raise
 
 

@@ -447,3 +447,25 @@ def test_a_stop_signal_that_a_library_swallows_is_raised_again_at_the_next_train
     assert stopped.value.signum == signum and steps == [1]
     assert {s: signal.getsignal(s) for s in before} == before  # the handlers are given back
     raise_if_stopped()  # outside the block the stop is forgotten
+
+
+def test_a_stop_that_leaves_a_write_holding_the_database_lock_still_ends_the_run_killed(store):
+    # A stop signal can strike inside one of MLflow's own writes; the frames of its traceback then hold that
+    # write's connection, and with it SQLite's write lock, while the run is being ended KILLED (CI saw this).
+    import sqlite3
+
+    db = store["uri"].removeprefix("sqlite:///")
+    mlflow.set_experiment("locked-by-a-stopped-write")
+
+    def write_then_stop():
+        connection = sqlite3.connect(db, isolation_level=None)  # a local of the interrupted frame, as MLflow's is
+        connection.execute("BEGIN IMMEDIATE")  # the write lock, not yet released
+        raise Stopped(signal.SIGINT)
+
+    with pytest.raises(Stopped):
+        # the parent as stage_run opens it (it ends KILLED on an interrupt), the child as the pretrain stage's
+        with mlflow.start_run() as parent, tracking._killed_on_interrupt(), tracking.child_run("locked") as child:
+            write_then_stop()
+    client = MlflowClient()
+    assert client.get_run(child.info.run_id).info.status == "KILLED"
+    assert client.get_run(parent.info.run_id).info.status == "KILLED"
