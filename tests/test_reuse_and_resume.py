@@ -455,7 +455,9 @@ def test_a_stop_that_leaves_a_write_holding_the_database_lock_still_ends_the_run
     import sqlite3
 
     db = store["uri"].removeprefix("sqlite:///")
-    mlflow.set_experiment("locked-by-a-stopped-write")
+    # an experiment of its own, without set_experiment: that would also set MLFLOW_EXPERIMENT_ID for every later
+    # subprocess of the session, pointing the `mlflow run` tests of other stores at an experiment they lack
+    experiment_id = MlflowClient().create_experiment("locked-by-a-stopped-write")
 
     def write_then_stop():
         connection = sqlite3.connect(db, isolation_level=None)  # a local of the interrupted frame, as MLflow's is
@@ -464,7 +466,8 @@ def test_a_stop_that_leaves_a_write_holding_the_database_lock_still_ends_the_run
 
     with pytest.raises(Stopped):
         # the parent as stage_run opens it (it ends KILLED on an interrupt), the child as the pretrain stage's
-        with mlflow.start_run() as parent, tracking._killed_on_interrupt(), tracking.child_run("locked") as child:
+        with mlflow.start_run(experiment_id=experiment_id) as parent, tracking._killed_on_interrupt(), \
+                tracking.child_run("locked") as child:
             write_then_stop()
     client = MlflowClient()
     assert client.get_run(child.info.run_id).info.status == "KILLED"
