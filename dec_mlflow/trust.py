@@ -65,6 +65,19 @@ AGREEMENT_SAMPLE = 5_000
 MAP_SAMPLE = 10_000
 
 
+def cluster_links(labels: np.ndarray, graph: sp.spmatrix) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster ids 0..k-1 of ``labels`` (n,) and the link weight of ``graph`` (n x n) between clusters, (k, k) in float64.
+
+    UMAP's graph is float32: its sums are taken in float64, or they would round the chance term of :func:`modularity`.
+    """
+    ids = np.unique(np.asarray(labels), return_inverse=True)[1]
+    g = sp.coo_matrix(graph)
+    k = int(ids.max()) + 1
+    links = np.zeros((k, k))
+    np.add.at(links, (ids[g.row], ids[g.col]), g.data.astype(np.float64))
+    return ids, links
+
+
 def modularity(labels: np.ndarray, graph: sp.spmatrix) -> float:
     """Newman's modularity of ``labels`` on the weighted, symmetric neighbour ``graph`` (n x n, sparse).
 
@@ -74,19 +87,14 @@ def modularity(labels: np.ndarray, graph: sp.spmatrix) -> float:
     give them, and cutting a group lowers it by the links cut.
     """
     labels = np.asarray(labels)
-    g = sp.coo_matrix(graph)
-    if g.shape != (len(labels), len(labels)):
-        raise ValueError(f"graph must be n x n for n = {len(labels)} labels; got shape {g.shape}")
-    weights = g.data.astype(np.float64)  # UMAP's graph is float32: its sum would round the chance term
-    total = weights.sum()
+    if graph.shape != (len(labels), len(labels)):
+        raise ValueError(f"graph must be n x n for n = {len(labels)} labels; got shape {graph.shape}")
+    _, links = cluster_links(labels, graph)
+    total = links.sum()
     if total <= 0:
         return 0.0
-    _, ids = np.unique(labels, return_inverse=True)
-    k = ids.max() + 1
-    if k == 1:
+    if len(links) == 1:
         return 0.0  # every link inside, as chance would have it
-    links = np.zeros((k, k))
-    np.add.at(links, (ids[g.row], ids[g.col]), weights)
     links /= total
     ends = links.sum(1)
     return float(np.trace(links) - (ends ** 2).sum())
@@ -114,14 +122,10 @@ def valley_share(labels: np.ndarray, u: np.ndarray, graph: sp.spmatrix, *, seed:
     when :func:`dec_mlflow.initialisation.fisher_valley` between it and the cluster it shares the most
     links of ``graph`` with is below :data:`APART_DEPTH`. In [0, 1]: 1 when every cluster is both.
     """
-    labels = np.asarray(labels)
-    ids = np.unique(labels, return_inverse=True)[1]
-    k = int(ids.max()) + 1
+    ids, links = cluster_links(labels, graph)
+    k = len(links)
     if k < 2:
         return 0.0  # one cluster: nothing parted from anything
-    g = sp.coo_matrix(graph)
-    links = np.zeros((k, k))
-    np.add.at(links, (ids[g.row], ids[g.col]), g.data.astype(np.float64))
     np.fill_diagonal(links, -1.0)
     rows = np.arange(len(ids))
     if len(rows) > sample_size:
