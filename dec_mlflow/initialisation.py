@@ -64,6 +64,11 @@ K_RANGE = (2, 20)
 K_SAMPLE = 4000
 VALLEY_DEPTH = 0.2
 K_MIN_SPLIT = 20
+# Each cut is the deepest valley of this many two-component GMMs from different starts: the most likely
+# split of a cluster that holds three groups can run through one of them (a valley of 0.3-0.5, which ended
+# the cutting early on MNIST's imbalanced subsample and on digits), where another start parts one group
+# cleanly (BENCHMARKS "Choosing the number of clusters"; docs/trust.md).
+K_SPLIT_STARTS = 4
 K_STARTS = 5
 K_SILHOUETTE_SAMPLE = 3000
 # Mean squared distance of a point to its initial centroid in a rescaled pretrained embedding, where MNIST
@@ -307,21 +312,32 @@ def fisher_valley(first: np.ndarray, second: np.ndarray) -> float:
     return valley_depth(np.vstack([first, second]) @ (axis / norm))
 
 
-def split_in_two(points: np.ndarray, *, seed: int) -> tuple[float, np.ndarray]:
+def split_in_two(points: np.ndarray, *, seed: int, starts: int = 1) -> tuple[float, np.ndarray]:
     """A two-component full-covariance GMM's split of ``points`` (n, m) and the :func:`fisher_valley` between its halves.
 
+    The GMM is the more likely of two initialisations seeded by ``seed``. With ``starts > 1``, ``starts - 1``
+    more GMMs from other seeded initialisations are fitted, and of all their splits the one with the deepest
+    valley is kept, never shallower than the first's: a valley is evidence of two groups whichever start found
+    it, while the most likely two-component fit to a cluster of three groups may cut through one of them.
     Returns (depth, labels in {0, 1}); the depth is 1 when a half holds fewer than two points.
     """
-    labels = GaussianMixture(2, covariance_type="full", reg_covar=1e-4, n_init=2, random_state=seed).fit_predict(points)
-    if np.bincount(labels, minlength=2).min() < 2:
-        return 1.0, labels
-    return fisher_valley(points[labels == 0], points[labels == 1]), labels
+    best = None
+    for start in range(starts):
+        gmm = GaussianMixture(2, covariance_type="full", reg_covar=1e-4, n_init=2 if start == 0 else 1,
+                              random_state=seed if start == 0 else (seed * 1009 + start) % 2**32)
+        labels = gmm.fit_predict(points)
+        depth = 1.0
+        if np.bincount(labels, minlength=2).min() >= 2:
+            depth = fisher_valley(points[labels == 0], points[labels == 1])
+        if best is None or depth < best[0]:
+            best = (depth, labels)
+    return best
 
 
-def valley_splits(u: np.ndarray, k_max: int, *, seed: int, callback=None) -> dict[int, float]:
+def valley_splits(u: np.ndarray, k_max: int, *, seed: int, starts: int = K_SPLIT_STARTS, callback=None) -> dict[int, float]:
     """Split a seeded subsample of the map ``u`` (n_samples, m) top-down, the clearest split first, up to ``k_max`` clusters.
 
-    Every cluster's best cut is :func:`split_in_two`'s; at each step the cluster whose cut has the
+    Every cluster's best cut is :func:`split_in_two`'s over ``starts`` GMM starts; at each step the cluster whose cut has the
     shallowest valley is cut, unless a half would keep fewer than :data:`K_MIN_SPLIT` points (such a
     cluster stays whole). Returns {k: valley depth of the cut that made the k-th cluster} for k = 2, 3, ...
     up to ``k_max`` or until no cluster can be cut; depths lie in [0, 1].
@@ -334,7 +350,7 @@ def valley_splits(u: np.ndarray, k_max: int, *, seed: int, callback=None) -> dic
     def cut(members: np.ndarray):
         if members.shape[0] < 2 * K_MIN_SPLIT:
             return None
-        depth, labels = split_in_two(sample[members], seed=seed)
+        depth, labels = split_in_two(sample[members], seed=seed, starts=starts)
         if np.bincount(labels, minlength=2).min() < K_MIN_SPLIT:
             return None
         return depth, members[labels == 0], members[labels == 1]
@@ -354,7 +370,8 @@ def valley_splits(u: np.ndarray, k_max: int, *, seed: int, callback=None) -> dic
     return depths
 
 
-def choose_k(u: np.ndarray, k_min: int, k_max: int, *, seed: int, callback=None) -> tuple[int, dict[int, float]]:
+def choose_k(u: np.ndarray, k_min: int, k_max: int, *, seed: int, starts: int = K_SPLIT_STARTS,
+             callback=None) -> tuple[int, dict[int, float]]:
     """The number of clusters in the map ``u`` (n_samples, m): as many as top-down cuts along density valleys make.
 
     :func:`valley_splits` cuts the map's clusters in two, the clearest cut first; k is the number of clusters
@@ -375,7 +392,7 @@ def choose_k(u: np.ndarray, k_min: int, k_max: int, *, seed: int, callback=None)
     if not 2 <= k_min <= k_max:
         raise ValueError(f"n_clusters='auto' needs 2 <= k_min <= k_max <= n_samples - 1; got k_min={k_min}, "
                          f"k_max={k_max}, n_samples={n}")
-    depths = valley_splits(u, k_max, seed=seed, callback=callback)
+    depths = valley_splits(u, k_max, seed=seed, starts=starts, callback=callback)
     supported = 1
     while supported + 1 in depths and depths[supported + 1] < VALLEY_DEPTH:
         supported += 1

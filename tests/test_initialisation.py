@@ -6,7 +6,7 @@ from sklearn.datasets import make_blobs
 from sklearn.decomposition import PCA
 
 from dec_mlflow.initialisation import (
-    VALLEY_DEPTH, InputSpace, choose_k, cluster_map, k_candidates, valley_depth, initial_clustering, kmeans_init, manifold_init, prototypes,
+    K_SPLIT_STARTS, VALLEY_DEPTH, InputSpace, choose_k, cluster_map, k_candidates, split_in_two, valley_depth, initial_clustering, kmeans_init, manifold_init, prototypes,
 )
 from dec_mlflow.metrics import cluster_accuracy
 
@@ -227,6 +227,23 @@ def test_choose_k_cuts_touching_groups_only_where_the_valley_is_deep():
     assert choose_k(pair(6.0), 3, 6, seed=0)[0] == 3  # held within [k_min, k_max]
     one = rng.normal(0, 1, (1200, 2))
     assert choose_k(one, 2, 6, seed=0)[1] == choose_k(one, 2, 6, seed=0)[1]  # seeded
+
+
+def test_a_split_from_several_starts_keeps_the_deepest_valley_never_a_shallower_one():
+    # a far small group and two big groups that touch (a mixture of three groups found by a search over seeded
+    # draws): the more likely two-component fit cuts between the touching pair, across a shallow valley with the
+    # far group on one side; another start parts the far group across an empty gap
+    rng = np.random.default_rng(116)
+    sizes = rng.integers(50, 600, rng.integers(3, 5))  # three groups: 144, 326 and 532 points
+    centres = rng.uniform(-5, 5, (len(sizes), 3))
+    x = np.vstack([rng.normal(size=(m, 3)) * rng.uniform(0.4, 1.5, 3) + c for m, c in zip(sizes, centres)])
+    one, _ = split_in_two(x, seed=0)
+    deepest, labels = split_in_two(x, seed=0, starts=K_SPLIT_STARTS)
+    assert one > VALLEY_DEPTH and deepest < 0.1
+    assert sorted(np.bincount(labels)) == [sizes.min(), sizes.sum() - sizes.min()]  # the far group, whole
+    for draw in range(3):  # more starts never give up the first start's valley
+        y = make_blobs(600, n_features=3, centers=3, cluster_std=2.0, random_state=draw)[0]
+        assert split_in_two(y, seed=draw, starts=K_SPLIT_STARTS)[0] <= split_in_two(y, seed=draw)[0]
 
 
 def test_k_candidates_refuse_a_bad_range_before_fitting_and_score_each_k_by_its_silhouette(unequal_blobs):
