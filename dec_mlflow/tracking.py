@@ -417,16 +417,30 @@ class MlflowCallback(Callback):
     fractions and, when ``y_true`` is given, ``acc``, ``nmi`` and ``ari``. Under ``distill_rounds``
     > 1 the steps of each round's self-training continue after the previous round's last, so
     the curves run on instead of drawing every round over the first.
+
+    Every stage's wall time: ``stage_seconds_<stage>`` (``/`` as ``_``: ``stage_seconds_init_map``), summed
+    over its rounds and logged each time the stage ends; a stage holds the time of the stages inside it
+    (``init`` that of ``init_map``), and a stage that restarts counts from its last attempt's begin.
     """
 
     def __init__(self, n_clusters: int | str, y_true: np.ndarray | None = None):
         self.n_clusters = n_clusters
         self.y_true = y_true
         self._offset, self._last = 0, -1  # the first round starts at step 0
+        self._began: dict[str, float] = {}  # stage -> time.perf_counter() at its latest begin
+        self._seconds: dict[str, float] = {}  # stage -> seconds of its finished runs
 
     def on_stage_begin(self, stage, total):
+        self._began[stage] = time.perf_counter()
         if stage == "self_train":
             self._offset = self._last + 1
+
+    def on_stage_end(self, stage):
+        began = self._began.pop(stage, None)
+        if began is None:
+            return
+        self._seconds[stage] = self._seconds.get(stage, 0.0) + time.perf_counter() - began
+        mlflow.log_metric(f"stage_seconds_{stage.replace('/', '_')}", round(self._seconds[stage], 3))
 
     def on_step(self, stage, step, metrics):
         if not stage.startswith("pretrain"):

@@ -152,7 +152,7 @@ def test_pretrain_stage_returns_its_run_and_a_loadable_autoencoder(store):
         lifecycle.pretrain(store["data"], n_clusters=3)
 
 
-def test_self_training_curves_of_later_rounds_continue_the_steps(store):
+def test_self_training_curves_of_later_rounds_continue_the_steps_and_each_stage_logs_its_wall_time(store):
     # two rounds of distillation then self-training: the second round's kl_loss steps follow the first's
     small = {**SMALL, "init": "manifold", "distill_rounds": 2}
     with mlflow.start_run(experiment_id=mlflow.create_experiment("rounds")) as run:
@@ -161,3 +161,9 @@ def test_self_training_curves_of_later_rounds_continue_the_steps(store):
     steps = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "kl_loss")]
     assert len(est.round_labels_) == 2 and len(steps) >= 2
     assert steps == sorted(steps) and len(set(steps)) == len(steps), steps
+    seconds = {k[len("stage_seconds_"):]: v for k, v in MlflowClient().get_run(run.info.run_id).data.metrics.items()
+               if k.startswith("stage_seconds_")}
+    assert {"init", "init_map", "distill", "self_train", "trust"} <= set(seconds) and min(seconds.values()) >= 0
+    assert seconds["trust"] > 0 and seconds["self_train"] > 0
+    distill = MlflowClient().get_metric_history(run.info.run_id, "stage_seconds_distill")
+    assert len(distill) == 2 and distill[1].value >= distill[0].value  # the second round adds to the first
