@@ -113,8 +113,11 @@ def summary(rows: list[dict], key: str = "score") -> dict:
             "merge_margin_best": float(v[good].max() - v[merged].max()) if merged else float("nan")}
 
 
-def report() -> None:
+def report(note: str = "") -> None:
     rows = latest_rows(RESULTS, ("dataset", "tag"))
+    # A pool whose rows were read back from an earlier BENCHMARKS.md (``recorded``: rounded, no cluster-size
+    # entropy) keeps that page's summary line and balanced-split note as they were computed from the full rows.
+    recorded = lambda mine, key: mine[0].get(key) if all(r.get("recorded") for r in mine) else None  # noqa: E731
     names = [d for d in ORDER if any(r["dataset"] == d for r in rows)]
     lines = ["| data | runs | Spearman with ACC | pairs ranked right (ACC differs by >= 0.02) | good - bad median "
              "| true k - best merged run (worst seed / best seed) | without valleys (agreement x modularity): Spearman, pairs "
@@ -122,6 +125,9 @@ def report() -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for d in names:
         mine = [r for r in rows if r["dataset"] == d]
+        if recorded(mine, "recorded_summary"):
+            lines.append(recorded(mine, "recorded_summary"))
+            continue
         s, old = summary(mine), summary(mine, "size_entropy")
         before = summary([dict(r, before=r["agreement"] * max(r["modularity"], 0.0)) for r in mine], "before")
         merge = "-" if np.isnan(s["merge_margin"]) else f"{s['merge_margin']:+.3f} / {s['merge_margin_best']:+.3f}"
@@ -132,7 +138,9 @@ def report() -> None:
     for d in names:  # the true k with its unequal groups against the most balanced wrong run
         mine = [r for r in rows if r["dataset"] == d]
         wrong = [r for r in mine if r["tag"] not in GOOD and r["acc"] < max(r["acc"] for r in mine) - 0.02]
-        if d in ("mnist_imbalanced", "blobs3", "blobs5", "blobs8") and wrong:
+        if recorded(mine, "recorded_balanced"):
+            balanced.append(recorded(mine, "recorded_balanced"))
+        elif d in ("mnist_imbalanced", "blobs3", "blobs5", "blobs8") and wrong and not recorded(mine, "recorded"):
             w = max(wrong, key=lambda r: r["size_entropy"])
             good = [r for r in mine if r["tag"] in GOOD]
             balanced.append(f"{d}: the most balanced wrong run ({w['tag']}, size entropy {w['size_entropy']:.3f} against "
@@ -154,6 +162,7 @@ def report() -> None:
         "computed as `fit` computes it (docs/trust.md). *Bad* runs are the others at least 0.02 of ACC below the best "
         "good run; the merge column is the lowest (and highest) good run's score minus the highest score of a run "
         "with fewer clusters than groups: positive when every merged run ranks below.\n\n"
+        + (note + "\n\n" if note else "")
         + "\n".join(lines) + "\n\n" + "\n".join(f"- {b}" for b in balanced) + "\n\n![trust score against ACC](bench/figures/trust_vs_acc.png)\n\n"
         "<details><summary>Every run</summary>\n\n" + "\n".join(runs) + "\n\n</details>\n\n"
         f"Machine: {'; '.join(machines)}."
@@ -177,7 +186,9 @@ def figure(rows: list[dict], names: list[str]) -> None:
         for r in mine:
             kind = "good" if r["tag"] in GOOD else ("merged" if r["k"] < r["true_k"] else ("split" if r["k"] > r["true_k"] else "start"))
             ax.scatter(r["acc"], r["score"], c=kinds[kind][0], s=18)
-        ax.set_title(f"{d} (Spearman {summary(mine)['spearman']:+.2f})", fontsize=9)
+        kept = mine[0].get("recorded_summary") if all(r.get("recorded") for r in mine) else None
+        rho = kept.strip("|").split("|")[2].strip() if kept else f"{summary(mine)['spearman']:+.2f}"  # as the table says
+        ax.set_title(f"{d} (Spearman {rho})", fontsize=9)
         ax.set_xlabel("ACC", fontsize=8)
         ax.set_ylabel("trust_score", fontsize=8)
     for ax in axes.ravel()[len(names):]:
@@ -194,10 +205,11 @@ def main() -> None:
     parser.add_argument("command", choices=("build", "score", "report"))
     parser.add_argument("--datasets", nargs="+", default=["blobs3", "blobs5", "blobs8", "wine", "breast_cancer", "digits", "mnist6"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--note", default="", help="report: a paragraph printed above the table (rows read back, load)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.command == "report":
-        return report()
+        return report(args.note)
     for name in args.datasets:
         (build if args.command == "build" else score)(name)
 
