@@ -84,9 +84,9 @@ def run_one(name: str, seed: int) -> dict:
             "map_seconds": t1 - t0, "choose_seconds": t2 - t1, "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M")}
 
 
-def one_start(r: dict) -> str:
-    k = r.get("chosen_k_one_start")
-    return "-" if k is None else f"{k}" + ("" if k == r["true_k"] else " (miss)")
+def k_cell(k: int | None, true_k: int) -> str:
+    """A chosen k as the tables show it: marked when it misses, '-' when the row does not have it."""
+    return "-" if k is None else f"{k}" + ("" if k == true_k else " (miss)")
 
 
 def report(note: str = "") -> None:
@@ -98,16 +98,15 @@ def report(note: str = "") -> None:
              "|---|---|---|---|---|---|---|---|---|---|"]
     depth = lambda r, k: f"{r['scores'][str(k)]:.2f}" if str(k) in r["scores"] else "-"
     for r in rows:
-        mark = "" if r["chosen_k"] == r["true_k"] else " (miss)"
-        lines.append(f"| {r['dataset']} | {r['n']:,} | {r['true_k']} | {r['seed']} | {r['chosen_k']}{mark} | "
+        lines.append(f"| {r['dataset']} | {r['n']:,} | {r['true_k']} | {r['seed']} | {k_cell(r['chosen_k'], r['true_k'])} | "
                      f"{depth(r, r['true_k'])} / {depth(r, r['true_k'] + 1)} | {r['init_acc']:.3f} | "
-                     f"{r['map_seconds']:.0f} | {r['choose_seconds']:.1f} | {one_start(r)} |")
+                     f"{r['map_seconds']:.0f} | {r['choose_seconds']:.1f} | {k_cell(r.get('chosen_k_one_start'), r['true_k'])} |")
     hits = sum(r["chosen_k"] == r["true_k"] for r in rows)
     hits_one = sum(r.get("chosen_k_one_start") == r["true_k"] for r in rows)
     off = sum(abs(r["chosen_k"] - r["true_k"]) for r in rows)
     off_one = sum(abs(r["chosen_k_one_start"] - r["true_k"]) for r in rows if "chosen_k_one_start" in r)
-    held_lines = [f"| {r['dataset']} | {r['n']:,} | {r['true_k']} | {r['seed']} | {r['chosen_k']}"
-                  + ("" if r["chosen_k"] == r["true_k"] else " (miss)") + f" | {one_start(r)} |" for r in held]
+    held_lines = [f"| {r['dataset']} | {r['n']:,} | {r['true_k']} | {r['seed']} | {k_cell(r['chosen_k'], r['true_k'])} "
+                  f"| {k_cell(r.get('chosen_k_one_start'), r['true_k'])} |" for r in held]
     body = (
         "`cluster -P n_clusters=auto` (and `DEC(n_clusters='auto')`): one UMAP map of 10 components of the default "
         "recipe's input space; a 4,000-point subsample of it is cut in two, cluster by cluster and the clearest cut "

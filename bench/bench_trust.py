@@ -113,11 +113,14 @@ def summary(rows: list[dict], key: str = "score") -> dict:
             "merge_margin_best": float(v[good].max() - v[merged].max()) if merged else float("nan")}
 
 
+def read_back(mine: list[dict]) -> dict:
+    """What an earlier BENCHMARKS.md said of a pool whose rows were all read back from it (``recorded``: rounded,
+    no cluster-size entropy): its summary line and balanced-split note, as computed then from the full rows; else {}."""
+    return mine[0] if all(r.get("recorded") for r in mine) else {}
+
+
 def report(note: str = "") -> None:
     rows = latest_rows(RESULTS, ("dataset", "tag"))
-    # A pool whose rows were read back from an earlier BENCHMARKS.md (``recorded``: rounded, no cluster-size
-    # entropy) keeps that page's summary line and balanced-split note as they were computed from the full rows.
-    recorded = lambda mine, key: mine[0].get(key) if all(r.get("recorded") for r in mine) else None  # noqa: E731
     names = [d for d in ORDER if any(r["dataset"] == d for r in rows)]
     lines = ["| data | runs | Spearman with ACC | pairs ranked right (ACC differs by >= 0.02) | good - bad median "
              "| true k - best merged run (worst seed / best seed) | without valleys (agreement x modularity): Spearman, pairs "
@@ -125,8 +128,8 @@ def report(note: str = "") -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for d in names:
         mine = [r for r in rows if r["dataset"] == d]
-        if recorded(mine, "recorded_summary"):
-            lines.append(recorded(mine, "recorded_summary"))
+        if read_back(mine).get("recorded_summary"):
+            lines.append(read_back(mine)["recorded_summary"])
             continue
         s, old = summary(mine), summary(mine, "size_entropy")
         before = summary([dict(r, before=r["agreement"] * max(r["modularity"], 0.0)) for r in mine], "before")
@@ -138,9 +141,9 @@ def report(note: str = "") -> None:
     for d in names:  # the true k with its unequal groups against the most balanced wrong run
         mine = [r for r in rows if r["dataset"] == d]
         wrong = [r for r in mine if r["tag"] not in GOOD and r["acc"] < max(r["acc"] for r in mine) - 0.02]
-        if recorded(mine, "recorded_balanced"):
-            balanced.append(recorded(mine, "recorded_balanced"))
-        elif d in ("mnist_imbalanced", "blobs3", "blobs5", "blobs8") and wrong and not recorded(mine, "recorded"):
+        if read_back(mine):
+            balanced += [read_back(mine)["recorded_balanced"]] if "recorded_balanced" in read_back(mine) else []
+        elif d in ("mnist_imbalanced", "blobs3", "blobs5", "blobs8") and wrong:
             w = max(wrong, key=lambda r: r["size_entropy"])
             good = [r for r in mine if r["tag"] in GOOD]
             balanced.append(f"{d}: the most balanced wrong run ({w['tag']}, size entropy {w['size_entropy']:.3f} against "
@@ -186,7 +189,7 @@ def figure(rows: list[dict], names: list[str]) -> None:
         for r in mine:
             kind = "good" if r["tag"] in GOOD else ("merged" if r["k"] < r["true_k"] else ("split" if r["k"] > r["true_k"] else "start"))
             ax.scatter(r["acc"], r["score"], c=kinds[kind][0], s=18)
-        kept = mine[0].get("recorded_summary") if all(r.get("recorded") for r in mine) else None
+        kept = read_back(mine).get("recorded_summary")
         rho = kept.strip("|").split("|")[2].strip() if kept else f"{summary(mine)['spearman']:+.2f}"  # as the table says
         ax.set_title(f"{d} (Spearman {rho})", fontsize=9)
         ax.set_xlabel("ACC", fontsize=8)
