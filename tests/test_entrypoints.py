@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Small network and short schedules so each run takes seconds; the same values are given to every
 # call so the pretraining identity matches and the second call can reuse the first call's run.
 SMALL = {
-    "n_clusters": 3, "hidden_dims": "16,8,3", "pretrain_epochs": 10, "pretrain_lr": 0.1,
+    "n_clusters": 3, "hidden_dims": "16,8,3", "pretrain_epochs": 10, "pretrain_lr": 0.3,
     "pretrain_batch_size": 64, "batch_size": 64, "update_interval": 10, "n_init": 3, "precision": "fp32",
 }
 
@@ -79,7 +79,7 @@ def test_cluster_logs_params_metrics_artifacts_and_registers(store, first_cluste
     assert 0.0 <= m["trust_score"] <= 1.0
     assert m["trust_score"] == pytest.approx(m["trust_agreement"] * m["trust_modularity"] * m["trust_valleys"])
     assert m["trust_agreement"] > 0.95 and m["trust_modularity"] > 0.5 and m["trust_valleys"] == 1.0
-    assert run.data.params["init_resolved"] == "manifold" and run.data.params["pretrain_lr_resolved"] == "0.1"
+    assert run.data.params["init_resolved"] == "manifold" and run.data.params["pretrain_lr_resolved"] == "0.3"
     assert run.data.params["distill_epochs"] == "auto" and run.data.params["distill_epochs_resolved"] == "25"
     assert run.data.params["distill_lr"] == "auto" and run.data.params["distill_lr_resolved"] == "0.01"  # pretrained
     assert run.data.params["distill_rounds"] == "auto" and run.data.params["distill_rounds_resolved"] == "1"
