@@ -89,8 +89,8 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         pretrain_lr=1.0, pretrain_momentum=0.9, pretrain_lr_schedule="constant", dropout=0.2, precision="auto",
         augment="auto", image_shape="auto", n_pretrain_init=1, pretrain_selection="reconstruction", init="manifold",
         distill_epochs=DISTILL_EPOCHS, distill_lr="auto", distill_rounds=DISTILL_ROUNDS, n_init=20, alpha=1.0,
-        batch_size=256, lr=0.01, momentum=0.9, update_interval="auto", tol=0.001, max_iter=20000, variant="dec",
-        gamma=0.1, random_state=0, device="auto",
+        batch_size=256, lr=0.01, momentum=0.9, update_interval="auto", tol=0.001, min_iter="auto", max_iter=20000,
+        variant="dec", gamma=0.1, random_state=0, device="auto",
     ):  # the defaults of dec_mlflow.params.PARAMS (a test keeps them equal)
         self.n_clusters, self.k_min, self.k_max, self.hidden_dims = n_clusters, k_min, k_max, hidden_dims
         self.scaling, self.pretrain_mode, self.pretrain_epochs = scaling, pretrain_mode, pretrain_epochs
@@ -100,7 +100,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.n_pretrain_init, self.pretrain_selection, self.init = n_pretrain_init, pretrain_selection, init
         self.distill_epochs, self.distill_lr, self.distill_rounds = distill_epochs, distill_lr, distill_rounds
         self.n_init, self.alpha, self.batch_size, self.lr, self.momentum = n_init, alpha, batch_size, lr, momentum
-        self.update_interval, self.tol, self.max_iter = update_interval, tol, max_iter
+        self.update_interval, self.tol, self.min_iter, self.max_iter = update_interval, tol, min_iter, max_iter
         self.variant, self.gamma, self.random_state, self.device = variant, gamma, random_state, device
 
     # ------------------------------------------------------------------ validation

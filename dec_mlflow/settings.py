@@ -34,6 +34,11 @@ DISTILL_LR_EPOCHS = 0.2  # ... and where distill_epochs sets the length: a short
 # ... and from a pretrained one at most, which 0.1 pushes past its soft targets on small data (docs/recipe.md)
 PRETRAINED_DISTILL_LR = 0.01
 DISTILL_SMOOTHING = 0.1
+# 'auto' min_iter where distillation runs by epochs: self-training runs this many target updates before the tol
+# rule may stop it. On full MNIST the paper's tol (0.1 %) stopped it after two updates (280 steps): a distilled
+# encoder's labels barely move, while its accuracy was still rising on every seed (BENCHMARKS "Self-training
+# length on MNIST"); five updates take most of that rise at a third of the cost of ten
+MIN_SELF_TRAIN_UPDATES = 5
 
 
 def _cpu_has_bf16() -> bool:
@@ -70,7 +75,7 @@ def resolve(p: Mapping, X, *, pretraining: bool = False) -> dict:
     """What the 'auto' settings of the parameters ``p`` resolve to on raw ``X`` (n_samples, n_features).
 
     Returns a dict with 'scaling', 'pretrain_epochs' (of ``fit``, or with ``pretraining`` of
-    ``pretrain``, which always pretrains), 'update_interval', 'precision', 'device' ('cpu', 'cuda' or
+    ``pretrain``, which always pretrains), 'update_interval', 'min_iter', 'precision', 'device' ('cpu', 'cuda' or
     'cuda:N'), 'image_shape' (a tuple or None) and 'augment'; the pretraining rate actually used is
     known only after pretraining.
     """
@@ -84,6 +89,9 @@ def resolve(p: Mapping, X, *, pretraining: bool = False) -> dict:
     interval = p["update_interval"]
     if interval == "auto":
         interval = min(UPDATE_INTERVAL, max(1, n // min(p["batch_size"], n)))
+    min_iter = p["min_iter"]
+    if min_iter == "auto":
+        min_iter = min(p["max_iter"], MIN_SELF_TRAIN_UPDATES * interval) if distills_by_epochs(p, n) else 0
     scaling = auto_scaling(X) if p["scaling"] == "auto" else p["scaling"]
     if p["image_shape"] == "auto":
         image_shape = infer_image_shape(X)
@@ -93,7 +101,7 @@ def resolve(p: Mapping, X, *, pretraining: bool = False) -> dict:
     if augment == "auto":  # images on one scale (shifting a per-feature scaled image would mix pixels' scales)
         augment = "distill" if image_shape is not None and distills(p) and scaling != "standard" else False
     on = device(p["device"])
-    return {"scaling": scaling, "pretrain_epochs": int(epochs), "update_interval": int(interval),
+    return {"scaling": scaling, "pretrain_epochs": int(epochs), "update_interval": int(interval), "min_iter": int(min_iter),
             "precision": precision(p["precision"], on), "device": str(on), "image_shape": image_shape,
             "augment": augment}
 
@@ -119,6 +127,16 @@ def augmentation(resolved: dict, augment, scale: np.ndarray, on: torch.device, s
     return functools.partial(random_shift_rotate, image_shape=shape, generator=generator)
 
 
+def distill_steps_by_epochs(p: Mapping, n_samples: int) -> int:
+    """The SGD steps of ``distill_epochs`` epochs over ``n_samples`` rows (distillation runs at least :data:`DISTILL_MIN_ITER`)."""
+    return p["distill_epochs"] * max(1, n_samples // min(p["batch_size"], n_samples))
+
+
+def distills_by_epochs(p: Mapping, n_samples: int) -> bool:
+    """Whether fit distils and ``distill_epochs`` sets the length (data large enough to pass the minimum)."""
+    return distills(p) and distill_steps_by_epochs(p, n_samples) > DISTILL_MIN_ITER
+
+
 def distill_lr(p: Mapping, trained: bool, by_epochs: bool = False) -> float:
     """``distill_lr``, its 'auto' resolved for an encoder that is pretrained (``trained``) or not, and for a
     distillation whose length ``distill_epochs`` sets (``by_epochs``) rather than :data:`DISTILL_MIN_ITER`.
@@ -142,11 +160,12 @@ def training_options(p: Mapping, resolved: dict, *, n_samples: int, trained: boo
     does without it when ``augment`` resolved to 'distill'.
     """
     train = dict(alpha=p["alpha"], batch_size=p["batch_size"], lr=p["lr"], momentum=p["momentum"], callback=callback)
-    by_epochs = p["distill_epochs"] * max(1, n_samples // min(p["batch_size"], n_samples))
+    by_epochs = distill_steps_by_epochs(p, n_samples)
     distill_options = dict(n_iter=max(DISTILL_MIN_ITER, by_epochs), transform=transform, one_cycle=not trained,
                            smoothing=0.0 if trained else DISTILL_SMOOTHING,
                            **{**train, "lr": distill_lr(p, trained, by_epochs > DISTILL_MIN_ITER)})
-    self_train_options = dict(update_interval=resolved["update_interval"], tol=p["tol"], max_iter=p["max_iter"],
+    self_train_options = dict(update_interval=resolved["update_interval"], tol=p["tol"], min_iter=resolved["min_iter"],
+                              max_iter=p["max_iter"],
                               train_encoder=p["variant"] != "frozen", decoder=decoder, gamma=p["gamma"],
                               transform=None if resolved["augment"] == "distill" else transform, **train)
     return distill_options, self_train_options

@@ -367,6 +367,7 @@ def self_train(
     tol: float,
     max_iter: int,
     callback: Callback,
+    min_iter: int = 0,
     train_encoder: bool = True,
     decoder: nn.Module | None = None,
     gamma: float = 0.1,
@@ -376,7 +377,8 @@ def self_train(
 
     Every ``update_interval`` iterations the target P is recomputed from Q over the WHOLE data set
     (the cluster frequencies f_j in eq. 3 are data-set totals); training stops when fewer than a
-    fraction ``tol`` of hard labels changed since the previous update, or after ``max_iter``.
+    fraction ``tol`` of hard labels changed since the previous update, once at least ``min_iter`` iterations
+    have run (0: the paper's rule), or after ``max_iter``.
     ``encoder``, ``centroids`` (and ``decoder``) are updated in place. Under torchrun each rank
     computes Q on its block of rows, f_j, the KL and the count of changed labels are summed over
     ranks and P is gathered, so every rank has the P and stops at the iteration one process would.
@@ -434,7 +436,7 @@ def self_train(
             callback.on_update(it, labels, metrics)
             callback.on_state(it, encoder, centroids)
             callback.on_step("self_train", it, metrics)
-            if it > 0 and delta < tol or it >= max_iter:
+            if it > 0 and it >= min_iter and delta < tol or it >= max_iter:
                 break
             if z_fixed is None:
                 encoder.train()
@@ -456,7 +458,8 @@ def self_train(
         it += 1
     callback.on_stage_end("self_train")
     encoder.eval()
-    return SelfTrainResult(labels=labels, n_iter=it, converged=it > 0 and delta < tol, delta_label=delta, kl_loss=kl,
+    converged = it > 0 and it >= min_iter and delta < tol
+    return SelfTrainResult(labels=labels, n_iter=it, converged=converged, delta_label=delta, kl_loss=kl,
                            q=distributed.all_gather_rows(q_rows), p=p_all)
 
 

@@ -93,7 +93,7 @@ def test_the_stages_called_one_after_another_give_the_labels_of_fit(recipe):
 ])
 def test_distillation_length_and_peak_rate_follow_the_data_size(n_samples, trained, distill_lr, expected):
     p = {**params.DEFAULTS, "distill_lr": distill_lr}
-    resolved = {"update_interval": 140, "augment": False}
+    resolved = {"update_interval": 140, "min_iter": 0, "augment": False}
     distill_options, _ = settings.training_options(p, resolved, n_samples=n_samples, trained=trained, transform=None,
                                                    decoder=None, callback=Callback())
     assert (distill_options["n_iter"], distill_options["lr"]) == expected
@@ -184,6 +184,8 @@ def test_sklearn_clone_and_params_round_trip():
         ({"pretrain_mode": "greedy"}, "pretrain_mode must be one of end_to_end, layerwise; got 'greedy'"),
         ({"hidden_dims": (10, 0)}, r"hidden_dims must be a non-empty sequence of positive integers; got \(10, 0\)"),
         ({"update_interval": 0}, "update_interval must be an integer >= 1 or 'auto'; got 0"),
+        ({"min_iter": -1}, "min_iter must be an integer >= 0 or 'auto'; got -1"),
+        ({"min_iter": 500, "max_iter": 400}, "min_iter must be <= max_iter; got min_iter=500, max_iter=400"),
         ({"pretrain_epochs": 0, "init": "kmeans"}, "pretrain_epochs=0 \\(no pretraining\\) needs init='manifold'"),
         ({"pretrain_epochs": "many"}, "pretrain_epochs must be an integer >= 0 or 'auto'; got 'many'"),
         ({"init": "spectral"}, "init must be one of manifold, kmeans; got 'spectral'"),
@@ -373,3 +375,13 @@ def test_auto_n_clusters_needs_k_max_below_the_samples_before_any_work():
 
 def test_a_number_of_clusters_is_kept_as_given_and_has_no_scores(fitted):
     assert fitted.n_clusters_ == fitted.n_clusters and fitted.k_scores_ == {}
+
+
+def test_min_iter_auto_lengthens_self_training_only_where_distillation_runs_by_epochs():
+    large = np.random.default_rng(0).normal(size=(21_000, 4)).astype(np.float32)
+    resolved = DEC().resolve(large)
+    assert resolved["update_interval"] == 82 and resolved["min_iter"] == 410  # 25 epochs of 82 steps pass 2,000
+    assert DEC().resolve(large[:5000])["min_iter"] == 0  # distillation runs its 2,000-step minimum: the paper's rule
+    assert DEC(init="kmeans", pretrain_epochs=5).resolve(large)["min_iter"] == 0  # nothing distilled
+    assert DEC(max_iter=300).resolve(large)["min_iter"] == 300  # never past max_iter
+    assert DEC(min_iter=7).resolve(large[:5000])["min_iter"] == 7

@@ -120,3 +120,32 @@ def test_without_posteriors_there_is_one_round_of_self_training_alone():
         distill_options={}, self_train_options=dict(update_interval=10, tol=0.001, max_iter=50, **options),
         fresh_student=lambda round_: pytest.fail("no fresh student without distillation"))
     assert len(rounds.round_labels) == 1 and rounds.result.labels.shape == (200,)
+
+
+def test_self_training_runs_min_iter_before_the_tol_rule_may_stop_it():
+    """Well-separated groups: the labels never change, so the paper's rule stops at the second update; with
+    min_iter the run goes on to the first update at or after min_iter, and says it converged there."""
+    x = _two_groups()
+
+    def run(min_iter):
+        torch.manual_seed(0)
+        updates = []
+
+        class Updates(Callback):
+            def on_update(self, step, labels, metrics):
+                updates.append((step, metrics["delta_label"]))
+
+        encoder = nn.Sequential(nn.Linear(4, 2))  # z = (sum of the features / 2, 0): the groups at -4 and +4
+        with torch.no_grad():
+            encoder[0].weight.copy_(torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]))
+            encoder[0].bias.zero_()
+        result = self_train(encoder, nn.Parameter(torch.tensor([[-4.0, 0.0], [4.0, 0.0]])), x,
+                            alpha=1.0, batch_size=50, lr=0.01, momentum=0.9, update_interval=5, tol=0.001,
+                            min_iter=min_iter, max_iter=200, callback=Updates())
+        return result, updates
+
+    paper, paper_updates = run(0)
+    assert paper.n_iter == 5 and paper.converged and [s for s, _ in paper_updates] == [0, 5]
+    longer, updates = run(23)
+    assert longer.n_iter == 25 and longer.converged  # 23 is not an update step: the first update after it
+    assert [s for s, _ in updates] == [0, 5, 10, 15, 20, 25] and all(d == 0.0 for _, d in updates[1:])
