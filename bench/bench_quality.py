@@ -16,6 +16,10 @@ BENCHMARKS.md. Recipes:
 
 minutes: wall time of the fit (for paper: plus the recorded pretraining), one fit at a time unless the
 report's note says otherwise.
+
+`read-back --commit REF` turns the table "Every run" of BENCHMARKS.md as it stands into rows of
+bench/out/quality.jsonl marked ``recorded`` (their machine: "recorded at REF"), for a checkout whose results file
+is gone: a later `run` of some rows replaces those, and `report` keeps the others.
 """
 
 from __future__ import annotations
@@ -205,6 +209,27 @@ def cmd_report(args) -> None:
     write_section("Clustering quality across data kinds", body)
 
 
+def cmd_read_back(args) -> None:
+    """Rows of the page's table "Every run" (not its mean lines) as results, marked recorded at ``args.commit``."""
+    from _report import BENCHMARKS
+
+    section = BENCHMARKS.read_text().split("## Clustering quality across data kinds", 1)[1].split("\n## ", 1)[0]
+    table = section.split("### Every run", 1)[1]
+    rows = []
+    for line in table.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if len(cells) != 8 or not cells[2].isdigit():
+            continue  # the header, its rule and the mean lines
+        dataset, recipe, seed, init, acc, nmi, _, minutes = cells
+        rows.append({"dataset": dataset, "recipe": recipe, "seed": int(seed), "init_acc": None if init == "-" else float(init),
+                     "acc": float(acc), "nmi": float(nmi), "minutes": float(minutes),
+                     "machine": f"recorded at {args.commit}", "recorded": args.commit})
+    OUT.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"{len(rows)} rows read back from {BENCHMARKS.name} into {RESULTS}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -214,8 +239,10 @@ def main() -> None:
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     rep = sub.add_parser("report")
     rep.add_argument("--note", default="", help="a paragraph printed above the table (load on the machine, missing runs)")
+    back = sub.add_parser("read-back")
+    back.add_argument("--commit", required=True, help="the commit whose BENCHMARKS.md holds the table read back")
     args = ap.parse_args()
-    {"run": cmd_run, "report": cmd_report}[args.command](args)
+    {"run": cmd_run, "report": cmd_report, "read-back": cmd_read_back}[args.command](args)
 
 
 if __name__ == "__main__":
