@@ -37,7 +37,8 @@ DISTILL_SMOOTHING = 0.1
 # 'auto' min_iter where distillation runs by epochs: self-training runs this many target updates before the tol
 # rule may stop it. On full MNIST the paper's tol (0.1 %) stopped it after two updates (280 steps): a distilled
 # encoder's labels barely move, while its accuracy was still rising on every seed (BENCHMARKS "Self-training
-# length on MNIST"); five updates take most of that rise at a third of the cost of ten
+# length on MNIST"). Five updates take two thirds of the rise that ten give (+0.0003 of +0.0005 mean ACC over
+# seeds 0-2) for 8 s more instead of 22 s on a 2-core machine
 MIN_SELF_TRAIN_UPDATES = 5
 
 
