@@ -436,7 +436,8 @@ def self_train(
             callback.on_update(it, labels, metrics)
             callback.on_state(it, encoder, centroids)
             callback.on_step("self_train", it, metrics)
-            if it > 0 and it >= min_iter and delta < tol or it >= max_iter:
+            converged = it > 0 and it >= min_iter and delta < tol
+            if converged or it >= max_iter:
                 break
             if z_fixed is None:
                 encoder.train()
@@ -458,7 +459,6 @@ def self_train(
         it += 1
     callback.on_stage_end("self_train")
     encoder.eval()
-    converged = it > 0 and it >= min_iter and delta < tol
     return SelfTrainResult(labels=labels, n_iter=it, converged=converged, delta_label=delta, kl_loss=kl,
                            q=distributed.all_gather_rows(q_rows), p=p_all)
 
