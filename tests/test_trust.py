@@ -6,7 +6,7 @@ import scipy.sparse as sp
 from sklearn.datasets import make_blobs
 
 from dec_mlflow import trust
-from dec_mlflow.initialisation import input_map
+from dec_mlflow.initialisation import VALLEY_DEPTH, input_map, split_in_two
 from dec_mlflow.metrics import cluster_accuracy
 from dec_mlflow.scaling import fit_scaling
 
@@ -135,6 +135,24 @@ def test_valley_share_ignores_a_few_stray_points_in_a_cluster(clumps):
     strays = y.copy()
     strays[np.flatnonzero(y == 2)[:20]] = 0  # 20 points of the far clump labelled as the first: 10% of that cluster
     assert trust.valley_share(strays, u, g, seed=0) == pytest.approx(1.0)
+
+
+def test_valley_share_looks_past_strays_to_a_merged_pair():
+    """A cluster of two clumps 7 apart and 12 strays across a gap: its likeliest split parts off the strays,
+    which are set aside, and the split of the rest finds the pair's valley."""
+    from sklearn.neighbors import kneighbors_graph
+
+    rng = np.random.default_rng(0)
+    merged = np.vstack([rng.normal(size=(300, 2)), rng.normal(size=(300, 2)) + [7.0, 0.0],
+                        rng.normal(scale=0.3, size=(12, 2)) + [3.5, 60.0]])
+    u = np.vstack([merged, rng.normal(size=(300, 2)) + [40.0, 60.0]])
+    labels = np.repeat([0, 1], [len(merged), 300])
+    graph = kneighbors_graph(u, 10, mode="connectivity")
+    depth, halves = split_in_two(merged, seed=0)
+    assert sorted(np.bincount(halves)) == [12, 600] and depth < VALLEY_DEPTH  # the first split: the strays
+    assert trust.two_clumps(merged, seed=0)
+    assert not trust.two_clumps(merged[:300], seed=0)  # one round clump
+    assert trust.valley_share(labels, u, (graph + graph.T).tocsr(), seed=0) == pytest.approx(300 / 912)
 
 
 def test_valley_share_samples_large_data_with_the_seed(clumps):
