@@ -37,7 +37,7 @@ from dec_mlflow.callbacks import Callback, CallbackList, ProgressBar
 from dec_mlflow.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from dec_mlflow.data import Dataset, load_dataset
 from dec_mlflow.estimator import DEC, TRUST_SCORE, PretrainedAutoencoder
-from dec_mlflow.initialisation import VALLEY_DEPTH
+from dec_mlflow.initialisation import VALLEY_DEPTH, supported_cuts
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.params import DEFAULTS as _DEC_DEFAULTS
 from dec_mlflow.params import Augment, Integer, validate
@@ -510,7 +510,8 @@ def _log_cluster_results(est: DEC, data: Dataset) -> dict:
     if est.k_scores_:  # n_clusters='auto': every candidate's score, step = k, and the figure
         for k, score in est.k_scores_.items():
             mlflow.log_metric("k_valley_depth", score, step=k)
-        tracking.log_figure("k_selection.png", lambda: plots.k_selection_figure(est.k_scores_, est.n_clusters_, VALLEY_DEPTH))
+        tracking.log_figure("k_selection.png", lambda: plots.k_selection_figure(
+            est.k_scores_, est.n_clusters_, VALLEY_DEPTH, supported_cuts(est.k_scores_)))
     mlflow.log_dict({"cluster_sizes": sizes.tolist()}, "cluster_sizes.json")
     tracking.log_params_once({"pretrain_lr_resolved": est.resolved_params_["pretrain_lr"],
                               "distill_lr_resolved": est.resolved_params_["distill_lr"]})

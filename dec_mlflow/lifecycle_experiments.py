@@ -34,7 +34,7 @@ from dec_mlflow.lifecycle import (
     report,
     resolve_autoencoder,
 )
-from dec_mlflow.initialisation import VALLEY_DEPTH
+from dec_mlflow.initialisation import VALLEY_DEPTH, supported_cuts
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.pretraining import selection_criteria
 
@@ -145,7 +145,7 @@ def _resolve_k(est: DEC, data: Dataset) -> int:
     tracking.log_params_once({"n_clusters_resolved": k})
     for j, depth in depths.items():
         mlflow.log_metric("k_valley_depth", depth, step=j)
-    tracking.log_figure("k_selection.png", lambda: plots.k_selection_figure(depths, k, VALLEY_DEPTH))
+    tracking.log_figure("k_selection.png", lambda: plots.k_selection_figure(depths, k, VALLEY_DEPTH, supported_cuts(depths)))
     report(f"n_clusters=auto: k = {k} (k_selection.png)")
     return k
 

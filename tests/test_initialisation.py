@@ -6,7 +6,8 @@ from sklearn.datasets import make_blobs
 from sklearn.decomposition import PCA
 
 from dec_mlflow.initialisation import (
-    K_SPLIT_STARTS, VALLEY_DEPTH, InputSpace, choose_k, cluster_map, k_candidates, split_in_two, valley_depth, initial_clustering, kmeans_init, manifold_init, prototypes,
+    K_HIDDEN_DEPTH, K_SPLIT_STARTS, VALLEY_DEPTH, InputSpace, choose_k, cluster_map, k_candidates, split_in_two,
+    supported_cuts, valley_depth, valley_splits, initial_clustering, kmeans_init, manifold_init, prototypes,
 )
 from dec_mlflow.metrics import cluster_accuracy
 
@@ -227,6 +228,21 @@ def test_choose_k_cuts_touching_groups_only_where_the_valley_is_deep():
     assert choose_k(pair(6.0), 3, 6, seed=0)[0] == 3  # held within [k_min, k_max]
     one = rng.normal(0, 1, (1200, 2))
     assert choose_k(one, 2, 6, seed=0)[1] == choose_k(one, 2, 6, seed=0)[1]  # seeded
+
+
+def test_choose_k_counts_a_group_that_every_split_of_its_cluster_ran_past():
+    # a far group, and a flat bar with a clump 6 past its end: every two-component fit of bar and clump halves
+    # the bar (no valley there: the cut is not supported), and the half holding the clump parts it across a gap
+    rng = np.random.default_rng(0)
+    bar = np.column_stack([rng.uniform(-10, 10, 1500), rng.normal(0, 0.3, 1500)])
+    u = np.vstack([bar, rng.normal([16, 0], 0.3, (300, 2)), rng.normal([0, 30], 1.0, (600, 2))])
+    depths, hidden = valley_splits(u, 8, seed=0)
+    assert supported_cuts(depths) == 2 and depths[3] >= VALLEY_DEPTH  # far group | the rest, then the bar halved
+    assert hidden == 1 and depths[4] < K_HIDDEN_DEPTH  # the clump, parted once the bar is halved
+    assert choose_k(u, 2, 8, seed=0) == (3, depths)
+    assert choose_k(u, 2, 2, seed=0)[0] == 2  # still held within [k_min, k_max]
+    pair = np.vstack([rng.normal(0, 1, (600, 2)), rng.normal(0, 1, (600, 2)) + [6, 0]])
+    assert valley_splits(pair, 6, seed=0)[1] == 0  # two groups and nothing past them: no hidden valley
 
 
 def test_a_split_from_several_starts_keeps_the_deepest_valley_never_a_shallower_one():
