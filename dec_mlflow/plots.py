@@ -311,15 +311,15 @@ def k_sweep_figure(table, recommended: int):
 
 def k_selection_figure(scores: dict[int, float], chosen: int, threshold: float, supported: int):
     """n_clusters='auto': the valley depth of the cut that made the k-th cluster (``scores``), the ``threshold`` a
-    cut must stay below (``dec_mlflow.initialisation.VALLEY_DEPTH``) and the ``chosen`` k marked; when it exceeds
-    the clusters the cuts below the threshold make (``supported``: ``dec_mlflow.initialisation.supported_cuts``),
-    by valleys found inside the halves of an unsupported cut, the legend says by how many."""
+    cut must stay below (``dec_mlflow.initialisation.VALLEY_DEPTH``) and the ``chosen`` k marked; when it differs
+    from the clusters the cuts below the threshold make (``supported``: ``dec_mlflow.initialisation.supported_cuts``),
+    through hidden valleys or the range k_min..k_max, the legend gives that number too."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ks = sorted(scores)
     ax.plot(ks, [scores[k] for k in ks], "o-", color="tab:blue")
     label = f"chosen k = {chosen}"
-    if chosen > supported:
-        label += f" ({chosen - supported} found inside a cut's half)"
+    if chosen != supported:
+        label += f" (cuts below the line make {supported})"
     ax.axvline(chosen, color="gray", linestyle="--", label=label)
     ax.set_xlabel("number of clusters k")
     ax.axhline(threshold, color="tab:red", linestyle=":", label=f"a cut counts below {threshold}")
