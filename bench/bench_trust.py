@@ -3,7 +3,9 @@
 ``build`` fits the pool of a dataset with the estimator and stores each run's labels in
 bench/out/trust_pool/<dataset>/<tag>.npz: the true k on seeds 0, 1 and 2 (the good runs); k - 2,
 k - 1, k + 1, k + 2 (seed 0) and k - 1 on seed 1; the paper's k-means start with 10 pretraining
-epochs (seeds 0, 1) and 5 (seed 2); and the default start after only 5 pretraining epochs (seed 0).
+epochs (seeds 0, 1) and 5 (seed 2); and the default start after only 5 pretraining epochs (seed 0). Where
+k - 2 or k - 1 falls below 2 clusters, k + 1 and k + 2 on seed 1, then k + 3 (seed 0), take their places:
+every pool holds 12 runs.
 ``score`` computes every stored run's scores as ``fit`` does (:func:`dec_mlflow.initialisation.input_map`
 with the run's seed, then :func:`dec_mlflow.trust.trust_scores`) into bench/out/trust.jsonl, with the
 cluster-size entropy the trust score used to be. ``report`` writes the section "Label-free trust
@@ -37,6 +39,9 @@ POOL = OUT / "trust_pool"
 RESULTS = OUT / "trust.jsonl"
 FIGURE = Path(__file__).resolve().parent / "figures" / "trust_vs_acc.png"
 GOOD = ("s0", "s1", "s2")
+POOL_RUNS = 12
+# in this order, the runs that stand in for those a small k cannot have (k - 2 or k - 1 below 2 clusters)
+STAND_INS = {"k+1s1": (1, 1), "k+2s1": (2, 1), "k+3": (3, 0)}
 
 
 def configs(k: int) -> dict[str, dict]:
@@ -48,7 +53,11 @@ def configs(k: int) -> dict[str, dict]:
              "km10s1": dict(n_clusters=k, init="kmeans", pretrain_epochs=10, random_state=1),
              "km5s2": dict(n_clusters=k, init="kmeans", pretrain_epochs=5, random_state=2),
              "pre5s0": dict(n_clusters=k, pretrain_epochs=5, random_state=0)}
-    return {tag: p for tag, p in runs.items() if p["n_clusters"] >= 2}
+    runs = {tag: p for tag, p in runs.items() if p["n_clusters"] >= 2}
+    for tag, (d, seed) in STAND_INS.items():
+        if len(runs) < POOL_RUNS:
+            runs[tag] = dict(n_clusters=k + d, random_state=seed)
+    return runs
 
 
 def build(name: str) -> None:
@@ -161,7 +170,8 @@ def report(note: str = "") -> None:
     body = (
         "`python bench/bench_trust.py build|score|report`. Per dataset a pool of runs of the estimator: the true k on "
         "seeds 0-2 (the good runs); k - 2, k - 1, k + 1, k + 2 and k - 1 on seed 1; the k-means start after 10 or 5 "
-        "pretraining epochs; the default start after 5 pretraining epochs. `trust_score` = agreement x modularity x valleys, "
+        "pretraining epochs; the default start after 5 pretraining epochs. Where k - 2 or k - 1 would be below 2 clusters "
+        "(the blobs of 3 groups, wine, breast cancer), k + 1 and k + 2 on seed 1, then k + 3, stand in: 12 runs a pool. `trust_score` = agreement x modularity x valleys, "
         "computed as `fit` computes it (docs/trust.md). *Bad* runs are the others at least 0.02 of ACC below the best "
         "good run; the merge column is the lowest (and highest) good run's score minus the highest score of a run "
         "with fewer clusters than groups: positive when every merged run ranks below.\n\n"

@@ -38,3 +38,14 @@ def test_a_pool_read_back_from_an_earlier_page_keeps_its_summary_and_a_scored_po
     assert "| blobs3 | 3 | +1.00 | 1.00 of 2 | +0.365 | +0.360 / +0.370 |" in text
     assert "Two pools." in text and (page / "trust.png").exists()
     assert "| wine | k-1 | 2 | 0 | 0.6000 | 0.3000 |" in text  # every run is still listed
+
+
+@pytest.mark.parametrize("k, stand_ins", [(2, ["k+1s1", "k+2s1", "k+3"]), (3, ["k+1s1"]), (4, []), (10, [])])
+def test_every_pool_holds_12_runs_with_stand_ins_only_where_k_is_too_small_for_k_minus_2(k, stand_ins):
+    runs = bench_trust.configs(k)
+    assert len(runs) == bench_trust.POOL_RUNS == 12
+    assert [t for t in runs if t in bench_trust.STAND_INS] == stand_ins
+    assert all(p["n_clusters"] >= 2 for p in runs.values())
+    assert [runs[t]["n_clusters"] for t in ("s0", "s1", "s2")] == [k] * 3
+    # no two runs repeat the same parameters: each stand-in is a run the pool did not have
+    assert len({tuple(sorted(p.items())) for p in runs.values()}) == 12
