@@ -170,8 +170,9 @@ def report(note: str = "") -> None:
     body = (
         "`python bench/bench_trust.py build|score|report`. Per dataset a pool of runs of the estimator: the true k on "
         "seeds 0-2 (the good runs); k - 2, k - 1, k + 1, k + 2 and k - 1 on seed 1; the k-means start after 10 or 5 "
-        "pretraining epochs; the default start after 5 pretraining epochs. Where k - 2 or k - 1 would be below 2 clusters "
-        "(the blobs of 3 groups, wine, breast cancer), k + 1 and k + 2 on seed 1, then k + 3, stand in: 12 runs a pool. `trust_score` = agreement x modularity x valleys, "
+        "pretraining epochs; the default start after 5 pretraining epochs. Where k - 2 or k - 1 would be below 2 "
+        "clusters (the blobs of 3 groups, wine, breast cancer), k + 1 and k + 2 on seed 1, then k + 3, stand in: 12 runs "
+        "a pool. `trust_score` = agreement x modularity x valleys, "
         "computed as `fit` computes it (docs/trust.md). *Bad* runs are the others at least 0.02 of ACC below the best "
         "good run; the merge column is the lowest (and highest) good run's score minus the highest score of a run "
         "with fewer clusters than groups: positive when every merged run ranks below.\n\n"
@@ -192,7 +193,7 @@ def figure(rows: list[dict], names: list[str]) -> None:
 
     cols = min(5, len(names))
     fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(3.2 * cols, 3.0 * -(-len(names) // cols)), squeeze=False)
-    kinds = {"good": ("tab:green", "true k"), "merged": ("tab:red", "k - 1, k - 2"), "split": ("tab:orange", "k + 1, k + 2"),
+    kinds = {"good": ("tab:green", "true k"), "merged": ("tab:red", "k - 1, k - 2"), "split": ("tab:orange", "k + 1 or more"),
              "start": ("tab:blue", "true k, 5-10 pretraining epochs")}
     for ax, d in zip(axes.ravel(), names):
         mine = [r for r in rows if r["dataset"] == d]
