@@ -195,6 +195,8 @@ def cluster(**options):
     if "model_uri" not in result:  # a rank > 0, or the launcher of the ranks: rank 0 printed the results
         return
     metrics = result["metrics"]
+    if result["k_choice"]:
+        click.echo(result["k_choice"])
     click.echo(f"Trust score {metrics['trust_score']:.4f} ({TRUST_SCORE}; label-free, higher is better)")
     if "final_acc" in metrics:
         click.echo("Initial " + _scores(metrics, "init_") + "\nDEC     " + _scores(metrics, "final_"))

@@ -430,6 +430,23 @@ def supported_cuts(depths: dict[int, float]) -> int:
     return supported
 
 
+def describe_k_choice(k: int, depths: dict[int, float], k_min: int, k_max: int) -> str:
+    """One sentence on how n_clusters='auto' came to ``k`` from the cuts ``depths`` ({k: depth}, :func:`choose_k`)
+    in ``k_min..k_max``: the clusters the supported cuts make, what else moved k, and how deep the first cut the
+    map does not support is (just above :data:`VALLEY_DEPTH`, it is a k worth a run of its own)."""
+    supported = supported_cuts(depths)
+    text = f"n_clusters=auto chose k = {k}: {supported} clusters parted by density valleys below {VALLEY_DEPTH} in the map"
+    if k == k_min > supported:
+        text += f", raised to k_min = {k_min}"
+    elif k == k_max < supported:
+        text += f", held at k_max = {k_max}"
+    elif k > supported:
+        text += f", plus {k - supported} inside a cut the map does not support (a valley below {K_HIDDEN_DEPTH})"
+    if supported + 1 in depths:
+        text += f"; the next cut, to {supported + 1} clusters, has a valley of {depths[supported + 1]:.2f}"
+    return text + " (k_valley_depth, k_selection.png)"
+
+
 def input_space(X: Features, offset: np.ndarray, scale: np.ndarray, *, seed: int,
                 image_shape: tuple[int, ...] | None = None, n_components: int = INPUT_MAP_DIMS) -> InputSpace:
     """What the input-space map clusters: the scaled input ``(X - offset) * scale``, reduced to

@@ -37,7 +37,7 @@ from dec_mlflow.callbacks import Callback, CallbackList, ProgressBar
 from dec_mlflow.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from dec_mlflow.data import Dataset, load_dataset
 from dec_mlflow.estimator import DEC, TRUST_SCORE, PretrainedAutoencoder
-from dec_mlflow.initialisation import VALLEY_DEPTH, supported_cuts
+from dec_mlflow.initialisation import VALLEY_DEPTH, describe_k_choice, supported_cuts
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.params import DEFAULTS as _DEC_DEFAULTS
 from dec_mlflow.params import Augment, Integer, validate
@@ -68,6 +68,8 @@ TAKE_OVER_ATTEMPTS = 3
 # The cluster run's summary metrics that tag and describe its registered version (a label-free
 # quality score logged by cluster belongs here too, so that the registry shows it without labels).
 VERSION_METRIC_PREFIXES = ("final_", "trust_score")
+# n_clusters='auto': the run's tag with a sentence on how k was chosen (:func:`log_k_choice`)
+K_CHOICE_TAG = "dec.k_choice"
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -495,7 +497,8 @@ def _cluster_run(est: DEC, data: Dataset, run_name: str, experiment: str, name: 
         scored = {k: v for k, v in metrics.items() if k.startswith(VERSION_METRIC_PREFIXES)}
         summary = f"run {run.info.run_id} ({run.info.run_name}) scored {_describe_metrics(scored)}"
         logged = _log_model(est.network_, data, data_params_["data_digest"], name, {k: f"{v:.4f}" for k, v in scored.items()}, summary)
-    return {"run_id": run.info.run_id, "autoencoder_source": source, "metrics": metrics, **logged}
+    chosen = describe_k_choice(est.n_clusters_, est.k_scores_, est.k_min, est.k_max) if est.k_scores_ else None
+    return {"run_id": run.info.run_id, "autoencoder_source": source, "metrics": metrics, "k_choice": chosen, **logged}
 
 
 def _log_cluster_results(est: DEC, data: Dataset) -> dict:
@@ -503,15 +506,11 @@ def _log_cluster_results(est: DEC, data: Dataset) -> dict:
 
     Returns the scores logged: the run's summary, which tags and describes the registered version.
     """
-    from dec_mlflow import plots  # matplotlib: import on use
-
     sizes = np.bincount(est.labels_, minlength=est.n_clusters_)
-    tracking.log_params_once({"n_clusters_resolved": est.n_clusters_})
-    if est.k_scores_:  # n_clusters='auto': every candidate's score, step = k, and the figure
-        for k, score in est.k_scores_.items():
-            mlflow.log_metric("k_valley_depth", score, step=k)
-        tracking.log_figure("k_selection.png", lambda: plots.k_selection_figure(
-            est.k_scores_, est.n_clusters_, VALLEY_DEPTH, supported_cuts(est.k_scores_)))
+    if est.k_scores_:
+        log_k_choice(est.n_clusters_, est.k_scores_, est.k_min, est.k_max)
+    else:
+        tracking.log_params_once({"n_clusters_resolved": est.n_clusters_})
     mlflow.log_dict({"cluster_sizes": sizes.tolist()}, "cluster_sizes.json")
     tracking.log_params_once({"pretrain_lr_resolved": est.resolved_params_["pretrain_lr"],
                               "distill_lr_resolved": est.resolved_params_["distill_lr"]})
@@ -524,6 +523,21 @@ def _log_cluster_results(est: DEC, data: Dataset) -> dict:
         metrics.update({**{f"final_{k}": v for k, v in final.items()}, **{f"init_{k}": v for k, v in init.items()}})
     mlflow.log_metrics(metrics)
     return metrics
+
+
+def log_k_choice(k: int, depths: dict[int, float], k_min: int, k_max: int) -> str:
+    """Log n_clusters='auto''s choice of ``k`` from the cuts ``depths`` (:func:`dec_mlflow.initialisation.choose_k`)
+    on the active run: n_clusters_resolved, every cut's depth as k_valley_depth (step = k), k_selection.png and the
+    tag dec.k_choice, the sentence that :func:`dec_mlflow.initialisation.describe_k_choice` returns (and so does this)."""
+    from dec_mlflow import plots  # matplotlib: import on use
+
+    tracking.log_params_once({"n_clusters_resolved": k})
+    for j, depth in depths.items():
+        mlflow.log_metric("k_valley_depth", depth, step=j)
+    tracking.log_figure("k_selection.png", lambda: plots.k_selection_figure(depths, k, VALLEY_DEPTH, supported_cuts(depths)))
+    sentence = describe_k_choice(k, depths, k_min, k_max)
+    mlflow.set_tag(K_CHOICE_TAG, sentence)
+    return sentence
 
 
 def _describe_metrics(metrics: dict) -> str:

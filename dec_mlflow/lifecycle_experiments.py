@@ -30,11 +30,11 @@ from dec_mlflow.lifecycle import (
     estimator_params,
     fmt_scores,
     load_data,
+    log_k_choice,
     progress_bar,
     report,
     resolve_autoencoder,
 )
-from dec_mlflow.initialisation import VALLEY_DEPTH, supported_cuts
 from dec_mlflow.metrics import clustering_scores
 from dec_mlflow.pretraining import selection_criteria
 
@@ -139,14 +139,8 @@ def compare(dataset: str, *, label_column: str = "", seeds: Sequence[int] = (0, 
 def _resolve_k(est: DEC, data: Dataset) -> int:
     """n_clusters='auto' on ``data`` as ``cluster`` resolves it (the map of the default recipe's input), logged on the
     active run as ``cluster`` logs it: n_clusters_resolved, k_valley_depth (step = k) and k_selection.png."""
-    from dec_mlflow import plots  # matplotlib: import on use
-
     k, depths = map_k_scores(est, data.x, est.k_min, est.k_max)
-    tracking.log_params_once({"n_clusters_resolved": k})
-    for j, depth in depths.items():
-        mlflow.log_metric("k_valley_depth", depth, step=j)
-    tracking.log_figure("k_selection.png", lambda: plots.k_selection_figure(depths, k, VALLEY_DEPTH, supported_cuts(depths)))
-    report(f"n_clusters=auto: k = {k} (k_selection.png)")
+    report(log_k_choice(k, depths, est.k_min, est.k_max))
     return k
 
 

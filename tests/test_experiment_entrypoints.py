@@ -109,7 +109,8 @@ def test_compare_with_auto_n_clusters_resolves_one_k_for_every_method_and_seed(s
     assert result.exit_code == 0, result.output
     parent = runs("compare")[-1]
     k = int(parent.data.params["n_clusters_resolved"])
-    assert parent.data.params["n_clusters"] == "auto" and f"n_clusters=auto: k = {k}" in result.output
+    assert parent.data.params["n_clusters"] == "auto" and f"n_clusters=auto chose k = {k}: " in result.output
+    assert parent.data.tags["dec.k_choice"] in result.output
     depths = {m.step: m.value for m in MlflowClient().get_metric_history(parent.info.run_id, "k_valley_depth")}
     assert sorted(depths) == [2, 3, 4, 5, 6] and all(depths[j] < VALLEY_DEPTH for j in range(2, k + 1))
     assert k == 6 or depths[k + 1] >= VALLEY_DEPTH  # the first cut the map does not support ends the count

@@ -6,7 +6,8 @@ from sklearn.datasets import make_blobs
 from sklearn.decomposition import PCA
 
 from dec_mlflow.initialisation import (
-    K_HIDDEN_DEPTH, K_SPLIT_STARTS, VALLEY_DEPTH, InputSpace, choose_k, cluster_map, k_candidates, split_in_two,
+    K_HIDDEN_DEPTH, K_SPLIT_STARTS, VALLEY_DEPTH, InputSpace, choose_k, cluster_map, describe_k_choice, k_candidates,
+    split_in_two,
     supported_cuts, valley_depth, valley_splits, initial_clustering, kmeans_init, manifold_init, prototypes,
 )
 from dec_mlflow.metrics import cluster_accuracy
@@ -243,6 +244,17 @@ def test_choose_k_counts_a_group_that_every_split_of_its_cluster_ran_past():
     assert choose_k(u, 2, 2, seed=0)[0] == 2  # still held within [k_min, k_max]
     pair = np.vstack([rng.normal(0, 1, (600, 2)), rng.normal(0, 1, (600, 2)) + [6, 0]])
     assert valley_splits(pair, 6, seed=0)[1] == 0  # two groups and nothing past them: no hidden valley
+
+
+def test_the_sentence_on_the_choice_of_k_says_what_made_k_and_how_deep_the_next_cut_is():
+    depths = {2: 0.01, 3: 0.05, 4: 0.24, 5: 0.6}  # three clusters, then a cut the map does not support
+    plain = describe_k_choice(3, depths, 2, 20)
+    assert plain.startswith(f"n_clusters=auto chose k = 3: 3 clusters parted by density valleys below {VALLEY_DEPTH}")
+    assert "the next cut, to 4 clusters, has a valley of 0.24" in plain and "k_min" not in plain and "plus" not in plain
+    assert "plus 1 inside a cut the map does not support" in describe_k_choice(4, depths, 2, 20)
+    assert ", raised to k_min = 5" in describe_k_choice(5, depths, 5, 20)
+    assert ", held at k_max = 2" in describe_k_choice(2, {2: 0.01, 3: 0.05}, 2, 2)
+    assert "next cut" not in describe_k_choice(3, {2: 0.01, 3: 0.05}, 2, 3)  # every possible cut was supported
 
 
 def test_a_split_from_several_starts_keeps_the_deepest_valley_never_a_shallower_one():
