@@ -15,7 +15,7 @@ from dec_mlflow.augment import check_image_shape
 from dec_mlflow.callbacks import Callback
 from dec_mlflow.checkpoint import PretrainCheckpoint, PretrainedAutoencoder
 from dec_mlflow.initialisation import (
-    K_RANGE, MAX_MAP_DIM, InputSpace, choose_k, initial_clusters, input_space, umap_map,
+    K_RANGE, MAX_MAP_DIM, InputSpace, choose_k, describe_k_choice, initial_clusters, input_space, umap_map,
 )
 from dec_mlflow.model import DECNet
 from dec_mlflow.objectives import kl_divergence, target_distribution
@@ -51,6 +51,9 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
     k_scores_ : dict of int to float
         With ``n_clusters='auto'``, {k: valley depth of the cut that made the k-th cluster in the map}
         (:func:`dec_mlflow.initialisation.choose_k`); empty otherwise.
+    k_choice_ : str or None
+        With ``n_clusters='auto'``, one sentence on how k came about and how deep the next cut is
+        (:func:`dec_mlflow.initialisation.describe_k_choice`); None otherwise.
     labels_ : ndarray of shape (n_samples,)
     init_labels_ : ndarray of shape (n_samples,)
         The initial clustering (k-means: the AE+k-means baseline; manifold: UMAP + GMM).
@@ -271,6 +274,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.cluster_centers_ = self.network_.centroids.detach().numpy().copy()
         self.labels_, self.init_labels_, self.round_labels_ = rounds.result.labels, init.labels, rounds.round_labels
         self.n_clusters_, self.k_scores_ = len(self.cluster_centers_), init.k_scores or {}
+        self.k_choice_ = describe_k_choice(self.n_clusters_, self.k_scores_, self.k_min, self.k_max) if self.k_scores_ else None
         self.n_iter_, self.converged_, self.kl_loss_ = rounds.n_iter, rounds.result.converged, rounds.result.kl_loss
         self.n_features_in_, self.pretrain_loss_, self.resolved_params_ = X.shape[1], autoencoder.loss, resolved
 

@@ -497,8 +497,7 @@ def _cluster_run(est: DEC, data: Dataset, run_name: str, experiment: str, name: 
         scored = {k: v for k, v in metrics.items() if k.startswith(VERSION_METRIC_PREFIXES)}
         summary = f"run {run.info.run_id} ({run.info.run_name}) scored {_describe_metrics(scored)}"
         logged = _log_model(est.network_, data, data_params_["data_digest"], name, {k: f"{v:.4f}" for k, v in scored.items()}, summary)
-    chosen = describe_k_choice(est.n_clusters_, est.k_scores_, est.k_min, est.k_max) if est.k_scores_ else None
-    return {"run_id": run.info.run_id, "autoencoder_source": source, "metrics": metrics, "k_choice": chosen, **logged}
+    return {"run_id": run.info.run_id, "autoencoder_source": source, "metrics": metrics, "k_choice": est.k_choice_, **logged}
 
 
 def _log_cluster_results(est: DEC, data: Dataset) -> dict:
