@@ -286,7 +286,8 @@ def claim_runs(runs: list[Run], by_run_id: str, *, settle_s: float | None = None
     (:func:`is_stopped`), not taken over and not claimed by a live run, the claimant writes
     '<by_run_id>:<random token>', waits ``settle_s`` (``CLAIM_SETTLE_S``, ``DEC_CLAIM_SETTLE_S``) and
     reads the tag back: only the claimant whose token still stands goes on. Of claimants that overlap,
-    the last to write wins; one that comes later finds a live claim and gives up. It holds when
+    the last to write wins; one that comes later finds a live claim and gives up, and so does one whose write
+    the store refuses because another claimant's first claim was inserted at the same instant. It holds when
     (a) each claimant's read-then-write takes less than ``settle_s``: a claimant measures its own and
     gives up when it took longer, and (b) the store shows every client the latest write: sqlite, the
     SQL stores (PostgreSQL, MySQL) and an MLflow tracking server in front of one, as this project
@@ -301,7 +302,14 @@ def claim_runs(runs: list[Run], by_run_id: str, *, settle_s: float | None = None
         if not is_stopped(current) or RESUMED_BY_TAG in current.data.tags or _live_claim(current, by_run_id):
             continue
         token = _claim_token(by_run_id)
-        client.set_tag(run_id, CLAIM_TAG, token)
+        try:
+            client.set_tag(run_id, CLAIM_TAG, token)
+        except MlflowException:
+            # two claimants that write the first claim at the same instant: the SQL store inserts one and refuses
+            # the other's insert (a unique key). The claim that stands is live, so this claimant gives up the run.
+            if CLAIM_TAG in client.get_run(run_id).data.tags:
+                continue
+            raise
         if time.monotonic() - started < settle_s:  # else another claimant may already have read back its own claim
             tokens[run_id] = token
     if not tokens:

@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import make_blobs
 
@@ -338,14 +339,17 @@ def takeover(store, monkeypatch):
 def _claim_in_threads(stopped, claimants, before_write) -> dict[str, list[str]]:
     """Both claimants take ``stopped`` over at once, each in a thread; ``before_write(claimant)`` runs between its
     read of the run and its write of the claim. Returns claimant -> the run ids it took over."""
-    real, results = tracking._claim_token, {}
+    real, results, raised = tracking._claim_token, {}, {}
 
     def token(by_run_id):
         before_write(by_run_id)
         return real(by_run_id)
 
     def claim(claimant):
-        results[claimant] = tracking.take_over([stopped], claimant)
+        try:
+            results[claimant] = tracking.take_over([stopped], claimant)
+        except Exception as e:  # noqa: BLE001 - a claimant that crashes fails the test below, not only its thread
+            raised[claimant] = e
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(tracking, "_claim_token", token)
@@ -354,6 +358,7 @@ def _claim_in_threads(stopped, claimants, before_write) -> dict[str, list[str]]:
             t.start()
         for t in threads:
             t.join(timeout=60)
+    assert not raised and sorted(results) == sorted(claimants), raised  # every claimant returns, none crashes
     return results
 
 
@@ -371,6 +376,35 @@ def test_two_claimants_that_both_find_the_run_free_take_it_over_once(takeover):
     results = _claim_in_threads(stopped, claimants, lambda _: both_read.wait(timeout=30))
     winner = _assert_taken_over_once(stopped, results)
     assert MlflowClient().get_run(stopped.info.run_id).data.tags[tracking.CLAIM_TAG].startswith(f"{winner}:")  # the last write
+
+
+def test_a_claim_the_store_refuses_because_another_was_inserted_at_once_is_given_up(takeover, monkeypatch):
+    # the SQL stores insert a run's first tag of a key: of two claimants inserting at the same instant, one is refused
+    # (sqlite: UNIQUE constraint failed). Here b's write lands first and a's is refused: a gives up, b takes the run.
+    stopped, (a, b) = takeover
+    client_set_tag = MlflowClient.set_tag
+
+    def set_tag(self, run_id, key, value, *args, **kwargs):
+        if key == tracking.CLAIM_TAG and value.startswith(f"{a}:"):
+            client_set_tag(self, run_id, key, f"{b}:its-token")
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: tags.key, tags.run_uuid")
+        return client_set_tag(self, run_id, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_tag", set_tag)
+    start = time.monotonic()
+    assert tracking.take_over([stopped], a) == []
+    assert time.monotonic() - start < 1.0  # gave up at once, without settling
+    tags = MlflowClient().get_run(stopped.info.run_id).data.tags
+    assert tags[tracking.CLAIM_TAG] == f"{b}:its-token" and tracking.RESUMED_BY_TAG not in tags
+
+    def refused(self, run_id, key, value, *args, **kwargs):
+        raise MlflowException("store down")
+
+    other = MlflowClient().create_run(stopped.info.experiment_id)
+    MlflowClient().set_terminated(other.info.run_id, "FAILED")
+    monkeypatch.setattr(MlflowClient, "set_tag", refused)
+    with pytest.raises(MlflowException, match="store down"):  # a refusal with no claim standing is no race: raised
+        tracking.take_over([MlflowClient().get_run(other.info.run_id)], a)
 
 
 def test_a_claim_written_after_the_other_claimant_read_its_own_back_is_given_up(takeover):
