@@ -52,7 +52,7 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         With ``n_clusters='auto'``, {k: valley depth of the cut that made the k-th cluster in the map}
         (:func:`dec_mlflow.initialisation.choose_k`); empty otherwise.
     k_choice_ : str or None
-        With ``n_clusters='auto'``, one sentence on how k came about and how deep the next cut is
+        With ``n_clusters='auto'``, one sentence on how k came about and how deep the first cut the map does not support is
         (:func:`dec_mlflow.initialisation.describe_k_choice`); None otherwise.
     labels_ : ndarray of shape (n_samples,)
     init_labels_ : ndarray of shape (n_samples,)

@@ -443,7 +443,7 @@ def describe_k_choice(k: int, depths: dict[int, float], k_min: int, k_max: int) 
     elif k > supported:
         text += f", plus {k - supported} inside a cut the map does not support (a valley below {K_HIDDEN_DEPTH})"
     if supported + 1 in depths:
-        text += f"; the next cut, to {supported + 1} clusters, has a valley of {depths[supported + 1]:.2f}"
+        text += f"; the first cut it does not support, to {supported + 1} clusters, has a valley of {depths[supported + 1]:.2f}"
     return text + " (k_valley_depth, k_selection.png)"
 
 

@@ -157,7 +157,7 @@ def test_cluster_with_auto_n_clusters_logs_the_choice_and_each_candidates_score(
     assert run.data.metrics["final_acc"] > 0.95
     # the user is told how k came about, and the run keeps the same sentence
     said = (f"n_clusters=auto chose k = 3: 3 clusters parted by density valleys below {VALLEY_DEPTH} in the map; "
-            f"the next cut, to 4 clusters, has a valley of {depths[4]:.2f}")
+            f"the first cut it does not support, to 4 clusters, has a valley of {depths[4]:.2f}")
     assert said in result.output and run.data.tags["dec.k_choice"].startswith(said)
 
 

@@ -363,7 +363,7 @@ def test_auto_n_clusters_finds_the_groups_and_keeps_the_scores():
     assert sorted(est.k_scores_) == list(range(2, 9))  # the depth of the cut that made the k-th cluster
     assert max(est.k_scores_[k] for k in (2, 3, 4)) < VALLEY_DEPTH <= est.k_scores_[5]
     assert est.k_choice_.startswith("n_clusters=auto chose k = 4: 4 clusters parted by density valleys")
-    assert f"the next cut, to 5 clusters, has a valley of {est.k_scores_[5]:.2f}" in est.k_choice_
+    assert f"the first cut it does not support, to 5 clusters, has a valley of {est.k_scores_[5]:.2f}" in est.k_choice_
     assert cluster_accuracy(y, est.labels_) > 0.99
     assert est.predict_proba(x[:5].astype(np.float32)).shape == (5, 4)
     assert est.get_params()["n_clusters"] == "auto"  # the parameter stays as given; the fit's k is n_clusters_

@@ -250,11 +250,11 @@ def test_the_sentence_on_the_choice_of_k_says_what_made_k_and_how_deep_the_next_
     depths = {2: 0.01, 3: 0.05, 4: 0.24, 5: 0.6}  # three clusters, then a cut the map does not support
     plain = describe_k_choice(3, depths, 2, 20)
     assert plain.startswith(f"n_clusters=auto chose k = 3: 3 clusters parted by density valleys below {VALLEY_DEPTH}")
-    assert "the next cut, to 4 clusters, has a valley of 0.24" in plain and "k_min" not in plain and "plus" not in plain
+    assert "the first cut it does not support, to 4 clusters, has a valley of 0.24" in plain and "k_min" not in plain and "plus" not in plain
     assert "plus 1 inside a cut the map does not support" in describe_k_choice(4, depths, 2, 20)
     assert ", raised to k_min = 5" in describe_k_choice(5, depths, 5, 20)
     assert ", held at k_max = 2" in describe_k_choice(2, {2: 0.01, 3: 0.05}, 2, 2)
-    assert "next cut" not in describe_k_choice(3, {2: 0.01, 3: 0.05}, 2, 3)  # every possible cut was supported
+    assert "does not support, to" not in describe_k_choice(3, {2: 0.01, 3: 0.05}, 2, 3)  # every possible cut was supported
 
 
 def test_a_split_from_several_starts_keeps_the_deepest_valley_never_a_shallower_one():
