@@ -111,7 +111,7 @@ def _estimator_options(names):
 
 
 _DATA_HELP = {
-    "dataset": "'mnist', 'reuters', 'reuters10k', 'stl10', or a path to a .npy/.npz/.csv/.parquet file.",
+    "dataset": "'mnist', 'reuters', 'reuters10k', 'stl10', scikit-learn's 'digits', 'wine', 'breast_cancer', 'iris', or a path to a .npy/.npz/.csv/.parquet file.",
     "label_column": "Label column of a .csv/.parquet file (or key of a .npz); labels are only used for metrics.",
 }
 _EXPERIMENT_HELP = {"experiment": "MLflow experiment to log to (created if missing); default: MLFLOW_EXPERIMENT_NAME, else Default."}

@@ -59,13 +59,14 @@ class Dataset:
     y : ndarray of shape (n_samples,), int64, or None
         Labels; strings and categories are encoded as codes in sorted order.
     image_shape : tuple of int or None
-        Shape of one sample as an image, ``(28, 28)`` for MNIST, else None.
+        Shape of one sample as an image, ``(28, 28)`` for MNIST, ``(8, 8)`` for digits, else None.
     default_scaling : str
         ``'max'`` for MNIST and REUTERS (one factor for every feature), ``'standard'`` for STL-10,
-        ``'auto'`` for user data (the estimator's rule, :func:`dec_mlflow.scaling.auto_scaling`).
+        ``'auto'`` for user data and scikit-learn's bundled datasets (the estimator's rule,
+        :func:`dec_mlflow.scaling.auto_scaling`).
     source : str
-        Where the data came from: the absolute path of a user file, or the first download mirror
-        of a known dataset ('' when unknown).
+        Where the data came from: the absolute path of a user file, the first download mirror
+        of a known dataset ('' when unknown), or the UCI page of a dataset scikit-learn bundles.
     """
 
     name: str
@@ -206,7 +207,18 @@ _REGISTRY: dict[str, _KnownDataset] = {
         features_cache=f"stl10-hog-colour-v{corpora.STL10_FEATURES_VERSION}.npz",
     ),
 }
-KNOWN_DATASETS: tuple[str, ...] = tuple(_REGISTRY)
+# small labelled datasets that ship inside scikit-learn (nothing to download): name -> (loader in
+# sklearn.datasets, image shape, the UCI page of the data scikit-learn bundles: the source MLflow records, as a
+# known dataset's is where it is published); a first run on a laptop, and the bench's data beside MNIST
+_UCI = "https://archive.ics.uci.edu/dataset/"
+_BUNDLED: dict[str, tuple[str, tuple[int, ...] | None, str]] = {
+    # 1,797 8x8 handwritten digits, pixel values 0..16
+    "digits": ("load_digits", (8, 8), _UCI + "80/optical+recognition+of+handwritten+digits"),
+    "wine": ("load_wine", None, _UCI + "109/wine"),
+    "breast_cancer": ("load_breast_cancer", None, _UCI + "17/breast+cancer+wisconsin+diagnostic"),
+    "iris": ("load_iris", None, _UCI + "53/iris"),
+}
+KNOWN_DATASETS: tuple[str, ...] = (*_REGISTRY, *_BUNDLED)
 
 
 def data_dirs() -> list[Path]:
@@ -494,7 +506,8 @@ def load_dataset(
         ``.npz`` (array ``x``, optional labels ``y``), ``.csv`` or ``.parquet`` (numeric columns) file.
         ``'reuters'`` (685,071 x 2000 per the paper; about 5.5 GB as float32) and ``'reuters10k'`` (its
         10,000 rows drawn with seed 1234) follow :func:`dec_mlflow.corpora.parse_reuters`, ``'stl10'``
-        (13,000 x 4548) :func:`dec_mlflow.corpora.parse_stl10`.
+        (13,000 x 4548) :func:`dec_mlflow.corpora.parse_stl10`. ``'digits'``, ``'wine'``,
+        ``'breast_cancer'`` and ``'iris'`` are scikit-learn's bundled datasets (nothing is downloaded).
     label_column : str, optional
         Table column holding the labels, removed from the features; for ``.npz`` the array key
         of the labels instead of ``'y'``.
@@ -511,6 +524,14 @@ def load_dataset(
     DataError
         If the dataset is unknown, missing, unreadable, corrupt or fails validation.
     """
+    if dataset.lower() in _BUNDLED:
+        from sklearn import datasets as bundled  # scikit-learn is a dependency; its import costs a second
+
+        name = dataset.lower()
+        loader, image_shape, source = _BUNDLED[name]
+        x, y = getattr(bundled, loader)(return_X_y=True)
+        x, y = _validated(name, x.astype(np.float32), y.astype(np.int64), n_clusters, None)
+        return Dataset(name, x, y, image_shape, "auto", source)
     entry = _REGISTRY.get(dataset.lower())
     if entry is not None:
         name = dataset.lower()

@@ -73,7 +73,7 @@ def reuters_dir(tmp_path, cache, monkeypatch) -> Path:
 
 
 def test_known_datasets_include_the_papers_corpora():
-    assert KNOWN_DATASETS == ("mnist", "reuters", "reuters10k", "stl10")
+    assert KNOWN_DATASETS == ("mnist", "reuters", "reuters10k", "stl10", "digits", "wine", "breast_cancer", "iris")
 
 
 # --- REUTERS: formats ---------------------------------------------------------------------------

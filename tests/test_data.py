@@ -101,7 +101,8 @@ def test_missing_file_is_named(tmp_path):
 
 @pytest.mark.parametrize("dataset", ["mnst", "table.txt"])
 def test_unknown_name_or_extension_lists_choices(dataset):
-    with pytest.raises(DataError, match=rf"dataset '{dataset}' is not known; choose one of mnist, reuters, reuters10k, stl10, "
+    with pytest.raises(DataError, match=rf"dataset '{dataset}' is not known; choose one of mnist, reuters, reuters10k, stl10, digits, wine, "
+                                        r"breast_cancer, iris, "
                                         r"or give a path to a \.npy/\.npz/\.csv/\.parquet file"):
         load_dataset(dataset)
 
@@ -219,11 +220,27 @@ def test_data_dirs_order(monkeypatch, tmp_path):
     assert data_dirs() == [Path.home() / ".cache" / "dec_mlflow"]
 
 
+def test_scikit_learns_bundled_datasets_load_by_name_without_any_download(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEC_DATA_DIR", str(tmp_path))  # nothing on disk, and nothing is fetched
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: pytest.fail("a bundled dataset was downloaded"))
+    digits = load_dataset("Digits", n_clusters=10)
+    assert digits.name == "digits" and digits.image_shape == (8, 8) and digits.default_scaling == "auto"
+    assert digits.x.shape == (1797, 64) and digits.x.dtype == np.float32 and digits.x.max() == 16.0
+    assert digits.y.dtype == np.int64 and np.bincount(digits.y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert digits.source == "https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits"
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    assert resolve_dataset_source(digits.source).url == digits.source  # MLflow records it as the run's input source
+    shapes = {name: (load_dataset(name).x.shape, load_dataset(name).image_shape) for name in ("wine", "breast_cancer", "iris")}
+    assert shapes == {"wine": ((178, 13), None), "breast_cancer": ((569, 30), None), "iris": ((150, 4), None)}
+    with pytest.raises(DataError, match="iris"):  # validated like any dataset: more samples than clusters
+        load_dataset("iris", n_clusters=151)
+
+
 def test_mnist_loads_all_70000_raw_images_train_then_test(mnist_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("DEC_DATA_DIR", str(mnist_dir.parent))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing may be downloaded
     ds = load_dataset("MNIST", n_clusters=10)
-    assert KNOWN_DATASETS == ("mnist", "reuters", "reuters10k", "stl10")
+    assert KNOWN_DATASETS == ("mnist", "reuters", "reuters10k", "stl10", "digits", "wine", "breast_cancer", "iris")
     assert isinstance(ds, Dataset) and ds.name == "mnist"
     assert ds.image_shape == (28, 28) and ds.default_scaling == "max"
     assert ds.x.shape == (70000, 784) and ds.x.dtype == np.float32

@@ -1,6 +1,5 @@
 """Training loops: distillation towards a teacher, and no silent NaN in self-training."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
