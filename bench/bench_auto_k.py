@@ -46,9 +46,6 @@ def dataset(name: str) -> tuple[np.ndarray, np.ndarray, tuple | None]:
         sizes, dim = BLOB_SIZES[int(name[5:])]
         x, y = skdata.make_blobs(sizes, n_features=dim, center_box=(-10, 10), cluster_std=2.5, random_state=0)
         return x.astype(np.float32), y, None
-    if name == "iris":
-        x, y = skdata.load_iris(return_X_y=True)
-        return x.astype(np.float32), y, None
     if name.startswith("hblobs"):  # k groups of 150 to 600 rows, 20 to 50 dimensions, cluster_std 2 to 3, seed 100 + k
         k = int(name[6:])
         rng = np.random.default_rng(100 + k)

@@ -64,9 +64,10 @@ def load(name: str) -> tuple[np.ndarray, np.ndarray]:
     if name == "blobs":  # 8 Gaussian clusters in 100 dimensions, overlapping at cluster_std 4
         x, y = skdata.make_blobs(5000, n_features=100, centers=8, cluster_std=4.0, random_state=0)
         return x.astype(np.float32), y
-    loader = {"digits": skdata.load_digits, "wine": skdata.load_wine, "breast_cancer": skdata.load_breast_cancer}[name]
-    bunch = loader()
-    return bunch.data.astype(np.float32), bunch.target
+    from dec_mlflow.data import load_dataset  # scikit-learn's bundled digits, wine, breast_cancer, iris
+
+    data = load_dataset(name)
+    return data.x, data.y
 
 
 

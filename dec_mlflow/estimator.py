@@ -274,9 +274,14 @@ class DEC(ClusterMixin, TransformerMixin, BaseEstimator):
         self.cluster_centers_ = self.network_.centroids.detach().numpy().copy()
         self.labels_, self.init_labels_, self.round_labels_ = rounds.result.labels, init.labels, rounds.round_labels
         self.n_clusters_, self.k_scores_ = len(self.cluster_centers_), init.k_scores or {}
-        self.k_choice_ = describe_k_choice(self.n_clusters_, self.k_scores_, self.k_min, self.k_max) if self.k_scores_ else None
         self.n_iter_, self.converged_, self.kl_loss_ = rounds.n_iter, rounds.result.converged, rounds.result.kl_loss
         self.n_features_in_, self.pretrain_loss_, self.resolved_params_ = X.shape[1], autoencoder.loss, resolved
+
+
+    @property
+    def k_choice_(self) -> str | None:
+        """With ``n_clusters='auto'``, the sentence on how k came about (see the class's Attributes); else None."""
+        return describe_k_choice(self.n_clusters_, self.k_scores_, self.k_min, self.k_max) if self.k_scores_ else None
 
     def _trust_scores(self, X: Features, autoencoder: PretrainedAutoencoder, init, image_shape, callback: Callback) -> dict:
         """Stage 6: the label-free trust score and its three parts (:func:`dec_mlflow.trust.trust_scores`).

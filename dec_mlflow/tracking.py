@@ -306,8 +306,8 @@ def claim_runs(runs: list[Run], by_run_id: str, *, settle_s: float | None = None
             client.set_tag(run_id, CLAIM_TAG, token)
         except MlflowException:
             # two claimants that write the first claim at the same instant: the SQL store inserts one and refuses
-            # the other's insert (a unique key). The claim that stands is live, so this claimant gives up the run.
-            if CLAIM_TAG in client.get_run(run_id).data.tags:
+            # the other's insert (a unique key); the claim that stands is live, and this claimant gives up the run
+            if _live_claim(client.get_run(run_id), by_run_id):
                 continue
             raise
         if time.monotonic() - started < settle_s:  # else another claimant may already have read back its own claim

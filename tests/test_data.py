@@ -230,7 +230,7 @@ def test_scikit_learns_bundled_datasets_load_by_name_without_any_download(monkey
     assert digits.source == "https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits"
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     assert resolve_dataset_source(digits.source).url == digits.source  # MLflow records it as the run's input source
-    shapes = {name: (load_dataset(name).x.shape, load_dataset(name).image_shape) for name in ("wine", "breast_cancer", "iris")}
+    shapes = {name: (ds.x.shape, ds.image_shape) for name in ("wine", "breast_cancer", "iris") for ds in [load_dataset(name)]}
     assert shapes == {"wine": ((178, 13), None), "breast_cancer": ((569, 30), None), "iris": ((150, 4), None)}
     with pytest.raises(DataError, match="iris"):  # validated like any dataset: more samples than clusters
         load_dataset("iris", n_clusters=151)
